@@ -1,0 +1,28 @@
+"""The one flow path of selfflow, in the paper's convention.
+
+``x_t = (1 - t) * x0 + t * x1`` with ``x0`` data and ``x1 ~ N(0, I)``: ``t = 0`` is clean data,
+``t = 1`` is pure noise. The velocity target is ``v = x1 - x0`` and sampling integrates
+``dx/dt = v`` from ``t = 1`` down to ``t = 0``. Nothing anywhere flips time.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """Noisy tokens at per-token time ``t`` ([B, N] or [B]); ``x0``, ``x1`` are [B, N, C]."""
+    t = t.to(x0.dtype)
+    while t.dim() < x0.dim():
+        t = t.unsqueeze(-1)
+    return x0 + t * (x1 - x0)
+
+
+def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:
+    """The constant velocity of the linear path: noise minus data."""
+    return x1 - x0
+
+
+def shift_time(t: Tensor, alpha: float) -> Tensor:
+    """The paper's time shift ``s(alpha, t) = alpha t / (1 + (alpha - 1) t)`` (alpha > 1 -> noisier)."""
+    return alpha * t / (1 + (alpha - 1) * t)

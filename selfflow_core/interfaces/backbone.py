@@ -1,0 +1,44 @@
+"""Backbones: networks with per-token timesteps that can return hidden states of given blocks."""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import attrs
+from torch import Tensor, nn
+
+from selfflow_core.interfaces.base import ComponentConfig
+from selfflow_core.types import BackboneOutput, TokenBatch
+
+
+@attrs.frozen(kw_only=True)
+class BackboneConfig(ComponentConfig):
+    """Base config of backbones. ``build(token_dims=..., num_classes=...)`` -> :class:`Backbone`."""
+
+    @property
+    def depth(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int:
+        raise NotImplementedError
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A velocity network ``f(x_t, t)`` with one timestep per token.
+
+    ``forward(x, t, batch, feature_layers=(l, ...), stop_after=k)``:
+    - ``x`` [B, N, C] noisy tokens, ``t`` [B, N] per-token time (a [B] tensor is broadcast);
+    - ``batch`` supplies positions, modality ids, valid mask and labels;
+    - returns the velocity (``None`` if ``stop_after`` ended the pass early) and the hidden
+      state after each requested block (blocks are 1-indexed, 1..depth).
+    """
+
+    depth: int
+    width: int
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, t: Tensor, batch: TokenBatch, *,
+                feature_layers: Sequence[int] = (), stop_after: int | None = None
+                ) -> BackboneOutput: ...

@@ -1,0 +1,23 @@
+"""The base of every component config: frozen, keyword-only, tagged by ``kind``, with ``build()``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class ComponentConfig:
+    """Subclass with ``@attrs.frozen(kw_only=True)``, set ``kind``, implement ``build()``.
+
+    ``kind`` is the tag that TOML/JSON configs use to pick the class; it is a class variable,
+    not a field, so a Python user never passes it.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def build(self, **runtime: Any) -> Any:
+        """Construct the component this config describes. ``runtime`` carries what only the
+        trainer knows (e.g. token widths for a backbone)."""
+        raise NotImplementedError(f"{type(self).__qualname__}.build()")

@@ -1,0 +1,96 @@
+"""Typed component registries handed to the ``selfflow_register_*`` hooks.
+
+A registry maps a ``kind`` (the config's tag) to a config class, and remembers which plugin and
+distribution provided it, so that errors can say where things come from.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Iterator, TypeVar
+
+import attrs
+
+C = TypeVar("C", bound=type)
+
+
+class UnknownComponentError(LookupError):
+    """A config named a ``kind`` that no installed plugin registered."""
+
+
+class DuplicateComponentError(ValueError):
+    """Two plugins registered the same ``kind`` in one category."""
+
+
+@attrs.frozen
+class Provider:
+    """Who registered a component: the plugin's name and its distribution (name, version)."""
+
+    plugin: str
+    distribution: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.distribution} {self.version}" + (
+            "" if self.plugin == self.distribution else f", plugin {self.plugin!r}")
+
+
+class Registry(Generic[C]):
+    """Config classes of one category (modalities, backbones, ...), keyed by their ``kind``."""
+
+    def __init__(self, category: str, base: type) -> None:
+        self.category = category
+        self.base = base
+        self._entries: dict[str, tuple[type, Provider]] = {}
+        self._provider = Provider("<direct>", "<direct>", "")
+
+    def add(self, config_cls: C) -> C:
+        """Register ``config_cls`` (a subclass of this category's base with a ``kind``)."""
+        if not (isinstance(config_cls, type) and issubclass(config_cls, self.base)):
+            raise TypeError(f"{self._provider}: {self.category} registry takes subclasses of "
+                            f"{self.base.__qualname__}, got {config_cls!r}")
+        kind = getattr(config_cls, "kind", None)
+        if not isinstance(kind, str) or not kind:
+            raise TypeError(f"{self._provider}: {config_cls.__qualname__} has no `kind` string")
+        if kind in self._entries:
+            other_cls, other = self._entries[kind]
+            if other_cls is not config_cls:
+                raise DuplicateComponentError(
+                    f"{self.category} {kind!r} is registered twice: by {other} "
+                    f"({other_cls.__module__}.{other_cls.__qualname__}) and by {self._provider} "
+                    f"({config_cls.__module__}.{config_cls.__qualname__}); uninstall or block one "
+                    f"(SELFFLOW_BLOCK_PLUGINS=<plugin name>)")
+            return config_cls
+        self._entries[kind] = (config_cls, self._provider)
+        return config_cls
+
+    def get(self, kind: str) -> type:
+        """The config class for ``kind``; the error lists what is installed and from where."""
+        try:
+            return self._entries[kind][0]
+        except KeyError:
+            raise UnknownComponentError(
+                f"unknown {self.category} {kind!r}; installed: {self.describe()}") from None
+
+    def provider(self, kind: str) -> Provider:
+        return self._entries[kind][1]
+
+    def describe(self) -> str:
+        if not self._entries:
+            return "(none)"
+        return ", ".join(f"{k} ({p})" for k, (_, p) in sorted(self._entries.items()))
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _as(self, provider: Provider) -> "Registry[C]":
+        """A view of this registry that records ``provider`` as the registrant."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._provider = provider
+        return view

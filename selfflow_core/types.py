@@ -1,0 +1,97 @@
+"""Plain data passed between components. Tensors carry their shapes in the field docs.
+
+Shapes: ``B`` samples, ``N`` tokens per sample, ``C`` channels per token, ``P`` position axes.
+Time convention (see :mod:`selfflow_core.flow`): ``t = 0`` is data, ``t = 1`` is noise.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import attrs
+import torch
+from torch import Tensor
+
+
+@attrs.frozen(kw_only=True)
+class TokenBatch:
+    """A batch of token sequences, as a modality adapter hands it to the trainer.
+
+    - ``tokens`` [B, N, C]: clean latent tokens (the flow path's ``x0``).
+    - ``positions`` [B, N, P] float: coordinates of each token (1-D time, 2-D grid, 3-D video ...).
+    - ``modality_ids`` [B, N] long: which modality each token belongs to (index into the
+      backbone's modality table; 0 for single-modality runs).
+    - ``valid`` [B, N] bool: ``False`` marks padding; padding never counts in any loss.
+    - ``condition`` [B, N] bool: tokens given clean as conditioning (e.g. the first video frame,
+      a robot's state); they are held at ``t = 0`` and excluded from the losses.
+    - ``channel_valid`` [B, N, C] bool or None: for sequences mixing token widths, marks the
+      channels that carry data; padded channels do not count in the flow loss.
+    - ``labels`` [B] long or None: class labels (the null class is ``num_classes``).
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    modality_ids: Tensor
+    valid: Tensor
+    condition: Tensor
+    labels: Tensor | None = None
+    channel_valid: Tensor | None = None
+
+    @classmethod
+    def single(cls, tokens: Tensor, positions: Tensor, *, labels: Tensor | None = None,
+               modality_id: int = 0, valid: Tensor | None = None,
+               condition: Tensor | None = None) -> TokenBatch:
+        """Build a batch where every token belongs to one modality; defaults: all valid, none held."""
+        b, n = tokens.shape[:2]
+        dev = tokens.device
+        return cls(
+            tokens=tokens, positions=positions.to(tokens.dtype),
+            modality_ids=torch.full((b, n), modality_id, dtype=torch.long, device=dev),
+            valid=torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid,
+            condition=torch.zeros(b, n, dtype=torch.bool, device=dev) if condition is None else condition,
+            labels=labels,
+        )
+
+    @property
+    def target_mask(self) -> Tensor:
+        """[B, N] bool: tokens that are generated (valid and not conditioning)."""
+        return self.valid & ~self.condition
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return attrs.evolve(self, **{
+            f.name: (v.to(device) if isinstance(v, Tensor) else v)
+            for f in attrs.fields(TokenBatch) if (v := getattr(self, f.name)) is not None
+        })
+
+
+@attrs.frozen(kw_only=True)
+class TimestepPlan:
+    """Per-token noise levels for one step.
+
+    - ``student_t`` [B, N]: the student's timestep per token (``s`` on masked tokens, ``t`` elsewhere).
+    - ``teacher_t`` [B, N]: the teacher's timestep, ``min(t, s)`` for every token (the cleaner view).
+    - ``masked`` [B, N] bool: tokens that received the second timestep ``s``.
+    """
+
+    student_t: Tensor
+    teacher_t: Tensor
+    masked: Tensor
+
+
+@attrs.frozen(kw_only=True)
+class BackboneOutput:
+    """``velocity`` [B, N, C] and the hidden states [B, N, D] of requested blocks (1-indexed)."""
+
+    velocity: Tensor | None
+    features: Mapping[int, Tensor]
+
+
+@attrs.frozen(kw_only=True)
+class LossTerms:
+    """The objective's result: ``total`` (for backward), its terms, and detached scalar metrics
+    (tensors, so that nothing waits for the device until they are logged)."""
+
+    total: Tensor
+    flow: Tensor
+    rep: Tensor
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict)
