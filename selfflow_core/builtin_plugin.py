@@ -2,6 +2,7 @@
 
 from selfflow_core.backbone import DiT
 from selfflow_core.hookspecs import hookimpl
+from selfflow_core.presets import toy
 from selfflow_core.teachers import EMATeacher, NoTeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
 from selfflow_core.toy import ToyModality
@@ -36,3 +37,8 @@ def selfflow_register_teachers(registry):
 def selfflow_register_trackers(registry):
     registry.add(JsonlTracker.Config)
     registry.add(NullTracker.Config)
+
+
+@hookimpl
+def selfflow_register_presets(registry):
+    registry.add("toy", toy)

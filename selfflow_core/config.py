@@ -47,8 +47,8 @@ def _strict(kind: type, name: str, accept: tuple[type, ...]):
 def _format(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown key(s) {sorted(exc.extra_fields)}"
-    if isinstance(exc, (TypeError, ValueError, LookupError)) and str(exc):
-        return str(exc).strip("'\"") if isinstance(exc, KeyError) else str(exc)
+    if isinstance(exc, (TypeError, ValueError, LookupError)) and exc.args:
+        return str(exc.args[0])  # attrs validators put extra context in args[1:]
     return cattrs.v.format_exception(exc, type_)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from selfflow_core.registry import Registry
+    from selfflow_core.registry import PresetRegistry, Registry
     from selfflow_core.types import LossTerms
 
 hookspec = pluggy.HookspecMarker("selfflow")
@@ -41,6 +41,12 @@ def selfflow_register_teachers(registry: Registry) -> None:
 @hookspec
 def selfflow_register_trackers(registry: Registry) -> None:
     """Register :class:`~selfflow_core.interfaces.TrackerConfig` subclasses."""
+
+
+@hookspec
+def selfflow_register_presets(registry: PresetRegistry) -> None:
+    """Register preset functions returning a ``TrainerConfig``: ``registry.add("image", default)``.
+    ``selfflow train NAME`` runs them."""
 
 
 @hookspec

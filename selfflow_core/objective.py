@@ -93,7 +93,7 @@ class SelfFlowObjective(nn.Module):
             with torch.autocast(device_type=x0.device.type, enabled=False):
                 pred = self.head(out.features[l].float())
                 cos = F.cosine_similarity(pred, target.detach().float(), dim=-1, eps=1e-6)
-            rep = masked_mean(1.0 - cos, batch.valid.float())
+            rep = masked_mean(1.0 - cos, batch.target_mask.float())
             metrics["rep"] = rep.detach()
             metrics["feature_cos"] = 1.0 - metrics["rep"]
         total = flow + self.config.gamma * rep

@@ -18,7 +18,7 @@ from selfflow_core import hookspecs
 from selfflow_core.interfaces import (
     BackboneConfig, ModalityConfig, SchedulerConfig, TeacherConfig, TimeDistributionConfig,
     TrackerConfig)
-from selfflow_core.registry import Provider, Registry
+from selfflow_core.registry import PresetRegistry, Provider, Registry
 
 ENTRY_POINT_GROUP = "selfflow"
 BUILTIN_PLUGINS = ("selfflow_core.builtin_plugin",)
@@ -98,6 +98,7 @@ class Components:
         self.distributions: Registry = Registry("time distribution", TimeDistributionConfig)
         self.teachers: Registry = Registry("teacher", TeacherConfig)
         self.trackers: Registry = Registry("tracker", TrackerConfig)
+        self.presets = PresetRegistry()
         hooks = self.pm.hook
         self._collect(hooks.selfflow_register_modalities, registry=self.modalities)
         self._collect(hooks.selfflow_register_backbones, registry=self.backbones)
@@ -105,8 +106,9 @@ class Components:
                       distributions=self.distributions)
         self._collect(hooks.selfflow_register_teachers, registry=self.teachers)
         self._collect(hooks.selfflow_register_trackers, registry=self.trackers)
+        self._collect(hooks.selfflow_register_presets, registry=self.presets)
 
-    def _collect(self, caller: pluggy.HookCaller, **registries: Registry) -> None:
+    def _collect(self, caller: pluggy.HookCaller, **registries) -> None:
         # one call per plugin, in registration order, so each component records its provider
         for impl in caller.get_hookimpls():
             provider = self.pm.provider(impl.plugin)
@@ -123,4 +125,6 @@ class Components:
         for reg in self.registries():
             for kind in reg:
                 out.setdefault(reg.provider(kind).plugin, []).append(f"{reg.category}:{kind}")
+        for name in self.presets:
+            out.setdefault(self.presets.provider(name).plugin, []).append(f"preset:{name}")
         return out

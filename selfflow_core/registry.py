@@ -94,3 +94,40 @@ class Registry(Generic[C]):
         view.__dict__.update(self.__dict__)
         view._provider = provider
         return view
+
+
+class PresetRegistry:
+    """Named preset functions (``() -> TrainerConfig``) registered by plugins."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[object, Provider]] = {}
+        self._provider = Provider("<direct>", "<direct>", "")
+
+    def add(self, name: str, fn) -> None:
+        """Register ``fn`` (a function returning a ``TrainerConfig``) as preset ``name``."""
+        if not callable(fn):
+            raise TypeError(f"{self._provider}: preset {name!r} must be a function, got {fn!r}")
+        if name in self._entries and self._entries[name][0] is not fn:
+            raise DuplicateComponentError(
+                f"preset {name!r} is registered twice: by {self._entries[name][1]} and by "
+                f"{self._provider}")
+        self._entries[name] = (fn, self._provider)
+
+    def get(self, name: str):
+        if name not in self._entries:
+            raise UnknownComponentError(f"unknown preset {name!r}; installed: {self.describe()}")
+        return self._entries[name][0]
+
+    def provider(self, name: str) -> Provider:
+        return self._entries[name][1]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} ({p})" for k, (_, p) in sorted(self._entries.items())) or "(none)"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    _as = Registry._as

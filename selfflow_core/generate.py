@@ -1,0 +1,45 @@
+"""Sampling from a checkpoint: rebuild the run from the config stored inside, load the weights
+(evaluation EMA, else the EMA teacher, else the raw student) and write samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import torch
+
+from selfflow_core import build, checkpoint
+from selfflow_core.config import make_converter, structure
+from selfflow_core.plugins import Components
+from selfflow_core.trainer import write_samples
+from selfflow_core.trainer_config import TrainerConfig
+
+
+def load_for_sampling(path: str | Path, components: Components, device: str = "cpu"):
+    """(config, modalities, model in eval mode) from a checkpoint."""
+    state = checkpoint.load(Path(path))
+    config = structure(make_converter(components), json.loads(state["config"]), TrainerConfig,
+                       source=f"config stored in {path}")
+    modalities = build.build_modalities(config)
+    model = build.build_model(config, modalities, config.teacher.build()).backbone
+    weights = (state["eval_ema"].get("model") or state["teacher"].get("model") or state["model"])
+    model.load_state_dict(weights)
+    return config, modalities, model.to(device).eval()
+
+
+def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str | None = None,
+                      count: int | None = None, steps: int | None = None, method: str | None = None,
+                      cfg_scale: float | None = None, seed: int | None = None,
+                      device: str = "cpu") -> list[Path]:
+    """Write samples of every modality of the run; options left ``None`` keep the run's settings."""
+    config, modalities, model = load_for_sampling(path, components, device)
+    changes = {k: v for k, v in dict(count=count, steps=steps, method=method,
+                                     cfg_scale=cfg_scale, seed=seed).items() if v is not None}
+    sampling = attrs.evolve(config.sampling, **changes)
+    out = Path(out_dir) if out_dir else Path(path).parent.parent / "samples" / Path(path).stem
+    paths = []
+    for m in modalities:
+        paths += write_samples(model, m, sampling, out / m.name, null_label=model.num_classes,
+                               device=torch.device(device))
+    return paths

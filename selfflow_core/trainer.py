@@ -1,0 +1,314 @@
+"""The Self-Flow trainer. ``train_step`` is the paper's algorithm; the rest is bookkeeping:
+checkpoints (atomic, exact resume), signals, non-finite losses, DDP, tracking and samples."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from selfflow_core import build, checkpoint
+from selfflow_core.data import LoaderSource, build_loader
+from selfflow_core.distributed import Dist, setup
+from selfflow_core.plugins import Components
+from selfflow_core.progress import Progress
+from selfflow_core.sampling import sample
+from selfflow_core.store import encode_store, open_store
+from selfflow_core.teachers import EMA
+from selfflow_core.trackers import NullTracker
+from selfflow_core.trainer_config import TrainerConfig
+from selfflow_core.types import LossTerms, TokenBatch
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN/Inf; names the step and the term."""
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, *, components: Components | None = None,
+                 dist: Dist | None = None, progress: bool = True) -> None:
+        self.components = components or Components()
+        self.dist = dist or setup(config.device)
+        build.check(config, self.components, world_size=self.dist.world_size)
+        self.config, self.device = config, self.dist.device
+        self.run_dir = Path(config.run_dir)
+        self.config_data = build.config_data(config, self.components)
+        self.modalities = build.build_modalities(config)
+        self.loader = build_loader(
+            [LoaderSource(store=self._open_store(m), tokenize=m.adapter.tokenize,
+                          probability=m.spec.probability,
+                          batch_size=m.spec.batch_size // (self.dist.world_size * config.grad_accum))
+             for m in self.modalities],
+            seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            num_workers=config.num_workers)
+        self.teacher = config.teacher.build()
+        self.model = build.build_model(config, self.modalities, self.teacher).to(self.device)
+        self.backbone = self.model.backbone
+        self.teacher.attach(self.backbone)
+        self.eval_ema = (EMA(self.backbone, config.eval_ema_decay)
+                         if config.eval_ema_decay is not None else None)
+        if config.compile:
+            for block in self.backbone.blocks:
+                block.compile()
+        self.trained = (DDP(self.model, find_unused_parameters=len(self.modalities) > 1)
+                        if self.dist.enabled else self.model)
+        self.optimizer, self.lr_schedule = build.build_optimizer(
+            config.optim, self.model.parameters(), config.steps, self.device)
+        self.step, self.skipped, self.losses = 0, 0, []
+        self.batches = iter(self.loader)
+        self._stop_signal: str | None = None
+        self.tracker = (config.tracker.build(run_dir=self.run_dir) if self.dist.is_main
+                        else NullTracker())
+        self.progress = Progress(config.steps, 0, enabled=progress and self.dist.is_main,
+                                 every=config.log_every)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _open_store(self, m: build.ModalityRuntime):
+        path = build.store_path(m.spec)
+        if m.spec.source and self.dist.is_main:
+            encode_store(m.adapter, m.spec.source, path,
+                         adapter_config=build.to_data(build.make_converter(self.components),
+                                                      m.spec.modality),
+                         progress=True)
+        self.dist.barrier()
+        return open_store(path)
+
+    def _draw(self, batch: TokenBatch, m: build.ModalityRuntime, gen: torch.Generator):
+        """Plan, noise and label dropout for the *global* batch, sliced to this rank's rows, so
+        the numbers do not depend on how many processes share the batch."""
+        w, r = self.dist.world_size, self.dist.rank
+        full = batch if w == 1 else attrs.evolve(batch, **{
+            f: getattr(batch, f).repeat_interleave(w, 0)
+            for f in ("tokens", "positions", "modality_ids", "valid", "condition")})
+        plan = m.scheduler.plan(full, generator=gen)
+        noise = torch.randn(full.tokens.shape, generator=gen, device=self.device)
+        drop = torch.rand(full.tokens.shape[0], generator=gen, device=self.device)
+        rows = slice(r, None, w)
+        plan = attrs.evolve(plan, **{f.name: getattr(plan, f.name)[rows] for f in attrs.fields(type(plan))})
+        if batch.labels is not None and self.config.label_dropout > 0:
+            null = torch.full_like(batch.labels, self.backbone.num_classes)
+            batch = attrs.evolve(batch, labels=torch.where(
+                drop[rows] < self.config.label_dropout, null, batch.labels))
+        return batch, plan, noise[rows]
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed((self.config.seed << 32) + step)
+
+    # -- the algorithm -------------------------------------------------------------------------
+    def train_step(self) -> LossTerms:
+        step = self.step + 1
+        gen = self._generator(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = self.config.grad_accum
+        for micro in range(accum):
+            source, batch = next(self.batches)
+            m = self.modalities[source]
+            batch = batch.to(self.device)
+            batch = attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
+            batch, plan, noise = self._draw(batch, m, gen)
+            sync = nullcontext() if micro == accum - 1 or not self.dist.enabled else self.trained.no_sync()
+            with sync, self._autocast():
+                terms = self.trained(self.teacher, batch, plan, noise)
+                if not self._finite(terms, step):
+                    return terms
+                (terms.total * (m.spec.weight / accum)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.teacher.update(self.backbone, step=step)
+        if self.eval_ema is not None:
+            self.eval_ema.update(self.backbone)
+        self.step = step
+        self._last_plan = plan
+        return attrs.evolve(terms, metrics={**terms.metrics, "grad_norm": grad_norm.detach(),
+                                            "lr": torch.tensor(self.lr_schedule.get_last_lr()[0])})
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _finite(self, terms: LossTerms, step: int) -> bool:
+        if bool(torch.isfinite(terms.total.detach())):
+            return True
+        bad = [k for k in ("flow", "rep") if not bool(torch.isfinite(getattr(terms, k).detach()))]
+        message = (f"non-finite loss at step {step}: "
+                   + ", ".join(f"{k}={float(getattr(terms, k))}" for k in bad or ["total"]))
+        if self.config.on_nonfinite == "skip" and self.skipped < self.config.max_skipped:
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.message(f"{message}; batch skipped ({self.skipped}/{self.config.max_skipped})")
+            return False
+        raise NonFiniteLossError(message + "; the last checkpoint in "
+                                 f"{self.run_dir / 'checkpoints'} is intact")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.resume()
+        hooks = self.components.pm.hook
+        self.tracker.log_hparams(self.config_data)
+        hooks.selfflow_on_train_start(trainer=self)
+        previous = self._install_signal_handlers()
+        reason, t0, s0 = "done", time.perf_counter(), self.step
+        try:
+            while self.step < self.config.steps:
+                before = self.step
+                terms = self.train_step()
+                if self.step == before:  # skipped batch
+                    continue
+                self.losses.append(float(terms.metrics["loss"]))
+                metrics = {k: float(v) for k, v in terms.metrics.items()}
+                hooks.selfflow_on_step_end(trainer=self, step=self.step, terms=terms)
+                self.progress.update(self.step, metrics)
+                if self.step % self.config.log_every == 0:
+                    metrics["samples_per_s"] = self._throughput()
+                    self.tracker.log_metrics(metrics, step=self.step)
+                    self.tracker.log_distribution(
+                        "timesteps/student", self._last_plan.student_t.flatten().cpu().numpy(), step=self.step)
+                if self.step % self.config.checkpoint.every == 0:
+                    self.save()
+                if self.config.sampling.every and self.step % self.config.sampling.every == 0:
+                    self.write_samples()
+                if self.dist.any(self._stop_signal is not None):
+                    reason = "signal"
+                    break
+        except BaseException:
+            hooks.selfflow_on_train_end(trainer=self, step=self.step, reason="error")
+            self.tracker.close()
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if not checkpoint.path_for(self.run_dir / "checkpoints", self.step).exists():
+            self.save()
+        if reason == "done":
+            self.write_samples()
+        self.progress.close()
+        if reason == "signal":
+            self.progress.message(f"stopped by {self._stop_signal} after step {self.step}; "
+                                  f"checkpoint written to {self.run_dir / 'checkpoints'}")
+        hooks.selfflow_on_train_end(trainer=self, step=self.step, reason=reason)
+        self.tracker.close()
+        elapsed = time.perf_counter() - t0
+        return {"step": self.step, "reason": reason, "seconds": elapsed,
+                "steps_per_s": (self.step - s0) / max(elapsed, 1e-9),
+                "final_loss": self.losses[-1] if self.losses else None}
+
+    def _throughput(self) -> float:
+        batch = sum(m.spec.batch_size * m.spec.probability for m in self.modalities) / sum(
+            m.spec.probability for m in self.modalities)
+        return self.progress.rate(self.step) * batch
+
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return previous
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        np_state = np.random.get_state()
+        return {
+            "format": CHECKPOINT_FORMAT, "step": self.step, "skipped": self.skipped,
+            "config": json.dumps(self.config_data, sort_keys=True),
+            "model": self.backbone.state_dict(), "head": self.model.objective.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "eval_ema": self.eval_ema.state_dict() if self.eval_ema else {},
+            "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+            "loader": self.loader.state_dict(), "losses": list(self.losses),
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        }
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = checkpoint.save(self.state_dict(), self.run_dir / "checkpoints", self.step,
+                               keep=self.config.checkpoint.keep)
+        self.components.pm.hook.selfflow_on_checkpoint(trainer=self, step=self.step, path=path)
+        return path
+
+    def resume(self, path: Path | None = None) -> bool:
+        """Load ``path`` or the run's latest checkpoint; False when there is none."""
+        path = path or checkpoint.latest(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = checkpoint.load(path, map_location=self.device)
+        drift = build.config_drift(json.loads(state["config"]), self.config_data)
+        if drift:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was written by a different config (differs in: "
+                f"{', '.join(drift)}); use another run_dir or the same config")
+        self.backbone.load_state_dict(state["model"])
+        self.model.objective.load_state_dict(state["head"])
+        self.teacher.load_state_dict(state["teacher"])
+        if self.eval_ema:
+            self.eval_ema.load_state_dict(state["eval_ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.loader.load_state_dict(state["loader"])
+        self.batches = iter(self.loader)
+        self.step, self.skipped, self.losses = state["step"], state["skipped"], list(state["losses"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        n = rng["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+        self.progress = Progress(self.config.steps, self.step, enabled=self.progress.enabled,
+                                 every=self.config.log_every)
+        self.progress.message(f"resumed from {path} at step {self.step}")
+        return True
+
+    # -- samples -------------------------------------------------------------------------------
+    def eval_model(self):
+        if self.eval_ema is not None:
+            return self.eval_ema.model
+        return self.teacher.model if self.teacher.model is not None else self.backbone
+
+    def write_samples(self) -> list[Path]:
+        if not self.dist.is_main:
+            return []
+        paths = []
+        for m in self.modalities:
+            out = self.run_dir / "samples" / f"step-{self.step:08d}" / m.name
+            paths += write_samples(self.eval_model(), m, self.config.sampling, out,
+                                   null_label=self.backbone.num_classes, device=self.device)
+        self.tracker.log_images("samples", paths, step=self.step)
+        return paths
+
+
+def write_samples(model, m: build.ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
+                  device: torch.device, labels: torch.Tensor | None = None) -> list[Path]:
+    """Sample ``cfg.count`` items of one modality (classes cycled) and save them via its adapter."""
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    prompt = m.adapter.prompt(cfg.count).to(device)
+    prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
+    if m.adapter.num_classes and labels is None:
+        labels = torch.arange(cfg.count, device=device) % m.adapter.num_classes
+    if labels is not None:
+        prompt = attrs.evolve(prompt, labels=labels.to(device))
+    was_training = model.training
+    model.eval()
+    tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
+                    cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen)
+    model.train(was_training)
+    return m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
+                                  None if labels is None else labels.cpu(), out_dir)

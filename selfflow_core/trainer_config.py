@@ -1,0 +1,106 @@
+"""``TrainerConfig``: one run, composed from component configs (Python first, TOML second)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from attrs import validators as v
+
+from selfflow_core.backbone import DiT
+from selfflow_core.interfaces import (
+    BackboneConfig, ModalityConfig, SchedulerConfig, TeacherConfig, TrackerConfig)
+from selfflow_core.objective import ObjectiveConfig
+from selfflow_core.sampling import SamplingConfig
+from selfflow_core.teachers import EMATeacher
+from selfflow_core.timesteps import DualTimestep
+from selfflow_core.trackers import JsonlTracker
+
+
+@attrs.frozen(kw_only=True)
+class ModalitySpec:
+    """One modality of a run: its adapter, its zarr store, its timestep plan and its share.
+
+    ``source``: raw data to encode into ``store`` when the store does not exist yet (e.g.
+    ``"digits"``); empty means the store must exist. ``probability``: share of batches (paper
+    App. D: each batch holds one modality). ``weight``: loss weight. ``batch_size``: samples per
+    optimizer step across all ranks and accumulation steps.
+    """
+
+    modality: ModalityConfig
+    store: str
+    source: str = ""
+    scheduler: SchedulerConfig = attrs.field(factory=DualTimestep.Config)
+    batch_size: int = attrs.field(default=64, validator=v.ge(1))
+    probability: float = attrs.field(default=1.0, validator=v.gt(0))
+    weight: float = attrs.field(default=1.0, validator=v.ge(0))
+
+
+@attrs.frozen(kw_only=True)
+class OptimConfig:
+    """AdamW with grad-norm clipping, linear warm-up, then a constant or cosine schedule."""
+
+    lr: float = attrs.field(default=1e-4, validator=v.gt(0))
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = attrs.field(default=0.0, validator=v.ge(0))
+    eps: float = attrs.field(default=1e-8, validator=v.gt(0))
+    grad_clip: float = attrs.field(default=1.0, validator=v.gt(0))
+    warmup_steps: int = attrs.field(default=0, validator=v.ge(0))
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    """Write a checkpoint every ``every`` steps (and at the end); keep the last ``keep``."""
+
+    every: int = attrs.field(default=500, validator=v.ge(1))
+    keep: int = attrs.field(default=3, validator=v.ge(1))
+
+
+@attrs.frozen(kw_only=True)
+class TrainerConfig:
+    """A whole run. ``modalities`` maps a name to its :class:`ModalitySpec`; one entry is a
+    single-modality run, several make a composite trainer over one shared backbone."""
+
+    modalities: dict[str, ModalitySpec] = attrs.field(validator=v.min_len(1))
+    backbone: BackboneConfig = attrs.field(factory=DiT.Config)
+    teacher: TeacherConfig = attrs.field(factory=EMATeacher.Config)
+    objective: ObjectiveConfig = attrs.field(factory=ObjectiveConfig)
+    optim: OptimConfig = attrs.field(factory=OptimConfig)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    tracker: TrackerConfig = attrs.field(factory=JsonlTracker.Config)
+    steps: int = attrs.field(default=1000, validator=v.ge(1))
+    grad_accum: int = attrs.field(default=1, validator=v.ge(1))
+    label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
+    eval_ema_decay: float | None = None
+    seed: int = 0
+    run_dir: str = "runs/selfflow"
+    log_every: int = attrs.field(default=25, validator=v.ge(1))
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped: int = attrs.field(default=10, validator=v.ge(0))
+    num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    device: str = "auto"
+    compile: bool = False
+
+    def problems(self, *, token_dims: dict[str, int] | None = None, world_size: int = 1
+                 ) -> list[str]:
+        """Cross-field checks that single fields cannot make; all problems, with paths."""
+        out = []
+        depth = getattr(self.backbone, "depth", None)
+        if depth is not None:
+            try:
+                self.objective.layers(depth)
+            except ValueError as exc:
+                out.append(f"$.objective: {exc}")
+        if self.eval_ema_decay is not None and not 0 <= self.eval_ema_decay < 1:
+            out.append(f"$.eval_ema_decay: must be in [0, 1): {self.eval_ema_decay}")
+        for name, spec in self.modalities.items():
+            per = spec.batch_size / (world_size * self.grad_accum)
+            if per != int(per):
+                out.append(f"$.modalities.{name}.batch_size: {spec.batch_size} is not divisible by "
+                           f"world size {world_size} x grad_accum {self.grad_accum}")
+            if token_dims is not None and token_dims.get(name, 1) < 1:
+                out.append(f"$.modalities.{name}: token width must be >= 1")
+        return out
