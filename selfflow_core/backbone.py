@@ -53,9 +53,9 @@ class Block(nn.Module):
                                  nn.Linear(hidden, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, c: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, index: Tensor, attn_mask: Tensor | None) -> Tensor:
         b, n, d = x.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[index].chunk(6, dim=-1)
         q, k, val = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(
             b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask)
@@ -134,6 +134,22 @@ class DiT(Backbone):
                 out[sel] = F.pad(y, (0, out.shape[-1] - y.shape[-1])).to(out.dtype)
         return out
 
+    def _conditioning(self, t: Tensor, labels: Tensor | None, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor]:
+        """Conditioning rows for the distinct (sample, timestep) pairs, and each token's row.
+
+        A token's conditioning depends only on its sample (label) and its timestep, and a
+        dual-timestep batch has at most two timesteps per sample: the modulation MLPs then run
+        on ~2B rows instead of B*N tokens (identical values, N/2 times less work)."""
+        b = t.shape[0]
+        times, time_of = torch.unique(t, return_inverse=True)
+        pairs, index = torch.unique(
+            torch.arange(b, device=t.device)[:, None] * len(times) + time_of, return_inverse=True)
+        c = self.time_mlp(sincos(times * 1000.0, 256).to(dtype))[pairs % len(times)]
+        if self.label_embed is not None and labels is not None:
+            c = c + self.label_embed(labels)[pairs // len(times)]
+        return c, index
+
     def forward(self, x, t, batch: TokenBatch, *, feature_layers=(), stop_after=None):
         b, n, _ = x.shape
         if t.dim() == 1:
@@ -145,20 +161,18 @@ class DiT(Backbone):
         pos_emb = F.pad(sincos(pos, per_axis).flatten(-2), (0, self.width - 3 * per_axis))
         h = self._per_modality(self.inputs, x, ids, self.width) + pos_emb.to(x.dtype)
         h = h + self.modality_embed(ids)
-        c = self.time_mlp(sincos(t * 1000.0, 256).to(h.dtype))
-        if self.label_embed is not None and batch.labels is not None:
-            c = c + self.label_embed(batch.labels)[:, None, :]
+        c, index = self._conditioning(t, batch.labels, h.dtype)
         valid = batch.valid
         attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
         wanted = set(feature_layers)
         features: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks, start=1):
-            h = block(h, c, attn_mask)
+            h = block(h, c, index, attn_mask)
             if i in wanted:
                 features[i] = h
             if stop_after is not None and i >= stop_after:
                 return BackboneOutput(velocity=None, features=features)
-        sh, sc = self.final_ada(c).chunk(2, dim=-1)
+        sh, sc = self.final_ada(c)[index].chunk(2, dim=-1)
         velocity = self._per_modality(self.outputs, modulate(self.final_norm(h), sh, sc), ids,
                                       x.shape[-1])
         return BackboneOutput(velocity=velocity, features=features)

@@ -156,7 +156,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to unstructured config data (a new dict)."""
+    """Apply ``dotted.key=value`` overrides to unstructured config data (a new dict). Setting a
+    table's ``kind`` to another value starts that table afresh (the new kind's defaults)."""
     data = json.loads(json.dumps(data))
     problems = []
     for item in overrides:
@@ -174,6 +175,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     break
             node = node[k]
         else:
+            if keys[-1] == "kind" and node.get("kind") != value:
+                node.clear()  # another kind: its own defaults, not the old kind's keys
             node[keys[-1]] = value
     if problems:
         raise ConfigError(problems)

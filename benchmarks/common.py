@@ -1,0 +1,69 @@
+"""Shared helpers for benchmarks: interleaved timing, a printed table, a JSON record."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
+                     inner: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in alternating rounds so that drift in the
+    machine's speed hits every variant alike. Returns all per-round means."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync()
+            out[name].append((time.perf_counter() - t0) / inner)
+    return out
+
+
+def summary(samples: list[float]) -> dict:
+    return {"median_s": statistics.median(samples), "min_s": min(samples),
+            "max_s": max(samples), "rounds": len(samples)}
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in cells:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    print(f"wrote {path}")
+    return path
