@@ -1,0 +1,347 @@
+"""The image modality: images -> latents ``[C, H, W]`` -> patch tokens with 2-D positions.
+
+Offline, a :class:`~selfflow_core.interfaces.Source` yields images in ``[-1, 1]`` at
+``size x size`` (the sklearn digits, or a folder of PNG/JPG files) and the configured encoder
+(pixels by default) turns them into the ``latents`` field; ``labels`` pass through. Online,
+:meth:`ImageModality.tokenize` cuts latents into ``patch x patch`` tokens in row-major order,
+each with its ``(row, col)`` position, and :meth:`ImageModality.detokenize` puts them back.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from attrs import validators as v
+from torch import Tensor
+
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
+from selfflow_core.types import TokenBatch
+from selfflow_image.encoders import EncoderConfig, ImageEncoder, build_encoder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SEPARATOR = 128  # grey 1-px lines between cells of a sample grid
+
+
+def _to_channels(x: Tensor, channels: int) -> Tensor:
+    """``[B, c, H, W]`` -> ``[B, channels, H, W]``: grey is replicated, RGB averaged to grey."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1).contiguous()
+    if channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    raise ValueError(f"cannot map {x.shape[1]} image channels to {channels}")
+
+
+@functools.cache
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as float32 ``[1797, 1, 8, 8]`` in ``[-1, 1]`` and int64 labels (read once)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]
+    images.flags.writeable = False
+    labels = digits.target.astype(np.int64)
+    labels.flags.writeable = False
+    return images, labels
+
+
+class DigitsSource(Source):
+    """scikit-learn's bundled 8x8 digits (1797 images, labels 0..9) in dataset order, scaled
+    from 0..16 to ``[-1, 1]`` and, for ``size != 8``, upsampled bilinearly. No download."""
+
+    def __init__(self, size: int = 8, channels: int = 1) -> None:
+        self.images, self.labels = _load_digits()
+        self.size, self.channels = size, channels
+        self.description = (f"sklearn digits: {len(self.labels)} images 8x8 -> "
+                            f"{channels}x{size}x{size}, labels 0..9")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(self.images[start:stop].copy())
+        if self.size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False).clamp(-1.0, 1.0)
+        x = _to_channels(x, self.channels)
+        return {"images": x.numpy(), "labels": self.labels[start:stop].copy()}
+
+
+class FolderSource(Source):
+    """PNG/JPG files under ``root`` (searched recursively, sorted by relative path), resized to
+    ``size x size``. If the images live in subfolders, each top-level subfolder is a class
+    (sorted names -> labels 0, 1, ...); images directly in ``root`` get label 0."""
+
+    def __init__(self, root: str | Path, size: int, channels: int) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"image folder {str(self.root)!r} holds no "
+                             f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} files")
+        tops = [p.relative_to(self.root).parts for p in self.files]
+        self.class_names = sorted({parts[0] for parts in tops if len(parts) > 1})
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = np.array([index[parts[0]] if len(parts) > 1 else 0 for parts in tops],
+                               dtype=np.int64)
+        self.size, self.channels = size, channels
+        classes = f", classes {self.class_names}" if self.class_names else ", unlabelled"
+        self.description = (f"image folder {self.root}: {len(self.files)} images -> "
+                            f"{channels}x{size}x{size}{classes}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        mode = "L" if self.channels == 1 else "RGB"
+        out = np.empty((stop - start, self.channels, self.size, self.size), dtype=np.float32)
+        for i, path in enumerate(self.files[start:stop]):
+            with Image.open(path) as im:
+                im = im.convert(mode).resize((self.size, self.size), Image.Resampling.BICUBIC)
+                a = np.asarray(im, dtype=np.float32).reshape(self.size, self.size, -1)
+            out[i] = a.transpose(2, 0, 1) / 127.5 - 1.0
+        return {"images": out, "labels": self.labels[start:stop].copy()}
+
+
+def make_grid(images: np.ndarray, nrow: int, *, pad: int = 1,
+              pad_value: int = SEPARATOR) -> np.ndarray:
+    """Tile uint8 images ``[B, H, W, C]`` into one ``[H', W', C]`` array, ``nrow`` images per
+    row, with ``pad``-pixel lines of ``pad_value`` between and around the cells."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"make_grid takes [B, H, W, C] images, got shape {images.shape}")
+    b, h, w, c = images.shape
+    ncol = max(1, min(nrow, b))
+    rows = max(1, math.ceil(b / ncol))
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value,
+                   dtype=images.dtype)
+    for i in range(b):
+        r, k = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Float images ``[B, C, H, W]`` in ``[-1, 1]`` -> uint8 ``[B, H, W, C]``."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class ImageModality(ModalityAdapter):
+    """Images as ``patch x patch`` tokens of their latents, with ``(row, col)`` positions."""
+
+    name = "image"
+    default_mask_ratio = 0.25
+
+    @attrs.frozen(kw_only=True)
+    class Config(ModalityConfig):
+        """- ``patch``: token side in latent cells; ``size`` (or the VAE's latent side) must be a
+          multiple of it.
+        - ``size``: image side in pixels (8: the digits as they are; 16 or 32: upsampled).
+        - ``channels``: 1 (grey) or 3 (RGB).
+        - ``classes``: number of class labels (0: unconditional); the null class is ``classes``.
+        - ``encoder``: which :class:`~selfflow_image.encoders.EncoderConfig` makes the latents.
+        """
+
+        kind = "image"
+        patch: int = attrs.field(default=2, validator=v.ge(1))
+        size: int = attrs.field(default=8, validator=v.ge(1))
+        channels: int = attrs.field(default=1)
+        classes: int = attrs.field(default=10, validator=v.ge(0))
+        encoder: EncoderConfig = attrs.field(factory=EncoderConfig,
+                                             validator=v.instance_of(EncoderConfig))
+
+        @channels.validator
+        def _check_channels(self, attribute: Any, value: int) -> None:
+            if value not in (1, 3):
+                raise ValueError(f"'channels' must be 1 (grey) or 3 (RGB) (got {value!r})")
+
+        @size.validator
+        def _check_size(self, attribute: Any, value: int) -> None:
+            if self.encoder_is_pixel and value % self.patch:
+                raise ValueError(f"'size' must be a multiple of patch {self.patch} (got {value})")
+
+        @property
+        def encoder_is_pixel(self) -> bool:
+            enc = getattr(self, "encoder", None)  # validators may run before `encoder` is set
+            return enc is None or enc.kind == "pixel"
+
+        def build(self) -> "ImageModality":
+            return ImageModality(self)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._encoder: ImageEncoder | None = None
+        if config.encoder.kind == "pixel" and config.size % config.patch:
+            raise ValueError(f"image: size {config.size} is not a multiple of patch {config.patch}")
+
+    # ---- shapes -------------------------------------------------------------------------------
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        """The configured encoder, built on first use (a VAE loads only when it is needed)."""
+        if self._encoder is None:
+            self._encoder = build_encoder(self.config.encoder)
+        return self._encoder
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        if c.encoder.kind == "pixel":  # no need to build anything
+            return (c.channels, c.size, c.size)
+        shape = self.encoder.latent_shape(c.channels, c.size)
+        if shape[1] % c.patch or shape[2] % c.patch:
+            raise ValueError(f"image: latent shape {shape} is not divisible by patch {c.patch}")
+        return shape
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Tokens per column and per row: ``(H' / patch, W' / patch)``."""
+        _, h, w = self.latent_shape
+        return h // self.config.patch, w // self.config.patch
+
+    @property
+    def num_tokens(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    @property
+    def token_dim(self) -> int:
+        return self.latent_shape[0] * self.config.patch ** 2
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.classes
+
+    def fields(self) -> Mapping[str, FieldSpec]:
+        return {"latents": FieldSpec(shape=self.latent_shape, dtype="float32"),
+                "labels": FieldSpec(shape=(), dtype="int64")}
+
+    def encoder_info(self) -> Mapping[str, Any]:
+        info = dict(self.encoder.info())
+        info["settings"] = {**info.get("settings", {}), "image_size": self.config.size,
+                            "image_channels": self.config.channels}
+        return info
+
+    # ---- offline ------------------------------------------------------------------------------
+
+    def sources(self) -> tuple[str, ...]:
+        return ("digits",)
+
+    def open_source(self, source: str) -> Source:
+        c = self.config
+        if source == "digits":
+            if c.classes and c.classes < 10:
+                raise ValueError(f"image source 'digits' has 10 classes but classes={c.classes}")
+            return DigitsSource(c.size, c.channels)
+        path = Path(source).expanduser()
+        if path.is_dir():
+            src = FolderSource(path, c.size, c.channels)
+            if c.classes and len(src.class_names) > c.classes:
+                raise ValueError(f"image folder {str(path)!r} has {len(src.class_names)} classes "
+                                 f"({src.class_names}) but classes={c.classes}")
+            return src
+        raise ValueError(f"image modality: unknown source {source!r}; built-in sources: digits, "
+                         f"or a path to a folder of PNG/JPG images (no folder at that path)")
+
+    @torch.no_grad()
+    def encode(self, raw: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        images = torch.as_tensor(np.asarray(raw["images"], dtype=np.float32))
+        latents = self.encoder.encode(images)
+        return {"latents": latents.float().cpu().numpy().astype(np.float32, copy=False),
+                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+
+    # ---- online -------------------------------------------------------------------------------
+
+    def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``[n, N, 2]`` float ``(row, col)`` of each token, row-major."""
+        gh, gw = self.grid
+        rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float32),
+                                    torch.arange(gw, dtype=torch.float32), indexing="ij")
+        pos = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
+        return pos.to(device)[None].expand(n, -1, -1).contiguous()
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]`` (row-major tokens)."""
+        p = self.config.patch
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """Exact inverse of :meth:`patchify`."""
+        p = self.config.patch
+        c, h, w = self.latent_shape
+        b = tokens.shape[0]
+        x = tokens.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, h, w)
+
+    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
+        x = fields["latents"].float()
+        expected = self.latent_shape
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"image: latents of shape {tuple(x.shape[1:])} per sample, "
+                             f"expected {expected}")
+        labels = fields.get("labels") if self.num_classes else None
+        if labels is not None:
+            labels = labels.long()
+        tokens = self.patchify(x)
+        return TokenBatch.single(tokens, self.positions(x.shape[0], x.device), labels=labels)
+
+    def detokenize(self, tokens: Tensor) -> Tensor:
+        return self.unpatchify(tokens)
+
+    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
+        labels = None
+        if fields is not None and self.num_classes and fields.get("labels") is not None:
+            labels = fields["labels"].long()
+        tokens = torch.zeros(n, self.num_tokens, self.token_dim)
+        return TokenBatch.single(tokens, self.positions(n), labels=labels)
+
+    # ---- samples ------------------------------------------------------------------------------
+
+    def decode_images(self, latents: Tensor) -> np.ndarray:
+        """Latents ``[B, C', H', W']`` -> uint8 images ``[B, H, W, C]``."""
+        images = self.encoder.decode(latents.detach())
+        return to_uint8(_to_channels(images, self.config.channels))
+
+    def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:
+        """Decode and write ``samples.png``: one row per class (sorted by label) when labels are
+        given, else a near-square grid; cells upscaled by nearest neighbour to at least 64 px,
+        separated by 1-px grey lines."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images = self.decode_images(latents)
+        b, h, w, c = images.shape
+        scale = max(1, 64 // max(h, w))
+        if scale > 1:
+            images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        if labels is not None and b:
+            lab = labels.detach().cpu().reshape(-1).numpy()
+            classes = np.unique(lab)
+            groups = [images[lab == k] for k in classes]  # boolean masks keep order: stable
+            ncol = max(len(g) for g in groups)
+            blank = np.full(images.shape[1:], SEPARATOR, dtype=np.uint8)
+            cells = [np.concatenate([g, np.repeat(blank[None], ncol - len(g), axis=0)])
+                     for g in groups]
+            grid = make_grid(np.concatenate(cells), nrow=ncol)
+        else:
+            grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(max(b, 1)))))
+        from PIL import Image
+
+        path = out_dir / "samples.png"
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+        return [path]

@@ -1,0 +1,13 @@
+"""Registers the aim tracker with selfflow (entry point ``aim`` in group ``selfflow``).
+
+Importing this module does not import aim (about a second); :class:`AimTracker` does when built.
+"""
+
+from selfflow_core import hookimpl
+
+from selfflow_aim.tracker import AimTracker
+
+
+@hookimpl
+def selfflow_register_trackers(registry):
+    registry.add(AimTracker.Config)
