@@ -65,8 +65,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code, wrong format ...
+        first = (str(exc).splitlines() or [""])[0][:200]  # some (EOFError) have no message
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                              f"({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"checkpoint {path} is not a selfflow checkpoint")
     return state

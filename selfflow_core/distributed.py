@@ -36,6 +36,14 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` averaged over ranks (returned as is in a single process)."""
+        if not self.enabled:
+            return values
+        total = values.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        return total / self.world_size
+
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":

@@ -11,11 +11,13 @@ from torch import Tensor
 
 
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-    """Noisy tokens at per-token time ``t`` ([B, N] or [B]); ``x0``, ``x1`` are [B, N, C]."""
+    """Noisy tokens at per-token time ``t`` ([B, N] or [B]); ``x0``, ``x1`` are [B, N, C].
+    Written as the paper's formula, which is exact at both ends (``t = 1`` gives ``x1`` itself,
+    not ``x0 + (x1 - x0)`` with a rounding error) and accepts mixed dtypes."""
     t = t.to(x0.dtype)
     while t.dim() < x0.dim():
         t = t.unsqueeze(-1)
-    return x0 + t * (x1 - x0)
+    return (1 - t) * x0 + t * x1
 
 
 def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:

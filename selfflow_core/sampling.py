@@ -66,8 +66,8 @@ def sample(model: Backbone, prompt: TokenBatch, *, steps: int = 50,
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]
         vel = _velocity(model, x, t.expand(b, n), prompt, cfg_scale, null_label)
-        x_next = x + (t_next - t) * vel
-        if method == "heun" and float(t_next) > 0:
+        x_next = torch.where(held, prompt.tokens, x + (t_next - t) * vel)
+        if method == "heun" and float(t_next) > 0:  # the corrector also sees held tokens clean
             vel2 = _velocity(model, x_next, t_next.expand(b, n), prompt, cfg_scale, null_label)
             x_next = x + (t_next - t) * 0.5 * (vel + vel2)
         x = torch.where(held, prompt.tokens, x_next)

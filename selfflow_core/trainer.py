@@ -52,7 +52,12 @@ class Trainer:
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
             num_workers=config.num_workers)
         self.teacher = config.teacher.build()
-        self.model = build.build_model(config, self.modalities, self.teacher).to(self.device)
+        # initial weights from ``config.seed`` alone (not the process's global RNG), so the same
+        # config gives the same run in any process; the global RNG is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = build.build_model(config, self.modalities, self.teacher)
+        self.model = self.model.to(self.device)
         self.backbone = self.model.backbone
         self.teacher.attach(self.backbone)
         self.eval_ema = (EMA(self.backbone, config.eval_ema_decay)
@@ -139,11 +144,15 @@ class Trainer:
         return nullcontext()
 
     def _finite(self, terms: LossTerms, step: int) -> bool:
-        if bool(torch.isfinite(terms.total.detach())):
+        # every rank takes the same branch (a rank that skipped or stopped alone would leave the
+        # others waiting in DDP's gradient all-reduce)
+        finite = bool(torch.isfinite(terms.total.detach()))
+        if not self.dist.any(not finite):
             return True
         bad = [k for k in ("flow", "rep") if not bool(torch.isfinite(getattr(terms, k).detach()))]
-        message = (f"non-finite loss at step {step}: "
-                   + ", ".join(f"{k}={float(getattr(terms, k))}" for k in bad or ["total"]))
+        message = f"non-finite loss at step {step}: " + (
+            ", ".join(f"{k}={float(getattr(terms, k).detach())}" for k in bad or ["total"])
+            if not finite else f"on another rank (rank {self.dist.rank}'s loss is finite)")
         if self.config.on_nonfinite == "skip" and self.skipped < self.config.max_skipped:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -166,8 +175,8 @@ class Trainer:
                 terms = self.train_step()
                 if self.step == before:  # skipped batch
                     continue
-                self.losses.append(float(terms.metrics["loss"]))
-                metrics = {k: float(v) for k, v in terms.metrics.items()}
+                metrics = self._global_metrics(terms.metrics)
+                self.losses.append(metrics["loss"])
                 hooks.selfflow_on_step_end(trainer=self, step=self.step, terms=terms)
                 self.progress.update(self.step, metrics)
                 if self.step % self.config.log_every == 0:
@@ -203,6 +212,14 @@ class Trainer:
         return {"step": self.step, "reason": reason, "seconds": elapsed,
                 "steps_per_s": (self.step - s0) / max(elapsed, 1e-9),
                 "final_loss": self.losses[-1] if self.losses else None}
+
+    def _global_metrics(self, metrics) -> dict[str, float]:
+        """Metrics averaged over ranks (each rank's are of its share of the batch), so logs and
+        ``losses`` do not depend on the number of processes and agree on every rank."""
+        names = sorted(metrics)
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(self.device)
+                              for k in names])
+        return dict(zip(names, self.dist.mean(values).tolist()))
 
     def _throughput(self) -> float:
         batch = sum(m.spec.batch_size * m.spec.probability for m in self.modalities) / sum(
@@ -262,7 +279,12 @@ class Trainer:
             self.eval_ema.load_state_dict(state["eval_ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.loader.load_state_dict(state["loader"])
+        # the checkpoint is rank 0's; the loader position (batches given overall and per store)
+        # is the same on every rank, so each rank continues its own shard from it
+        try:
+            self.loader.load_state_dict({**state["loader"], "rank": self.dist.rank})
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {exc}") from None
         self.batches = iter(self.loader)
         self.step, self.skipped, self.losses = state["step"], state["skipped"], list(state["losses"])
         rng = state["rng"]

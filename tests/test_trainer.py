@@ -1,0 +1,620 @@
+"""The trainer's bookkeeping: exact resume, checkpoint files, signals, non-finite losses, DDP,
+hooks and label dropout. Tiny toy runs on CPU (one thread: the machine is shared)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+from selfflow_core import checkpoint
+from selfflow_core.backbone import DiT
+from selfflow_core.cli import main as cli_main
+from selfflow_core.config import make_converter, to_data
+from selfflow_core.distributed import Dist
+from selfflow_core.hookspecs import hookimpl
+from selfflow_core.plugins import Components, make_plugin_manager
+from selfflow_core.presets import toy
+from selfflow_core.store import encode_store
+from selfflow_core.toy import ToyModality
+from selfflow_core.trackers import NullTracker
+from selfflow_core.trainer import NonFiniteLossError, Trainer
+from selfflow_core.trainer_config import CheckpointConfig
+
+TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
+NULL_CLASS = TOY.classes
+#: environment of child processes: one thread each (2 shared cores), no output buffering
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+             "SELFFLOW_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A toy store shared by the module's runs (read-only: the runs' specs have no source)."""
+    path = tmp_path_factory.mktemp("store") / "toy.zarr"
+    encode_store(TOY.build(), "waves", path, adapter_config=to_data(make_converter(), TOY),
+                 progress=False)
+    return str(path)
+
+
+def tiny(run_dir, store, **changes):
+    """The toy preset shrunk: depth 3, width 32, batch 8, 7 steps, checkpoints every 3."""
+    base = toy()
+    spec = attrs.evolve(base.modalities["toy"], modality=TOY, store=store, source="",
+                        batch_size=8)
+    cfg = attrs.evolve(
+        base, modalities={"toy": spec}, backbone=DiT.Config(depth=3, width=32, heads=4),
+        optim=attrs.evolve(base.optim, warmup_steps=2, schedule="cosine"),
+        checkpoint=CheckpointConfig(every=3, keep=3),
+        sampling=attrs.evolve(base.sampling, count=4, steps=2),
+        tracker=NullTracker.Config(), steps=7, run_dir=str(run_dir), log_every=1)
+    return attrs.evolve(cfg, **changes)
+
+
+def components(*plugins) -> Components:
+    return Components(make_plugin_manager(list(plugins), entry_points=False))
+
+
+def ckpt_steps(run_dir) -> list[int]:
+    return [int(p.name[5:13]) for p in checkpoint.list_checkpoints(Path(run_dir) / "checkpoints")]
+
+
+def snapshot(tr: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor of the training state: backbone, head, EMA teacher, eval EMA, optimizer."""
+    out = {}
+    parts = {"model": tr.backbone.state_dict(), "head": tr.model.objective.state_dict(),
+             "teacher": tr.teacher.state_dict()["model"]}
+    if tr.eval_ema is not None:
+        parts["eval_ema"] = tr.eval_ema.state_dict()["model"]
+    for part, sd in parts.items():
+        out.update({f"{part}.{k}": v.detach().clone() for k, v in sd.items()})
+    for pid, st in tr.optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"optimizer.{pid}.{k}"] = (v.clone() if torch.is_tensor(v) else torch.tensor(v))
+    assert any(k.endswith("exp_avg_sq") for k in out)
+    return out
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    sa, sb = snapshot(a), snapshot(b)
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, f"differ after resume: {differ[:10]}"
+    assert a.losses == b.losses
+    assert a.teacher.ema.updates == b.teacher.ema.updates
+    assert a.lr_schedule.state_dict() == b.lr_schedule.state_dict()
+    assert a.loader.state_dict() == b.loader.state_dict()
+    if a.eval_ema is not None:
+        assert a.eval_ema.updates == b.eval_ema.updates
+
+
+class SigtermAt:
+    """Sends this process SIGTERM at the end of step ``step`` (fit's handler makes it a stop)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def selfflow_on_step_end(self, trainer, step, terms):
+        if step == self.step:
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), "fit() installed no SIGTERM handler"
+            signal.raise_signal(signal.SIGTERM)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    @hookimpl
+    def selfflow_on_train_start(self, trainer):
+        self.events.append(("start", trainer.step))
+
+    @hookimpl
+    def selfflow_on_step_end(self, trainer, step, terms):
+        self.events.append(("step", step, float(terms.total.detach())))
+
+    @hookimpl
+    def selfflow_on_checkpoint(self, trainer, step, path):
+        self.events.append(("checkpoint", step, Path(path), Path(path).is_file(),
+                            hashlib.sha256(Path(path).read_bytes()).hexdigest()))
+
+    @hookimpl
+    def selfflow_on_train_end(self, trainer, step, reason):
+        self.events.append(("end", step, reason))
+
+    def of(self, kind):
+        return [e[1:] for e in self.events if e[0] == kind]
+
+
+# -- exact resume -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes", [{}, {"grad_accum": 2}, {"eval_ema_decay": 0.9}],
+                         ids=["plain", "grad_accum2", "eval_ema"])
+def test_resume_is_bit_exact(tmp_path, store, changes):
+    steps, k = 7, 4  # k: not a multiple of checkpoint.every (3)
+    straight = Trainer(tiny(tmp_path / "a", store, **changes), components=components(),
+                       progress=False)
+    assert straight.fit()["reason"] == "done"
+    assert len(straight.losses) == steps and ckpt_steps(tmp_path / "a") == [3, 6, 7]
+
+    stopped = Trainer(tiny(tmp_path / "b", store, **changes), components=components(SigtermAt(k)),
+                      progress=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    summary = stopped.fit()
+    assert summary["reason"] == "signal" and summary["step"] == k
+    assert ckpt_steps(tmp_path / "b") == [3, k]
+    assert signal.getsignal(signal.SIGTERM) == handler  # fit() restored the previous handler
+    assert stopped.losses == straight.losses[:k]
+    del stopped
+
+    rec = Recorder()
+    resumed = Trainer(tiny(tmp_path / "b", store, **changes), components=components(rec),
+                      progress=False)
+    assert resumed.fit()["reason"] == "done"
+    assert rec.of("start") == [(k,)] and [s[0] for s in rec.of("step")] == list(range(k + 1, 8))
+    assert_same_state(straight, resumed)
+
+    if not changes:  # also from a periodic checkpoint copied into a fresh run
+        (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+        shutil.copy(checkpoint.path_for(tmp_path / "a" / "checkpoints", 3),
+                    tmp_path / "c" / "checkpoints")
+        again = Trainer(tiny(tmp_path / "c", store), components=components(), progress=False)
+        again.fit()
+        assert_same_state(straight, again)
+
+
+def test_same_config_same_initial_weights(tmp_path, store):
+    torch.manual_seed(123)  # the global RNG must not matter
+    a = Trainer(tiny(tmp_path / "a", store), components=components(), progress=False)
+    torch.rand(5)
+    b = Trainer(tiny(tmp_path / "b", store), components=components(), progress=False)
+    c = Trainer(tiny(tmp_path / "c", store, seed=1), components=components(), progress=False)
+    sa, sb, sc = a.backbone.state_dict(), b.backbone.state_dict(), c.backbone.state_dict()
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert any(not torch.equal(sa[n], sc[n]) for n in sa)
+
+
+# -- checkpoint files ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, store):
+    """A 3-step run (checkpoint at step 3), as a template for the checkpoint tests."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("trained")
+    tr = Trainer(tiny(run, store, steps=3), components=components(), progress=False)
+    tr.fit()
+    return run, list(tr.losses)
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    return dst
+
+
+def test_keep_last_n_and_temp_files_are_ignored(tmp_path):
+    d = tmp_path / "ck"
+    for step in range(1, 6):
+        checkpoint.save({"format": 1, "step": step, "w": torch.full((2,), float(step))}, d, step,
+                        keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(d)] == ["step-00000004.pt",
+                                                                "step-00000005.pt"]
+    for junk in (".step-00000009.pt.tmp-123", "step-00000010.pt.tmp-7", "step-11.pt",
+                 "step-00000012.pt.partial", "notes.txt"):
+        (d / junk).write_bytes(b"partial")
+    assert [p.name for p in checkpoint.list_checkpoints(d)] == ["step-00000004.pt",
+                                                                "step-00000005.pt"]
+    assert checkpoint.latest(d).name == "step-00000005.pt"
+    assert checkpoint.load(checkpoint.latest(d))["step"] == 5
+    # saving again prunes checkpoints only, never foreign files
+    checkpoint.save({"format": 1, "step": 6}, d, 6, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(d)] == ["step-00000005.pt",
+                                                                "step-00000006.pt"]
+    assert (d / ".step-00000009.pt.tmp-123").exists() and (d / "notes.txt").exists()
+    assert checkpoint.latest(tmp_path / "missing") is None
+
+
+def test_trainer_keeps_last_n(tmp_path, trained, store):
+    run = copy_run(trained[0], tmp_path / "run")
+    tr = Trainer(tiny(run, store, steps=6, checkpoint=CheckpointConfig(every=1, keep=2)),
+                 components=components(), progress=False)
+    tr.fit()
+    assert ckpt_steps(run) == [5, 6]
+
+
+class Exploit:
+    def __init__(self, payload) -> None:
+        self.payload = payload
+
+    def __reduce__(self):
+        return self.payload
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker_sh, marker_py = tmp_path / "pwned-sh", tmp_path / "pwned-py"
+    payloads = {
+        "system": (os.system, (f"touch {marker_sh}",)),
+        "exec": (exec, (f"open({str(marker_py)!r}, 'w').close()",)),
+    }
+    for name, payload in payloads.items():
+        path = tmp_path / name / "step-00000001.pt"
+        path.parent.mkdir()
+        torch.save({"format": 1, "step": 1, "model": {"w": torch.zeros(2)},
+                    "evil": Exploit(payload)}, path)
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load(path)
+        assert str(path) in str(e.value)
+        assert not marker_sh.exists() and not marker_py.exists()
+    # the crafted file is a live exploit: an unsafe load would have run it
+    torch.load(tmp_path / "exec" / "step-00000001.pt", weights_only=False)
+    assert marker_py.exists()
+
+
+def test_pickle_with_code_is_refused_on_resume(tmp_path, store):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"format": 1, "evil": Exploit((exec, (f"open({str(marker)!r}, 'w').close()",)))},
+               path)
+    tr = Trainer(tiny(tmp_path / "run", store), components=components(), progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="step-00000002.pt"):
+        tr.fit()
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path, trained, store):
+    run = copy_run(trained[0], tmp_path / "run")
+    good = checkpoint.path_for(run / "checkpoints", 3)
+    data = good.read_bytes()
+    for size in (len(data) // 2, 10, 0):
+        bad = checkpoint.path_for(run / "checkpoints", 4)
+        bad.write_bytes(data[:size])
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load(bad)
+        assert str(bad) in str(e.value)
+    tr = Trainer(tiny(run, store), components=components(), progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="step-00000004.pt"):
+        tr.fit()
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load(run / "checkpoints" / "step-00000099.pt")
+    not_ours = run / "checkpoints" / "step-00000005.pt"
+    torch.save({"weights": torch.zeros(1)}, not_ours)
+    with pytest.raises(checkpoint.CheckpointError, match="not a selfflow checkpoint"):
+        checkpoint.load(not_ours)
+
+
+def test_loader_state_of_another_setup_names_the_file(tmp_path, trained, store):
+    run = copy_run(trained[0], tmp_path / "run")
+    path = checkpoint.path_for(run / "checkpoints", 3)
+    state = checkpoint.load(path)
+    state["loader"]["world_size"] = 4  # e.g. written by a 4-process run
+    torch.save(state, path)
+    tr = Trainer(tiny(run, store), components=components(), progress=False)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        tr.fit()
+    assert str(path) in str(e.value) and "world_size" in str(e.value)
+
+
+def test_resume_with_other_config_names_the_key_and_steps_may_change(tmp_path, trained, store):
+    template, losses = trained
+    run = copy_run(template, tmp_path / "run")
+    before = checkpoint.path_for(run / "checkpoints", 3).read_bytes()
+    wide = Trainer(tiny(run, store, backbone=DiT.Config(depth=3, width=64, heads=4)),
+                   components=components(), progress=False)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        wide.fit()
+    assert "backbone" in str(e.value) and "step-00000003.pt" in str(e.value)
+    assert "steps" not in str(e.value).split("differs in:")[1]
+    other = Trainer(tiny(run, store, seed=5, label_dropout=0.5), components=components(),
+                    progress=False)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        other.fit()
+    assert "label_dropout" in str(e.value) and "seed" in str(e.value)
+    assert checkpoint.path_for(run / "checkpoints", 3).read_bytes() == before
+    assert ckpt_steps(run) == [3]
+
+    longer = Trainer(tiny(run, store, steps=5, log_every=2), components=components(),
+                     progress=False)
+    summary = longer.fit()
+    assert summary["step"] == 5 and longer.losses[:3] == losses and len(longer.losses) == 5
+    assert ckpt_steps(run) == [3, 5]
+
+
+# -- SIGTERM in a real process ------------------------------------------------------------------
+
+def cli_overrides(run_dir, store, steps):
+    return [f"run_dir={run_dir}", f"modalities.toy.store={store}", 'modalities.toy.source=""',
+            "modalities.toy.batch_size=8", "modalities.toy.modality.tokens=8",
+            "modalities.toy.modality.channels=4", "modalities.toy.modality.count=64",
+            "backbone.depth=3", "backbone.width=32", f"steps={steps}", "log_every=1",
+            "checkpoint.every=1000", "sampling.count=4", "sampling.steps=2", "tracker.kind=none"]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, store, capsys, monkeypatch):
+    cmd = [sys.executable, "-m", "selfflow_core.cli", "train", "toy",
+           *cli_overrides(tmp_path / "a", store, 100000)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step="):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        watchdog.cancel()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    stops = [ln for ln in out.splitlines() if "stopped by SIGTERM after step" in ln]
+    assert stops, out
+    k = int(stops[0].split("after step ")[1].split(";")[0])
+    assert f"trained {k} steps (signal)" in out
+    assert ckpt_steps(tmp_path / "a") == [k]
+    assert checkpoint.load(checkpoint.path_for(tmp_path / "a" / "checkpoints", k))["step"] == k
+
+    n = k + 2  # the toy schedule is constant after warm-up: `steps` does not change the math
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "a", store, n)]) == 0
+    assert f"resumed from {checkpoint.path_for(tmp_path / 'a' / 'checkpoints', k)}" in \
+        capsys.readouterr().out
+    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "b", store, n)]) == 0
+    resumed = torch.load(checkpoint.path_for(tmp_path / "a" / "checkpoints", n),
+                         weights_only=True)
+    straight = torch.load(checkpoint.path_for(tmp_path / "b" / "checkpoints", n),
+                          weights_only=True)
+    assert resumed["step"] == straight["step"] == n
+    for part in ("model", "head"):
+        for name, value in straight[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part}.{name}"
+    assert resumed["losses"] == straight["losses"]
+
+
+# -- non-finite losses --------------------------------------------------------------------------
+
+class PoisonAt:
+    """At the end of step ``step``, sets a parameter of ``where`` to NaN."""
+
+    def __init__(self, step: int, where: str) -> None:
+        self.step, self.where = step, where
+
+    @hookimpl
+    def selfflow_on_step_end(self, trainer, step, terms):
+        if step == self.step:
+            module = (trainer.backbone.outputs[0] if self.where == "flow"
+                      else trainer.model.objective.head[-1])
+            with torch.no_grad():
+                module.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("term", ["flow", "rep"])
+def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, store, term):
+    rec = Recorder()
+    tr = Trainer(tiny(tmp_path, store, checkpoint=CheckpointConfig(every=2, keep=3)),
+                 components=components(PoisonAt(3, term), rec), progress=False)
+    with pytest.raises(NonFiniteLossError) as e:
+        tr.fit()
+    message = str(e.value)
+    assert "step 4" in message and f"{term}=nan" in message
+    other = "rep" if term == "flow" else "flow"
+    assert f"{other}=" not in message
+    assert rec.of("end") == [(3, "error")]
+    assert tr.step == 3 and ckpt_steps(tmp_path) == [2]
+    (step, path, existed, digest), = rec.of("checkpoint")
+    assert step == 2 and existed
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # untouched
+    state = checkpoint.load(path)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in state["head"].values())
+
+
+def poison(tr: Trainer, bad) -> list[int]:
+    """Make the objective return a NaN flow term whenever ``bad(step, call)`` says so."""
+    original, calls = tr.model.objective.forward, []
+
+    def forward(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        step = tr.step + 1
+        if bad(step, len(calls)):
+            calls.append(step)
+            flow = terms.flow * float("nan")
+            terms = attrs.evolve(terms, flow=flow, total=flow + terms.rep)
+        return terms
+
+    tr.model.objective.forward = forward
+    return calls
+
+
+def test_skip_mode_skips_batches_then_raises(tmp_path, store):
+    cfg = tiny(tmp_path / "a", store, steps=5, on_nonfinite="skip", max_skipped=2)
+    tr = Trainer(cfg, components=components(), progress=False)
+    calls = poison(tr, lambda step, n: step == 3 and n < 2)  # two bad batches at step 3
+    summary = tr.fit()
+    assert calls == [3, 3]
+    assert summary["step"] == 5 and tr.skipped == 2
+    assert len(tr.losses) == 5 and all(math.isfinite(x) for x in tr.losses)
+    assert tr.loader.state_dict()["step"] == 5 + 2  # the bad batches were dropped, not retried
+    assert all(torch.isfinite(v).all() for v in tr.backbone.state_dict().values())
+    assert checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))["skipped"] == 2
+
+    tr = Trainer(attrs.evolve(cfg, run_dir=str(tmp_path / "b")), components=components(),
+                 progress=False)
+    calls = poison(tr, lambda step, n: step >= 3)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: flow=nan") as e:
+        tr.fit()
+    assert calls == [3, 3, 3] and tr.skipped == 2 and tr.step == 2
+    assert "rep=" not in str(e.value)
+
+
+@attrs.frozen
+class OtherRankNaN(Dist):
+    """One process standing in for rank 0 of a group whose other rank gets one NaN loss at step
+    3: the all-reduce behind ``Dist.any`` reports it while this rank's own loss is finite."""
+
+    fired: list = attrs.Factory(list)
+
+    def any(self, flag: bool) -> bool:
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "_finite" and caller.f_locals["step"] == 3 and not self.fired:
+            self.fired.append(3)
+            return True
+        return flag
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_on_another_rank_is_acted_on_by_every_rank(tmp_path, store, mode):
+    tr = Trainer(tiny(tmp_path, store, steps=4, on_nonfinite=mode), components=components(),
+                 dist=OtherRankNaN(), progress=False)
+    if mode == "stop":
+        with pytest.raises(NonFiniteLossError, match="step 3: on another rank"):
+            tr.fit()
+        assert tr.step == 2
+    else:
+        assert tr.fit()["step"] == 4 and tr.skipped == 1
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+DDP_DRIVER = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from selfflow_core import checkpoint
+    from selfflow_core.cli import resolve_config
+    from selfflow_core.plugins import Components, make_plugin_manager
+    from selfflow_core.trainer import Trainer
+
+    out, overrides = sys.argv[1], json.loads(sys.argv[2])
+    rank = int(os.environ["RANK"])
+    saves = []
+    real_save = checkpoint.save
+    def save(state, directory, step, *, keep):
+        saves.append(step)
+        return real_save(state, directory, step, keep=keep)
+    checkpoint.save = save
+    components = Components(make_plugin_manager(entry_points=False))
+    tr = Trainer(resolve_config(components, "toy", overrides), components=components,
+                 progress=False)
+    summary = tr.fit()
+    # a second trainer in the same group resumes every rank from rank 0's checkpoint
+    more = Trainer(resolve_config(components, "toy", overrides + ["steps=6"]),
+                   components=components, progress=False)
+    more_summary = more.fit()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"world": tr.dist.world_size, "rank": tr.dist.rank, "saves": saves,
+                   "ddp": type(tr.trained).__name__, "step": summary["step"],
+                   "rows": tr.loader.sources[0].batch_size, "losses": more.losses,
+                   "resumed_step": more_summary["step"]}, f)
+""")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, store, monkeypatch):
+    extra = ["checkpoint.every=2", "checkpoint.keep=3", "label_dropout=0.5"]
+    overrides = cli_overrides(tmp_path / "ddp", store, 4) + extra
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(driver), str(tmp_path), json.dumps([str(o) for o in overrides])]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, info in enumerate(ranks):
+        assert (info["world"], info["rank"], info["ddp"], info["step"], info["rows"],
+                info["resumed_step"]) == (2, r, "DistributedDataParallel", 4, 4, 6)
+    assert ranks[0]["saves"] == [2, 4, 6] and ranks[1]["saves"] == []
+    assert ckpt_steps(tmp_path / "ddp") == [2, 4, 6]
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "one", store, 6), *extra]) == 0
+    for step in (4, 6):  # 4: straight DDP; 6: after every rank resumed from rank 0's file
+        ddp = torch.load(checkpoint.path_for(tmp_path / "ddp" / "checkpoints", step),
+                         weights_only=True)
+        one = torch.load(checkpoint.path_for(tmp_path / "one" / "checkpoints", step),
+                         weights_only=True)
+        for part in ("model", "head"):
+            for name, value in one[part].items():
+                torch.testing.assert_close(ddp[part][name], value, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m: f"step {step} {part}.{name}: {m}")
+        for name, value in one["teacher"]["model"].items():
+            torch.testing.assert_close(ddp["teacher"]["model"][name], value, atol=1e-5,
+                                       rtol=1e-4)
+    # logged losses are of the global batch: equal on both ranks and to the 1-process run's
+    assert ranks[0]["losses"] == ranks[1]["losses"] == ddp["losses"]
+    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
+
+
+# -- hooks and label dropout --------------------------------------------------------------------
+
+def test_hooks_observe_the_run(tmp_path, store):
+    rec = Recorder()
+    summary = Trainer(tiny(tmp_path, store, steps=4, checkpoint=CheckpointConfig(every=2, keep=3)),
+                      components=Components(make_plugin_manager([rec], entry_points=False)),
+                      progress=False).fit()
+    assert summary["reason"] == "done"
+    kinds = [e[0] for e in rec.events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert rec.of("start") == [(0,)]
+    assert [s[0] for s in rec.of("step")] == [1, 2, 3, 4]
+    assert all(math.isfinite(s[1]) for s in rec.of("step"))
+    assert [(c[0], c[2]) for c in rec.of("checkpoint")] == [(2, True), (4, True)]
+    assert [c[1] for c in rec.of("checkpoint")] == [
+        checkpoint.path_for(tmp_path / "checkpoints", s) for s in (2, 4)]
+    assert rec.of("end") == [(4, "done")]
+    # each checkpoint hook comes after its step's step hook
+    assert kinds.index("checkpoint") == kinds.index("step") + 2
+
+
+@pytest.mark.parametrize("dropout", [1.0, 0.0])
+def test_label_dropout(tmp_path, store, dropout):
+    tr = Trainer(tiny(tmp_path, store, label_dropout=dropout), components=components(),
+                 progress=False)
+    seen, data = [], []
+    forward = tr.backbone.forward
+    tokenize = tr.loader.sources[0].tokenize
+
+    def record(x, t, batch, **kwargs):
+        seen.append(batch.labels.clone())
+        return forward(x, t, batch, **kwargs)
+
+    tr.backbone.forward = record
+    loader_sources = tr.loader.sources
+    loader_sources[0] = attrs.evolve(
+        loader_sources[0], tokenize=lambda f: (data.append(f["labels"].clone()), tokenize(f))[1])
+    tr.batches = iter(tr.loader)
+    for _ in range(3):
+        tr.train_step()
+    assert len(seen) == 3 and len(data) >= 3
+    labels = torch.cat(seen)
+    assert labels.shape == (24,)
+    if dropout == 1.0:
+        assert (labels == NULL_CLASS).all()
+    else:
+        assert (labels < NULL_CLASS).all()
+        assert torch.equal(labels, torch.cat(data[:3]))
