@@ -156,6 +156,9 @@ class DiT(Backbone):
             t = t[:, None].expand(b, n)
         ids = batch.modality_ids
         pos = batch.positions.float()
+        if pos.shape[-1] > MAX_POSITION_AXES:
+            raise ValueError(f"DiT takes positions with at most {MAX_POSITION_AXES} axes, got "
+                             f"{pos.shape[-1]}")
         pos = F.pad(pos, (0, MAX_POSITION_AXES - pos.shape[-1]))
         per_axis = 2 * (self.width // (2 * MAX_POSITION_AXES))
         pos_emb = F.pad(sincos(pos, per_axis).flatten(-2), (0, self.width - 3 * per_axis))

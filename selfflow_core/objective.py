@@ -1,4 +1,5 @@
-"""The Self-Flow objective: flow matching on every valid token + gamma * representation loss.
+"""The Self-Flow objective: flow matching + gamma * representation loss, both over the generated
+tokens (valid and not conditioning: ``TokenBatch.target_mask``).
 
 ``L = mean ||f(x_tau, tau) - (x1 - x0)||^2 + gamma * mean(1 - cos(head(h_l), sg(teacher_k)))``,
 the student's block-``l`` state seen through a small head, the teacher's raw block-``k`` state
