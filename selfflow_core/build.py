@@ -30,6 +30,12 @@ class ModalityRuntime:
 def check(config: TrainerConfig, components: Components, *, world_size: int = 1) -> None:
     """Registered kinds and cross-field rules; raises one :class:`ConfigError` with every problem."""
     problems = config.problems(world_size=world_size)
+    # a component config may check what its fields alone cannot (e.g. that a file exists):
+    # ``problems() -> list[str]``, each "field: message"
+    for path, component in (("teacher", config.teacher), ("backbone", config.backbone)):
+        own = getattr(component, "problems", None)
+        if callable(own):
+            problems += [f"$.{path}.{p}" for p in own()]
     for name, spec in config.modalities.items():
         if spec.modality.kind not in components.modalities:
             problems.append(f"$.modalities.{name}.modality: unknown modality "
@@ -94,7 +100,8 @@ def config_data(config: TrainerConfig, components: Components) -> dict[str, Any]
 
 #: keys that may change between a checkpoint and the run resuming from it
 RESUMABLE_CHANGES = {"steps", "run_dir", "log_every", "checkpoint", "sampling", "tracker",
-                     "num_workers", "device", "compile", "on_nonfinite", "max_skipped"}
+                     "num_workers", "device", "compile", "on_nonfinite", "max_skipped",
+                     "verify_stores"}
 
 
 def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -86,7 +86,7 @@ class Trainer:
                                                       m.spec.modality),
                          progress=True)
         self.dist.barrier()
-        return open_store(path)
+        return open_store(path, adapter=m.adapter, verify=self.config.verify_stores)
 
     def _draw(self, batch: TokenBatch, m: build.ModalityRuntime, gen: torch.Generator):
         """Plan, noise and label dropout for the *global* batch, sliced to this rank's rows, so

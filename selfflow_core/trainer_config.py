@@ -81,6 +81,8 @@ class TrainerConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped: int = attrs.field(default=10, validator=v.ge(0))
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    #: scan every stored value (NaN/Inf, damaged chunks) before training; off for huge stores
+    verify_stores: bool = True
     device: str = "auto"
     compile: bool = False
 

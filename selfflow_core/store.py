@@ -1,0 +1,295 @@
+"""The latent store: one zarr 3 group per dataset, one array per field, sample axis first.
+
+Offline, :func:`encode_store` runs a modality's encoder over a raw source and appends the result
+with a :class:`StoreWriter` (resumable, one writer at a time). Online, :func:`open_store` validates
+the store and returns a :class:`LatentStore` whose :meth:`LatentStore.read` gathers a batch of
+samples with one read per field. Layout, schema keys and semantics: ``docs/store.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
+
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter
+from selfflow_core.store_check import (
+    FORMAT_VERSION, HASHED_KEYS, StoreError, StoreLike, adapter_problems, check_store,
+    data_problems, field_specs, is_local, open_group, schema_problems, store_name, store_schema)
+
+__all__ = ["FORMAT_VERSION", "LatentStore", "StoreError", "StoreWriter", "check_store",
+           "encode_store", "open_store", "store_schema"]
+
+#: default chunk size in bytes along the sample axis (see benchmarks/RESULTS.md, "Loader")
+CHUNK_BYTES = 512 * 1024
+#: stores up to this many bytes are read into memory on first use (random batches then cost no I/O)
+CACHE_BYTES = 2 * 1024**3
+COMPRESSORS = {
+    "none": lambda: None,
+    "zstd": lambda: ZstdCodec(level=3),
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),
+    "gzip": lambda: GzipCodec(level=5),
+}
+
+
+def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Samples per chunk: the largest power of two whose chunk fits ``chunk_bytes`` (at least 1)."""
+    per_sample = np.dtype(spec.dtype).itemsize * math.prod(spec.shape)
+    return 1 << (max(1, chunk_bytes // max(per_sample, 1)).bit_length() - 1)
+
+
+class _WriteLock:
+    """One writer per store. Local paths: a ``<path>.lock`` file created with ``O_EXCL`` holding
+    ``pid host``; a lock left by a dead process on this host is taken over. Other stores: a lock
+    within this process only."""
+
+    _held: set[str] = set()
+
+    def __init__(self, path: StoreLike) -> None:
+        self.name = store_name(path)
+        self.file = f"{os.fspath(path).rstrip('/')}.lock" if is_local(path) else None
+        if self.file is None:
+            if self.name in self._held:
+                raise StoreError(self.name, ["another writer in this process is writing it"])
+            self._held.add(self.name)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.file)), exist_ok=True)
+        for attempt in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if attempt == 0 and holder is not None and not self._alive(*holder):
+                    os.remove(self.file)  # stale: its process is gone
+                    continue
+                raise StoreError(self.name, [
+                    f"another writer holds the lock {self.file} ({holder or 'unknown holder'}); "
+                    "two writers on one store are refused. If none is running, delete the lock "
+                    "file."]) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return
+
+    def _holder(self) -> tuple[int, str] | None:
+        try:
+            pid, host = open(self.file).read().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(pid: int, host: str) -> bool:
+        if host != socket.gethostname():
+            return True  # cannot tell; assume it is
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def release(self) -> None:
+        if self.file is None:
+            self._held.discard(self.name)
+        elif self._holder() == (os.getpid(), socket.gethostname()):
+            os.remove(self.file)
+
+
+class StoreWriter:
+    """Appends batches to a store, resumably: a batch counts only once every array holds it and
+    the ``committed`` attribute says so; reopening cuts arrays back to ``committed``. Use as a
+    context manager (it holds the store's write lock) and call :meth:`finish` at the end."""
+
+    def __init__(self, path: StoreLike, schema: Mapping[str, Any], *,
+                 chunks: int | Mapping[str, int] | None = None, compressor: str = "none") -> None:
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"unknown compressor {compressor!r}; choose from {list(COMPRESSORS)}")
+        self.name = store_name(path)
+        self.specs = field_specs(schema)
+        self._lock = _WriteLock(path)
+        try:
+            self.group = self._open(path, dict(schema))
+            fresh = self.group.attrs["committed"] == 0  # new, or stopped while being created
+            for name, spec in self.specs.items():
+                if fresh and name not in self.group:
+                    n = chunks if isinstance(chunks, int) else (chunks or {}).get(name)
+                    n = n or chunk_samples(spec)
+                    self.group.create_array(
+                        name, shape=(0, *spec.shape), dtype=spec.dtype, chunks=(n, *spec.shape),
+                        compressors=COMPRESSORS[compressor](),
+                        config={"write_empty_chunks": True})
+            problems = schema_problems(self.group, require_complete=False)
+            if problems:
+                raise StoreError(self.name, problems)
+            self.count = int(self.group.attrs["committed"])
+            self.arrays = {name: self.group[name] for name in self.specs}
+            if not self.complete:
+                for arr in self.arrays.values():  # drop whatever an interrupted append left
+                    if arr.shape[0] != self.count:
+                        arr.resize((self.count, *arr.shape[1:]))
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, path: StoreLike, schema: dict[str, Any]) -> zarr.Group:
+        try:
+            group = open_group(path, "r+")
+        except StoreError:
+            target = os.fspath(path) if is_local(path) else path
+            try:
+                return zarr.open_group(target, mode="w-", attributes={
+                    **schema, "committed": 0, "complete": False, "count": None})
+            except FileExistsError:
+                raise StoreError(self.name, ["exists and is not a zarr group; refusing to "
+                                             "overwrite it"]) from None
+        stored = dict(group.attrs)
+        if "format_version" not in stored:
+            raise StoreError(self.name, ["a zarr group that is not a selfflow store; refusing to "
+                                         "write into it"])
+        if stored.get("config_hash") != schema["config_hash"]:
+            differ = [k for k in HASHED_KEYS if stored.get(k) != schema.get(k)]
+            raise StoreError(self.name, [
+                f"written with a different configuration (config hash {stored.get('config_hash')}"
+                f" != {schema['config_hash']}; differs in {differ}); use another path or delete "
+                "the store to encode again"])
+        return group
+
+    @property
+    def complete(self) -> bool:
+        """Whether the completeness marker is set (nothing more can be appended)."""
+        return bool(self.group.attrs["complete"])
+
+    def append(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Append one batch: an array per field, sample axis first, equal lengths."""
+        if self.complete:
+            raise StoreError(self.name, ["is complete; nothing can be appended"])
+        if set(batch) != set(self.specs):
+            raise StoreError(self.name, [f"batch fields {sorted(batch)} != schema fields "
+                                         f"{sorted(self.specs)}"])
+        data = {k: np.asarray(v) for k, v in batch.items()}
+        sizes = {k: (v.shape[0] if v.ndim else None) for k, v in data.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise StoreError(self.name, [f"batch fields have different sample counts: {sizes}"])
+        for name, spec in self.specs.items():
+            value, dtype = data[name], np.dtype(spec.dtype)
+            if tuple(value.shape[1:]) != spec.shape:
+                raise StoreError(self.name, [f"field {name!r}: batch per-sample shape "
+                                             f"{tuple(value.shape[1:])} != schema {spec.shape}"])
+            if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+                raise StoreError(self.name, [f"field {name!r}: batch dtype {value.dtype} cannot "
+                                             f"be stored as {dtype}"])
+        start, stop = self.count, self.count + next(iter(sizes.values()))
+        for name, arr in self.arrays.items():
+            arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = data[name].astype(arr.dtype, copy=False)
+        self.group.attrs["committed"] = stop  # the commit point: written after every array
+        self.count = stop
+
+    def finish(self) -> None:
+        """Write the completeness marker (last): the store is now readable for training."""
+        self.group.attrs.update({"complete": True, "count": self.count})
+
+    def close(self) -> None:
+        """Release the write lock."""
+        self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
+                 adapter_config: Mapping[str, Any], batch_size: int = 256, progress: bool = True,
+                 chunks: int | Mapping[str, int] | None = None,
+                 compressor: str = "none") -> LatentStore:
+    """Encode ``adapter.open_source(source)`` into the store at ``path`` and open it. Resumes an
+    interrupted encode from its committed samples; a complete store with the same configuration
+    is returned as is; one with another configuration is a :class:`StoreError`."""
+    raw = adapter.open_source(source)
+    schema = store_schema(adapter, source=source, source_description=raw.description,
+                          adapter_config=adapter_config)
+    with StoreWriter(path, schema, chunks=chunks, compressor=compressor) as writer:
+        if not writer.complete:
+            total = len(raw)
+            if writer.count > total:
+                raise StoreError(writer.name, [f"holds {writer.count} samples, the source only "
+                                               f"{total}"])
+            with tqdm(total=total, initial=writer.count, disable=not progress, unit="sample",
+                      desc=f"encode {source} -> {writer.name}") as bar:
+                for start in range(writer.count, total, batch_size):
+                    stop = min(start + batch_size, total)
+                    writer.append(adapter.encode(raw.read(start, stop)))
+                    bar.update(stop - start)
+            writer.finish()
+    return open_store(path)
+
+
+class LatentStore:
+    """A validated store opened for reading. ``schema`` is the group attributes, ``fields`` the
+    per-sample :class:`FieldSpec` of each array; ``read`` gathers samples by index."""
+
+    def __init__(self, group: zarr.Group, name: str, *, cache_bytes: int = CACHE_BYTES) -> None:
+        self.path = name
+        self.schema: dict[str, Any] = dict(group.attrs)
+        self.fields = field_specs(self.schema)
+        self._arrays = {k: group[k] for k in self.fields}
+        self._len = int(self.schema["committed"])
+        self.nbytes = sum(self._len * np.dtype(s.dtype).itemsize * math.prod(s.shape)
+                          for s in self.fields.values())
+        self.cached = self.nbytes <= cache_bytes
+        self._memory: dict[str, np.ndarray] | None = None
+        self._memory_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"LatentStore({self.path!r}, {self._len} samples, fields={list(self.fields)})"
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Every field read into memory (done once, on first use when the store is ``cached``)."""
+        with self._memory_lock:
+            if self._memory is None:
+                self._memory = {k: np.asarray(a[: self._len]) for k, a in self._arrays.items()}
+            return self._memory
+
+    def read(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """Samples at ``indices`` (any order, repeats allowed), one array per field: from memory
+        when cached, else one sorted ``oindex`` read per field, put back in the asked order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._len):
+            bad = idx[(idx < 0) | (idx >= self._len)][0]
+            raise IndexError(f"latent store {self.path}: sample index {bad} out of range "
+                             f"0..{self._len - 1}")
+        if self.cached:
+            return {k: v[idx] for k, v in self.load().items()}
+        unique, inverse = np.unique(idx, return_inverse=True)
+        return {k: a.oindex[unique][inverse] for k, a in self._arrays.items()}
+
+
+def open_store(path: StoreLike, *, require_complete: bool = True,
+               adapter: ModalityAdapter | None = None, verify: bool = False,
+               cache_bytes: int = CACHE_BYTES) -> LatentStore:
+    """Open a store for reading after validating its schema (and, given ``adapter``, that it
+    holds that modality's fields; with ``verify``, also every value, as :func:`check_store`).
+    An invalid or incomplete store is a :class:`StoreError` listing every problem."""
+    group = open_group(path, "r")
+    problems = schema_problems(group, require_complete=require_complete)
+    if not problems and adapter is not None:
+        problems = adapter_problems(group.attrs, adapter)
+    if not problems and verify:
+        problems = data_problems(group, field_specs(group.attrs), int(group.attrs["committed"]))
+    if problems:
+        raise StoreError(store_name(path), problems)
+    return LatentStore(group, store_name(path), cache_bytes=cache_bytes)
