@@ -112,6 +112,21 @@ def cmd_plugins(args, components):
             print(f"    {c}")
 
 
+def cmd_new_modality(args: argparse.Namespace, components: Components | None = None) -> int | None:
+    """``selfflow new-modality NAME [--dir DIR]`` (needs no plugins loaded)."""
+    from selfflow_core.scaffold import ScaffoldError, names, new_modality
+
+    try:
+        dest = new_modality(args.name, args.dir)
+    except ScaffoldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = names(args.name)
+    print(f"wrote {n['dist']} (modality {args.name!r}, package {n['package']}) to {dest}\n"
+          f"next:\n  pip install -e {dest}\n  python -m pytest {dest / 'tests'} -q\n"
+          f"  selfflow train {args.name}_debug_tiny")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfflow", description=(
         "Train generative models with Self-Flow (self-supervised flow matching)."))
@@ -147,17 +162,28 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=None)
     pl = sub.add_parser("plugins", help="list plugins and the components each registered")
     pl.add_argument("--json", action="store_true")
+    nm = sub.add_parser(
+        "new-modality", help="write a new modality plugin package from the template",
+        description="Write a complete, installable modality plugin (pyproject with the entry "
+        "point, adapter, plugin, presets, contract tests, README) for modality NAME into DIR "
+        "(default ./selfflow-NAME, with - for _). It trains as it is, on synthetic "
+        "multichannel signals; edit it for your data. See docs/writing-a-modality.md.")
+    nm.add_argument("name", help="the modality kind: lowercase snake_case, e.g. eeg")
+    nm.add_argument("--dir", default=None,
+                    help="package directory to create (must not exist or be empty)")
     return p
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "encode": cmd_encode, "store": cmd_store,
-            "sample": cmd_sample, "plugins": cmd_plugins}
+            "sample": cmd_sample, "plugins": cmd_plugins, "new-modality": cmd_new_modality}
+#: commands that need no plugins loaded (they work even when an installed plugin is broken)
+NO_PLUGINS = {"new-modality"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        components = Components()
+        components = None if args.command in NO_PLUGINS else Components()
         return COMMANDS[args.command](args, components) or 0
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

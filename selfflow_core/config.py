@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -47,6 +49,8 @@ def _strict(kind: type, name: str, accept: tuple[type, ...]):
 def _format(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown key(s) {sorted(exc.extra_fields)}"
+    if isinstance(exc, KeyError):  # cattrs: a required key is absent (the path names it)
+        return "required key missing"
     if isinstance(exc, (TypeError, ValueError, LookupError)) and exc.args:
         return str(exc.args[0])  # attrs validators put extra context in args[1:]
     return cattrs.v.format_exception(exc, type_)
@@ -73,6 +77,15 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
         lambda t: t == (int | float),
         lambda v, _: _strict(type(v), "int or float", (int, float))(v, _))
 
+    def structure_literal(value: Any, type_: Any) -> Any:
+        allowed = typing.get_args(type_)
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise ValueError(f"must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        return value
+
+    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal,
+                                      structure_literal)
+
     structure_fns: dict[type, Any] = {}
     unstructure_fns: dict[type, Any] = {}
 
@@ -94,6 +107,19 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
             unstructure_fns[cls] = make_dict_unstructure_fn(cls, conv)
         return {"kind": cls.kind, **unstructure_fns[cls](obj)}
 
+    def structure_table(data: Any, cls: type) -> Any:
+        # a plain attrs config (not a tagged component) from anything but a table is one clear
+        # problem, not the TypeError of looking keys up in an int
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected a table for {cls.__qualname__}, "
+                            f"got {type(data).__name__} {data!r}")
+        if cls not in structure_fns:
+            structure_fns[cls] = make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
+        return structure_fns[cls](data, cls)
+
+    conv.register_structure_hook_func(
+        lambda t: isinstance(t, type) and attrs.has(t) and not issubclass(t, ComponentConfig),
+        structure_table)
     conv.register_unstructure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, ComponentConfig), unstructure_component)
     conv.register_structure_hook_func(
@@ -129,13 +155,17 @@ def read_file(path: str | Path) -> dict[str, Any]:
     """Parse a TOML or JSON config file into plain data (never executes anything)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # TOML and JSON files are UTF-8
     except OSError as exc:
         raise ConfigError([f"cannot read config: {exc.strerror}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text: byte {exc.start} ({exc.reason})"],
+                          str(path)) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError([f"not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"],
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ConfigError([f"not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {what}"],
                           str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError(["$: expected a table at the top level"], str(path))
@@ -169,7 +199,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
-                node[k] = {} if k not in node else node[k]
+                node[k] = node.get(k, {})
                 if not isinstance(node[k], dict):
                     problems.append(f"override {item!r}: {k!r} is not a table")
                     break

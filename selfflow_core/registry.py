@@ -6,7 +6,8 @@ distribution provided it, so that errors can say where things come from.
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 import attrs
 
@@ -88,7 +89,7 @@ class Registry(Generic[C]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _as(self, provider: Provider) -> "Registry[C]":
+    def _as(self, provider: Provider) -> Registry[C]:
         """A view of this registry that records ``provider`` as the registrant."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)

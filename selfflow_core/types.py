@@ -6,7 +6,7 @@ Time convention (see :mod:`selfflow_core.flow`): ``t = 0`` is data, ``t = 1`` is
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import attrs
 import torch

@@ -8,7 +8,7 @@ from selfflow_core.interfaces.timesteps import (
 from selfflow_core.interfaces.tracker import Tracker, TrackerConfig
 
 __all__ = [
-    "Backbone", "BackboneConfig", "FieldSpec", "ModalityAdapter", "ModalityConfig", "Source",
-    "SchedulerConfig", "TeacherConfig", "TeacherStrategy", "TimeDistribution",
+    "Backbone", "BackboneConfig", "FieldSpec", "ModalityAdapter", "ModalityConfig",
+    "SchedulerConfig", "Source", "TeacherConfig", "TeacherStrategy", "TimeDistribution",
     "TimeDistributionConfig", "TimestepScheduler", "Tracker", "TrackerConfig",
 ]
