@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from attrs import validators as v
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from selfflow_core.interfaces import Backbone, BackboneConfig
 from selfflow_core.types import BackboneOutput, TokenBatch
@@ -41,6 +42,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Block(nn.Module):
+    #: recompute this block's activations in the backward pass instead of keeping them (set by
+    #: the trainer's ``activation_checkpointing``; only while training with grad enabled)
+    activation_checkpointing: bool = False
+
     def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.heads = heads
@@ -54,6 +59,11 @@ class Block(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor, index: Tensor, attn_mask: Tensor | None) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, c, index, attn_mask, use_reentrant=False)
+        return self._forward(x, c, index, attn_mask)
+
+    def _forward(self, x: Tensor, c: Tensor, index: Tensor, attn_mask: Tensor | None) -> Tensor:
         b, n, d = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[index].chunk(6, dim=-1)
         q, k, val = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(

@@ -100,13 +100,17 @@ def config_data(config: TrainerConfig, components: Components) -> dict[str, Any]
 
 #: keys that may change between a checkpoint and the run resuming from it
 RESUMABLE_CHANGES = {"steps", "run_dir", "log_every", "checkpoint", "sampling", "tracker",
-                     "num_workers", "device", "compile", "on_nonfinite", "max_skipped",
-                     "verify_stores"}
+                     "num_workers", "device", "compile", "activation_checkpointing",
+                     "on_nonfinite", "max_skipped", "verify_stores"}
+
+
+#: keys newer than some checkpoints, with the value that such a checkpoint's run had
+ADDED_KEYS = {"parallel": "ddp"}
 
 
 def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    return sorted(k for k in keys if saved.get(k, ADDED_KEYS.get(k)) != current.get(k))
 
 
 def store_path(spec) -> str:

@@ -1,27 +1,37 @@
 """Checkpoints: atomic writes (temp file, fsync, rename), the last N kept, loaded without pickle.
 
 A checkpoint is a ``torch.save`` of plain containers and tensors only, so it loads with
-``torch.load(weights_only=True)``: a crafted file cannot run code on load.
+``torch.load(weights_only=True)``: a crafted file cannot run code on load. ``torch.save`` writes a
+zip archive holding a CRC-32 of every member, which ``torch.load`` does not check; :func:`load`
+checks them first, so a damaged file is refused instead of resuming from wrong weights.
+
+FSDP2 runs write *sharded* checkpoints instead, directories ``step-NNNNNNNN.dcp/`` of
+``torch.distributed.checkpoint`` shards (:mod:`selfflow_core.sharded`); :func:`list_checkpoints`,
+:func:`latest` and :func:`load` take both kinds.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+PATTERN = re.compile(r"^step-(\d{8})\.(pt|dcp)$")
+#: temp files of :func:`save`; the number is the writing process's id
+TEMP_PATTERN = re.compile(r"^\.step-\d{8}\.pt\.tmp-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, unsafe, or from another run; names the file."""
 
 
-def path_for(directory: Path, step: int) -> Path:
-    return Path(directory) / f"step-{step:08d}.pt"
+def path_for(directory: Path, step: int, *, sharded: bool = False) -> Path:
+    return Path(directory) / f"step-{step:08d}.{'dcp' if sharded else 'pt'}"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -44,9 +54,17 @@ def save(state: dict[str, Any], directory: Path, step: int, *, keep: int) -> Pat
         os.fsync(fh.fileno())
     os.replace(tmp, final)
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(directory, keep)
     return final
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Delete all but the last ``keep`` checkpoints (files or sharded directories)."""
+    for old in list_checkpoints(directory)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -54,14 +72,57 @@ def list_checkpoints(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if PATTERN.match(p.name))
+    return sorted(p for p in directory.iterdir() if (m := PATTERN.match(p.name))
+                  and (p.is_file() if m.group(2) == "pt" else (p / "meta.pt").is_file()))
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a clear :class:`CheckpointError` otherwise."""
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files that :func:`save` calls killed mid-write left behind (their writer
+    process is gone); a crash costs no disk space. Returns what was deleted."""
+    removed = []
+    for p in (Path(directory).iterdir() if Path(directory).is_dir() else ()):
+        m = TEMP_PATTERN.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its writer is alive (or the id was reused): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _verify_archive(path: Path) -> None:
+    """Check the zip structure and every member's CRC-32 (``torch.load`` checks neither)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupt: "
+                              f"{type(exc).__name__}: {exc})") from None
+
+
+def load(path: Path, map_location: str | torch.device = "cpu", *, shards: bool = True
+         ) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` after checking its checksums; a clear
+    :class:`CheckpointError` naming the file otherwise. A sharded checkpoint comes back in the
+    same layout, its sharded tensors read in full (``shards=False``: left out, see
+    :func:`selfflow_core.sharded.load`)."""
     path = Path(path)
+    if path.suffix == ".dcp" and path.is_dir():
+        from selfflow_core import sharded
+
+        return sharded.load(path, map_location, shards=shards)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _verify_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code, wrong format ...

@@ -21,8 +21,16 @@ def unwrap(module: nn.Module) -> nn.Module:
         module = inner
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (FSDP2 ``DTensor``) tensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """An exponential moving average of a module: ``p_ema <- d * p_ema + (1 - d) * p``.
+
+    Under FSDP2 the copy is sharded like the student (``selfflow_core.parallel``): both hold the
+    same rows of every parameter, so the update is a local ``lerp`` of shard on shard.
 
     With ``warmup`` the decay at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a short run's
     average does not stay stuck at the random initialisation (paper runs, millions of steps, use
@@ -41,11 +49,11 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         src = unwrap(model)
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach().to(q.dtype) for p, q in zip(src.parameters(), ema_p)],
-                             1.0 - d)
+        ema_p = [local(q) for q in self.model.parameters()]
+        torch._foreach_lerp_(ema_p, [local(p.detach()).to(q.dtype)
+                                     for p, q in zip(src.parameters(), ema_p)], 1.0 - d)
         for b_ema, b in zip(self.model.buffers(), src.buffers()):
-            b_ema.copy_(b)
+            local(b_ema).copy_(local(b))
         self.updates += 1
 
     def state_dict(self) -> dict:

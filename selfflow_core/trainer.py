@@ -1,5 +1,6 @@
 """The Self-Flow trainer. ``train_step`` is the paper's algorithm; the rest is bookkeeping:
-checkpoints (atomic, exact resume), signals, non-finite losses, DDP, tracking and samples."""
+checkpoints (atomic, exact resume), signals, non-finite losses, DDP or FSDP2 (``parallel``),
+tracking and samples."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from pathlib import Path
 import attrs
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfflow_core import build, checkpoint
 from selfflow_core.data import LoaderSource, build_loader
 from selfflow_core.distributed import Dist, setup
+from selfflow_core.parallel import Parallel
 from selfflow_core.plugins import Components
 from selfflow_core.progress import Progress
 from selfflow_core.sampling import sample
@@ -62,11 +63,14 @@ class Trainer:
         self.teacher.attach(self.backbone)
         self.eval_ema = (EMA(self.backbone, config.eval_ema_decay)
                          if config.eval_ema_decay is not None else None)
-        if config.compile:
-            for block in self.backbone.blocks:
-                block.compile()
-        self.trained = (DDP(self.model, find_unused_parameters=len(self.modalities) > 1)
-                        if self.dist.enabled else self.model)
+        # per-block compile / activation checkpointing, then DDP or FSDP2 (the EMA copies are
+        # sharded like the student): see selfflow_core.parallel
+        self.parallel = Parallel(config.parallel, self.dist)
+        self.trained = self.parallel.prepare(
+            self.model, [m for m in (self.teacher.model, self.eval_ema and self.eval_ema.model)
+                         if isinstance(m, type(self.backbone))],
+            compile=config.compile, activation_checkpointing=config.activation_checkpointing,
+            find_unused=len(self.modalities) > 1)
         self.optimizer, self.lr_schedule = build.build_optimizer(
             config.optim, self.model.parameters(), config.steps, self.device)
         self.step, self.skipped, self.losses = 0, 0, []
@@ -121,13 +125,14 @@ class Trainer:
             batch = batch.to(self.device)
             batch = attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
             batch, plan, noise = self._draw(batch, m, gen)
-            sync = nullcontext() if micro == accum - 1 or not self.dist.enabled else self.trained.no_sync()
+            sync = nullcontext() if micro == accum - 1 else self.parallel.no_sync(self.trained)
             with sync, self._autocast():
                 terms = self.trained(self.teacher, batch, plan, noise)
                 if not self._finite(terms, step):
                     return terms
                 (terms.total * (m.spec.weight / accum)).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        grad_norm = self.parallel.clip_grad_norm_(self.model.parameters(),
+                                                  self.config.optim.grad_clip)
         self.optimizer.step()
         self.lr_schedule.step()
         self.teacher.update(self.backbone, step=step)
@@ -168,29 +173,15 @@ class Trainer:
         self.tracker.log_hparams(self.config_data)
         hooks.selfflow_on_train_start(trainer=self)
         previous = self._install_signal_handlers()
-        reason, t0, s0 = "done", time.perf_counter(), self.step
+        t0, s0 = time.perf_counter(), self.step
         try:
-            while self.step < self.config.steps:
-                before = self.step
-                terms = self.train_step()
-                if self.step == before:  # skipped batch
-                    continue
-                metrics = self._global_metrics(terms.metrics)
-                self.losses.append(metrics["loss"])
-                hooks.selfflow_on_step_end(trainer=self, step=self.step, terms=terms)
-                self.progress.update(self.step, metrics)
-                if self.step % self.config.log_every == 0:
-                    metrics["samples_per_s"] = self._throughput()
-                    self.tracker.log_metrics(metrics, step=self.step)
-                    self.tracker.log_distribution(
-                        "timesteps/student", self._last_plan.student_t.flatten().cpu().numpy(), step=self.step)
-                if self.step % self.config.checkpoint.every == 0:
-                    self.save()
-                if self.config.sampling.every and self.step % self.config.sampling.every == 0:
-                    self.write_samples()
-                if self.dist.any(self._stop_signal is not None):
-                    reason = "signal"
-                    break
+            reason = self._loop(hooks)
+            # the handlers stay until the last checkpoint is written: a SIGTERM arriving now
+            # lets it finish instead of killing the process half-way through
+            if not self.parallel.checkpoint_path(self.run_dir / "checkpoints", self.step).exists():
+                self.save()
+            if reason == "done":
+                self.write_samples()
         except BaseException:
             hooks.selfflow_on_train_end(trainer=self, step=self.step, reason="error")
             self.tracker.close()
@@ -198,10 +189,6 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if not checkpoint.path_for(self.run_dir / "checkpoints", self.step).exists():
-            self.save()
-        if reason == "done":
-            self.write_samples()
         self.progress.close()
         if reason == "signal":
             self.progress.message(f"stopped by {self._stop_signal} after step {self.step}; "
@@ -212,6 +199,31 @@ class Trainer:
         return {"step": self.step, "reason": reason, "seconds": elapsed,
                 "steps_per_s": (self.step - s0) / max(elapsed, 1e-9),
                 "final_loss": self.losses[-1] if self.losses else None}
+
+    def _loop(self, hooks) -> str:
+        """Train until ``config.steps`` ("done") or a stop signal ("signal")."""
+        while self.step < self.config.steps:
+            before = self.step
+            terms = self.train_step()
+            if self.step == before:  # skipped batch
+                continue
+            metrics = self._global_metrics(terms.metrics)
+            self.losses.append(metrics["loss"])
+            hooks.selfflow_on_step_end(trainer=self, step=self.step, terms=terms)
+            self.progress.update(self.step, metrics)
+            if self.step % self.config.log_every == 0:
+                metrics["samples_per_s"] = self._throughput()
+                self.tracker.log_metrics(metrics, step=self.step)
+                self.tracker.log_distribution(
+                    "timesteps/student", self._last_plan.student_t.flatten().cpu().numpy(),
+                    step=self.step)
+            if self.step % self.config.checkpoint.every == 0:
+                self.save()
+            if self.config.sampling.every and self.step % self.config.sampling.every == 0:
+                self.write_samples()
+            if self.dist.any(self._stop_signal is not None):
+                return "signal"
+        return "done"
 
     def _global_metrics(self, metrics) -> dict[str, float]:
         """Metrics averaged over ranks (each rank's are of its share of the batch), so logs and
@@ -247,37 +259,42 @@ class Trainer:
             "model": self.backbone.state_dict(), "head": self.model.objective.state_dict(),
             "teacher": self.teacher.state_dict(),
             "eval_ema": self.eval_ema.state_dict() if self.eval_ema else {},
-            "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+            "optimizer": self.parallel.optimizer_state_dict(self.model, self.optimizer),
+            "lr_schedule": self.lr_schedule.state_dict(),
             "loader": self.loader.state_dict(), "losses": list(self.losses),
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
         }
 
     def save(self) -> Path | None:
+        # rank 0 writes a file, or (FSDP2) every rank writes its shards of a checkpoint directory
+        path = self.parallel.save(self.state_dict, self.run_dir / "checkpoints", self.step,
+                                  keep=self.config.checkpoint.keep)
         if not self.dist.is_main:
             return None
-        path = checkpoint.save(self.state_dict(), self.run_dir / "checkpoints", self.step,
-                               keep=self.config.checkpoint.keep)
         self.components.pm.hook.selfflow_on_checkpoint(trainer=self, step=self.step, path=path)
         return path
 
     def resume(self, path: Path | None = None) -> bool:
         """Load ``path`` or the run's latest checkpoint; False when there is none."""
+        if self.dist.is_main:  # what checkpoint writes killed mid-way left behind
+            checkpoint.remove_stale_temps(self.run_dir / "checkpoints")
         path = path or checkpoint.latest(self.run_dir / "checkpoints")
         if path is None:
             return False
-        state = checkpoint.load(path, map_location=self.device)
+        state = self.parallel.load(path)
         drift = build.config_drift(json.loads(state["config"]), self.config_data)
         if drift:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} was written by a different config (differs in: "
                 f"{', '.join(drift)}); use another run_dir or the same config")
+        state = self.parallel.load_shards(path, state, self.state_dict)  # FSDP2: own shards
         self.backbone.load_state_dict(state["model"])
         self.model.objective.load_state_dict(state["head"])
         self.teacher.load_state_dict(state["teacher"])
         if self.eval_ema:
             self.eval_ema.load_state_dict(state["eval_ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         # the checkpoint is rank 0's; the loader position (batches given overall and per store)
         # is the same on every rank, so each rank continues its own shard from it
@@ -306,20 +323,23 @@ class Trainer:
         return self.teacher.model if self.teacher.model is not None else self.backbone
 
     def write_samples(self) -> list[Path]:
-        if not self.dist.is_main:
-            return []
+        if not self.dist.is_main and not self.parallel.sharded:
+            return []  # under FSDP2 every rank runs the (sharded) model; rank 0 saves
         paths = []
         for m in self.modalities:
             out = self.run_dir / "samples" / f"step-{self.step:08d}" / m.name
             paths += write_samples(self.eval_model(), m, self.config.sampling, out,
-                                   null_label=self.backbone.num_classes, device=self.device)
+                                   null_label=self.backbone.num_classes, device=self.device,
+                                   save=self.dist.is_main)
         self.tracker.log_images("samples", paths, step=self.step)
         return paths
 
 
 def write_samples(model, m: build.ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
-                  device: torch.device, labels: torch.Tensor | None = None) -> list[Path]:
-    """Sample ``cfg.count`` items of one modality (classes cycled) and save them via its adapter."""
+                  device: torch.device, labels: torch.Tensor | None = None,
+                  save: bool = True) -> list[Path]:
+    """Sample ``cfg.count`` items of one modality (classes cycled) and save them via its adapter
+    (``save=False``: only sample, as the other ranks of a sharded model must)."""
     gen = torch.Generator(device).manual_seed(cfg.seed)
     prompt = m.adapter.prompt(cfg.count).to(device)
     prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
@@ -332,5 +352,7 @@ def write_samples(model, m: build.ModalityRuntime, cfg, out_dir: Path, *, null_l
     tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
                     cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen)
     model.train(was_training)
+    if not save:
+        return []
     return m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
                                   None if labels is None else labels.cpu(), out_dir)

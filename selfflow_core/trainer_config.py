@@ -75,7 +75,8 @@ class TrainerConfig:
     grad_accum: int = attrs.field(default=1, validator=v.ge(1))
     label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
     eval_ema_decay: float | None = None
-    seed: int = 0
+    #: 0 <= seed < 2**32: data order and noise are seeded by ``(seed, step)`` pairs
+    seed: int = attrs.field(default=0, validator=[v.ge(0), v.lt(2**32)])
     run_dir: str = "runs/selfflow"
     log_every: int = attrs.field(default=25, validator=v.ge(1))
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -84,7 +85,14 @@ class TrainerConfig:
     #: scan every stored value (NaN/Inf, damaged chunks) before training; off for huge stores
     verify_stores: bool = True
     device: str = "auto"
+    #: ``torch.compile`` each backbone block (``block.compile()``: parameter names unchanged)
     compile: bool = False
+    #: how the model is spread over ``torchrun`` processes: ``"ddp"`` replicates it, ``"fsdp"``
+    #: shards it (FSDP2, per block; the EMA teacher sharded alike; DCP checkpoint directories).
+    #: One process ignores it. See docs/scale.md.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    #: recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False
 
     def problems(self, *, token_dims: dict[str, int] | None = None, world_size: int = 1
                  ) -> list[str]:
