@@ -2,7 +2,7 @@
 
 from selfflow_core.backbone import DiT
 from selfflow_core.hookspecs import hookimpl
-from selfflow_core.presets import toy
+from selfflow_core.presets import multimodal_tiny, toy
 from selfflow_core.teachers import EMATeacher, NoTeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
 from selfflow_core.toy import ToyModality
@@ -42,3 +42,4 @@ def selfflow_register_trackers(registry):
 @hookimpl
 def selfflow_register_presets(registry):
     registry.add("toy", toy)
+    registry.add("multimodal_tiny", multimodal_tiny)

@@ -122,6 +122,7 @@ class Trainer:
         for micro in range(accum):
             source, batch = next(self.batches)
             m = self.modalities[source]
+            self.current_modality = m.name
             batch = batch.to(self.device)
             batch = attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
             batch, plan, noise = self._draw(batch, m, gen)
