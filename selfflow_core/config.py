@@ -35,6 +35,9 @@ class ConfigError(ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
+    def __reduce__(self):  # survives pickling (e.g. through a multiprocessing pool)
+        return (type(self), (self.problems, self.source))
+
 
 def _strict(kind: type, name: str, accept: tuple[type, ...]):
     def hook(value: Any, _: Any) -> Any:

@@ -1,0 +1,5 @@
+"""selfflow-repa: the REPA baseline (Yu et al., arXiv 2410.06940) as a teacher strategy."""
+
+from selfflow_repa.teacher import EncoderError, REPATeacher, file_sha256, save_encoder
+
+__all__ = ["EncoderError", "REPATeacher", "file_sha256", "save_encoder"]
