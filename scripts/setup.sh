@@ -23,7 +23,7 @@ pip_install() {  # quiet pip; on failure show its output without the mirror's no
   rm -f "$log"
 }
 DISTS=(-e modalities/image -e plugins/aim)
-for d in modalities/video modalities/audio modalities/robotics plugins/repa; do
+for d in modalities/video modalities/audio modalities/audio_video modalities/robotics plugins/repa; do
   if [ -f "$d/pyproject.toml" ]; then DISTS+=(-e "$d"); fi
 done
 stamp=.venv/.selfflow-installed
@@ -31,7 +31,7 @@ want=$(cat constraints.txt pyproject.toml */*/pyproject.toml 2>/dev/null | sha25
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, from the pin (on a CPU machine: the local 2.13.0+cpu wheel, no CUDA packages)
   pip_install torch==2.13.0
-  pip_install "${DISTS[@]}" -e ".[test]"
+  pip_install "${DISTS[@]}" -e ".[test,docs]"
   .venv/bin/python -c "import selfflow_core, torch; print('selfflow ready; torch', torch.__version__)"
   echo "$want" > "$stamp"
 fi
