@@ -142,6 +142,13 @@ def _stop_threads(node: Any, seen: set[int]) -> None:
         _stop_threads(getattr(node, child, None), seen)
 
 
+@attrs.frozen
+class _Failure:
+    """An exception raised while loading a batch on a pipeline thread."""
+
+    error: Exception
+
+
 class LatentLoader:
     """An endless, resumable iterable of ``(source index, TokenBatch)``; build it with
     :func:`build_loader`. ``state_dict()`` is the position after the last batch handed out;
@@ -161,15 +168,19 @@ class LatentLoader:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [[len(s.store), s.batch_size, s.probability] for s in self.sources]}
 
-    def _load(self, item: tuple[int, np.ndarray, int, dict]) -> tuple[int, TokenBatch, dict]:
+    def _load(self, item: tuple[int, np.ndarray, int, dict]
+              ) -> tuple[int, TokenBatch | _Failure, dict]:
         s, indices, step, state = item
         source = self.sources[s]
-        fields = {k: torch.from_numpy(a) for k, a in source.store.read(indices).items()}
-        if _has_posterior(list(fields)):
-            seed = np.random.SeedSequence([self.seed, _POSTERIOR, self.rank, step])
-            gen = torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
-            fields = sample_posterior(fields, gen)
-        return s, source.tokenize(fields), state
+        try:
+            fields = {k: torch.from_numpy(a) for k, a in source.store.read(indices).items()}
+            if _has_posterior(list(fields)):
+                seed = np.random.SeedSequence([self.seed, _POSTERIOR, self.rank, step])
+                gen = torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+                fields = sample_posterior(fields, gen)
+            return s, source.tokenize(fields), state
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there as is
+            return s, _Failure(exc), state
 
     def _pipeline(self) -> Loader:
         node: BaseNode = _BatchPlan(self.shards, np.array([s.probability for s in self.sources]),
@@ -191,6 +202,10 @@ class LatentLoader:
             for s, batch, state in pipeline:
                 if generation != self._generation:  # superseded by load_state_dict or iter()
                     return
+                if isinstance(batch, _Failure):
+                    # raised in the consumer's thread with its own type (a StoreError naming
+                    # the damaged chunk), not torchdata's RuntimeError holding a traceback text
+                    raise batch.error
                 self._state = state
                 yield s, batch
         finally:

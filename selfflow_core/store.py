@@ -17,12 +17,13 @@ from typing import Any, Mapping
 import numpy as np
 import zarr
 from tqdm.auto import tqdm
-from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, ZstdCodec
 
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.store_check import (
     FORMAT_VERSION, HASHED_KEYS, StoreError, StoreLike, adapter_problems, check_store,
-    data_problems, field_specs, is_local, open_group, schema_problems, store_name, store_schema)
+    chunk_problems, data_problems, field_specs, is_local, nonfinite_problem, open_group,
+    schema_problems, store_name, store_schema)
 
 __all__ = ["FORMAT_VERSION", "LatentStore", "StoreError", "StoreWriter", "check_store",
            "encode_store", "open_store", "store_schema"]
@@ -38,6 +39,14 @@ COMPRESSORS = {
     "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),
     "gzip": lambda: GzipCodec(level=5),
 }
+
+
+def codecs(compressor: str) -> tuple:
+    """The bytes-to-bytes codecs of every array: the compressor (if any), then a CRC-32C
+    checksum of each chunk's stored bytes, so a damaged chunk fails to decode instead of
+    reading as wrong numbers (see docs/reliability.md for its cost)."""
+    compress = COMPRESSORS[compressor]()
+    return (*([compress] if compress is not None else []), Crc32cCodec())
 
 
 def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -62,21 +71,28 @@ class _WriteLock:
             self._held.add(self.name)
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.file)), exist_ok=True)
-        for attempt in range(2):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if attempt == 0 and holder is not None and not self._alive(*holder):
-                    os.remove(self.file)  # stale: its process is gone
-                    continue
-                raise StoreError(self.name, [
-                    f"another writer holds the lock {self.file} ({holder or 'unknown holder'}); "
-                    "two writers on one store are refused. If none is running, delete the lock "
-                    "file."]) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
-            return
+        # the lock appears with its content or not at all (written aside, then hard-linked:
+        # ``link`` fails if the lock exists), so a writer killed while taking it never leaves
+        # an empty lock that no later writer could tell from a live one
+        tmp = f"{self.file}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            for attempt in range(2):
+                try:
+                    os.link(tmp, self.file)
+                except FileExistsError:
+                    holder = self._holder()
+                    if attempt == 0 and holder is not None and not self._alive(*holder):
+                        os.remove(self.file)  # stale: its process is gone
+                        continue
+                    raise StoreError(self.name, [
+                        f"another writer holds the lock {self.file} "
+                        f"({holder or 'unknown holder'}); two writers on one store are refused. "
+                        "If none is running, delete the lock file."]) from None
+                return
+        finally:
+            os.remove(tmp)
 
     def _holder(self) -> tuple[int, str] | None:
         try:
@@ -125,7 +141,7 @@ class StoreWriter:
                     n = n or chunk_samples(spec)
                     self.group.create_array(
                         name, shape=(0, *spec.shape), dtype=spec.dtype, chunks=(n, *spec.shape),
-                        compressors=COMPRESSORS[compressor](),
+                        compressors=codecs(compressor),
                         config={"write_empty_chunks": True})
             problems = schema_problems(self.group, require_complete=False)
             if problems:
@@ -133,6 +149,13 @@ class StoreWriter:
             self.count = int(self.group.attrs["committed"])
             self.arrays = {name: self.group[name] for name in self.specs}
             if not self.complete:
+                # the next append rewrites the last, partly filled chunk: it must decode (a
+                # damaged one is reported, and nothing is written)
+                problems = [p for name, arr in self.arrays.items() if self.count % arr.chunks[0]
+                            for p in chunk_problems(arr, name, [self.count // arr.chunks[0]],
+                                                    self.count, self.name)]
+                if problems:
+                    raise StoreError(self.name, problems)
                 for arr in self.arrays.values():  # drop whatever an interrupted append left
                     if arr.shape[0] != self.count:
                         arr.resize((self.count, *arr.shape[1:]))
@@ -258,11 +281,34 @@ class LatentStore:
         return f"LatentStore({self.path!r}, {self._len} samples, fields={list(self.fields)})"
 
     def load(self) -> dict[str, np.ndarray]:
-        """Every field read into memory (done once, on first use when the store is ``cached``)."""
+        """Every field read into memory (done once, on first use when the store is ``cached``).
+        A damaged chunk or a NaN/Inf value is a :class:`StoreError` naming the field, the chunk
+        (its file) or the sample indices."""
         with self._memory_lock:
             if self._memory is None:
-                self._memory = {k: np.asarray(a[: self._len]) for k, a in self._arrays.items()}
+                memory = {k: self._get(k, slice(0, self._len), range(self._len))
+                          for k in self._arrays}
+                problems = [p for k, v in memory.items()
+                            if (p := nonfinite_problem(k, v, np.arange(self._len)))]
+                if problems:
+                    raise StoreError(self.path, problems)
+                self._memory = memory
             return self._memory
+
+    def _get(self, name: str, selection: Any, samples: Any) -> np.ndarray:
+        """``arrays[name]`` at ``selection`` (a slice, or sorted indices via ``oindex``); a decode
+        error (a checksum mismatch, a truncated chunk) becomes a :class:`StoreError` naming
+        the damaged chunks among those holding ``samples``."""
+        arr = self._arrays[name]
+        try:
+            return np.asarray(arr[selection] if isinstance(selection, slice)
+                              else arr.oindex[selection])
+        except Exception as exc:  # noqa: BLE001 - find which chunk is damaged and say so
+            step = arr.chunks[0]
+            chunks = sorted({int(i) // step for i in samples})
+            problems = chunk_problems(arr, name, chunks, self._len, self.path)
+            raise StoreError(self.path, problems or [
+                f"field {name!r}: read failed ({type(exc).__name__}: {exc})"]) from None
 
     def read(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
         """Samples at ``indices`` (any order, repeats allowed), one array per field: from memory
@@ -275,7 +321,11 @@ class LatentStore:
         if self.cached:
             return {k: v[idx] for k, v in self.load().items()}
         unique, inverse = np.unique(idx, return_inverse=True)
-        return {k: a.oindex[unique][inverse] for k, a in self._arrays.items()}
+        out = {k: self._get(k, unique, unique) for k in self._arrays}
+        problems = [p for k, v in out.items() if (p := nonfinite_problem(k, v, unique))]
+        if problems:
+            raise StoreError(self.path, problems)
+        return {k: v[inverse] for k, v in out.items()}
 
 
 def open_store(path: StoreLike, *, require_complete: bool = True,
@@ -289,7 +339,8 @@ def open_store(path: StoreLike, *, require_complete: bool = True,
     if not problems and adapter is not None:
         problems = adapter_problems(group.attrs, adapter)
     if not problems and verify:
-        problems = data_problems(group, field_specs(group.attrs), int(group.attrs["committed"]))
+        problems = data_problems(group, field_specs(group.attrs), int(group.attrs["committed"]),
+                                 store_name(path))
     if problems:
         raise StoreError(store_name(path), problems)
     return LatentStore(group, store_name(path), cache_bytes=cache_bytes)

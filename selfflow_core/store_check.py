@@ -177,29 +177,67 @@ def _listed(indices: list[int]) -> str:
     return ", ".join(map(str, indices[:_MAX_LISTED])) + more
 
 
-def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int) -> list[str]:
-    """Full scan of samples ``0..count``: missing or unreadable chunks, NaN/Inf per sample."""
+def _chunk_file(arr: zarr.Array, k: int, store: str | None) -> str:
+    """Where chunk ``k`` (along the sample axis) of ``arr`` lives: its path or key."""
+    key = arr.metadata.encode_chunk_key((k, *([0] * (arr.ndim - 1))))
+    key = f"{arr.path}/{key}" if arr.path else key
+    return os.path.join(store, key) if store is not None and "://" not in store else key
+
+
+def nonfinite_problem(name: str, values: np.ndarray, samples: np.ndarray) -> str | None:
+    """The problem line for NaN/Inf in ``values`` (rows are the samples ``samples``), if any."""
+    if values.dtype.kind not in "fc" or not len(values):
+        return None
+    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if finite.all():
+        return None
+    bad = np.asarray(samples)[~finite].tolist()
+    return (f"field {name!r}: NaN/Inf at sample index {_listed(bad)} ({len(bad)} sample(s)); "
+            "`selfflow store check` lists every damaged sample")
+
+
+def _read_chunk(arr: zarr.Array, name: str, k: int, count: int, present: set[int] | None,
+                store: str | None) -> tuple[np.ndarray | None, str | None]:
+    """Chunk ``k`` of ``arr`` (its samples below ``count``), or the problem that it is missing
+    or cannot be decoded (truncated, corrupt, checksum mismatch), naming its file."""
+    step = arr.chunks[0]
+    start, stop = k * step, min((k + 1) * step, count)
+    where = f"field {name!r}: chunk {k} (samples {start}..{stop - 1})"
+    if present is not None and k not in present:
+        return None, (f"{where} is missing (it would read as fill values): "
+                      f"{_chunk_file(arr, k, store)}")
+    try:
+        return np.asarray(arr[start:stop]), None
+    except Exception as e:  # noqa: BLE001 - any decode error means a damaged chunk
+        return None, (f"{where} is unreadable (truncated or corrupt: "
+                      f"{_chunk_file(arr, k, store)}): {type(e).__name__}: {e}")
+
+
+def chunk_problems(arr: zarr.Array, name: str, chunks: list[int], count: int,
+                   store: str | None = None) -> list[str]:
+    """Missing or undecodable chunks among ``chunks`` (indices along the sample axis)."""
+    present = _chunks_present(arr)
+    found = (_read_chunk(arr, name, k, count, present, store)[1] for k in chunks)
+    return [p for p in found if p]
+
+
+def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
+                  store: str | None = None) -> list[str]:
+    """Full scan of samples ``0..count``: missing or unreadable chunks (a checksum mismatch
+    included), NaN/Inf per sample."""
     problems = []
     for name in specs:
         arr = group[name]
         step, n = arr.chunks[0], min(count, arr.shape[0])
         present = _chunks_present(arr)
         bad: list[int] = []
-        for k, start in enumerate(range(0, n, step)):
-            stop = min(start + step, n)
-            where = f"field {name!r}: chunk {k} (samples {start}..{stop - 1})"
-            if present is not None and k not in present:
-                problems.append(f"{where} is missing (it would read as fill values)")
-                continue
-            try:
-                block = np.asarray(arr[start:stop])
-            except Exception as e:  # noqa: BLE001 - any decode error means a damaged chunk
-                problems.append(f"{where} is unreadable (truncated or corrupt): "
-                                f"{type(e).__name__}: {e}")
-                continue
-            if block.dtype.kind in "fc":
+        for k in range(-(-n // step)):
+            block, problem = _read_chunk(arr, name, k, n, present, store)
+            if problem:
+                problems.append(problem)
+            elif block.dtype.kind in "fc":
                 finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-                bad += (np.flatnonzero(~finite) + start).tolist()
+                bad += (np.flatnonzero(~finite) + k * step).tolist()
         if bad:
             problems.append(f"field {name!r}: NaN/Inf at sample index {_listed(bad)} "
                             f"({len(bad)} sample(s))")
@@ -221,4 +259,4 @@ def check_store(path: StoreLike, *, require_complete: bool = True) -> list[str]:
         specs = {k: s for k, s in field_specs(attrs).items() if k in set(group.array_keys())}
     except (AttributeError, KeyError, TypeError):
         return problems
-    return problems + data_problems(group, specs, int(attrs["committed"]))
+    return problems + data_problems(group, specs, int(attrs["committed"]), store_name(path))

@@ -97,7 +97,8 @@ def test_schema_content(toy, tmp_path):
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     lat = group["latents"]
     assert lat.chunks == (1024, 16, 8) and group["labels"].chunks == (65536,)  # ~0.5 MiB chunks
-    assert lat.compressors == ()  # no compression by default
+    # no compression by default; every chunk carries a CRC-32C checksum (docs/reliability.md)
+    assert lat.compressors == (zarr.codecs.Crc32cCodec(),)
 
 
 def test_explicit_chunks_and_unknown_compressor(toy, tmp_path):

@@ -14,7 +14,8 @@ from selfflow_image.adapter import ImageModality
 
 
 def default() -> TrainerConfig:
-    """Class-conditional Self-Flow on the bundled 8x8 digits, sized for a 2-core CPU (~10 min).
+    """Class-conditional Self-Flow on the bundled 8x8 digits, sized for a 2-core CPU (< 10 min):
+    a 6-block, width-96 DiT on 16 tokens of 2x2 patches, 2000 steps of batch 64 (~70 epochs).
 
     Paper settings kept: uniform p(t), mask ratio 0.25, layers 0.3/0.7 of depth, gamma 0.8,
     AdamW, clip 1.0, label dropout 0.1. Changed for a run of a few thousand steps: lr 1e-3
@@ -24,15 +25,15 @@ def default() -> TrainerConfig:
     return TrainerConfig(
         modalities={"image": ModalitySpec(
             modality=ImageModality.Config(patch=2, size=8, channels=1, classes=10),
-            store="data/digits.zarr", source="digits", batch_size=128,
+            store="data/digits.zarr", source="digits", batch_size=64,
             scheduler=DualTimestep.Config(distribution=Uniform.Config(), mask_ratio=0.25))},
-        backbone=DiT.Config(depth=6, width=128, heads=4),
+        backbone=DiT.Config(depth=6, width=96, heads=4),
         teacher=EMATeacher.Config(decay=0.999, warmup=True),
         optim=OptimConfig(lr=1e-3, warmup_steps=200, schedule="cosine", min_lr_ratio=0.1),
         checkpoint=CheckpointConfig(every=500, keep=3),
         sampling=SamplingConfig(count=100, steps=50, method="heun", cfg_scale=2.0),
         tracker=_aim_or_jsonl(),
-        steps=3000, run_dir="runs/digits", log_every=50,
+        steps=2000, run_dir="runs/digits", log_every=50,
     )
 
 
