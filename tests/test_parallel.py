@@ -339,6 +339,9 @@ def test_compile_same_loss_as_eager(tmp_path, store, monkeypatch):
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool
+    # inductor's C++ build imports distutils; once another test imported the stdlib copy,
+    # setuptools' override would assert: keep the stdlib one for this process
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     eager = Trainer(tiny(tmp_path / "a", store), components=components(), progress=False)
     compiled = Trainer(tiny(tmp_path / "b", store, compile=True), components=components(),
                        progress=False)
