@@ -1,0 +1,7 @@
+"""selfflow-audio-video: joint audio-video for selfflow. One sequence holds a clip's video tokens
+(selfflow-video) and audio tokens (selfflow-audio); moving digits paired with the spoken digit
+of the same class."""
+
+from selfflow_audio_video.adapter import AudioVideoModality, PairSource
+
+__all__ = ["AudioVideoModality", "PairSource"]

@@ -1,0 +1,305 @@
+"""Joint audio-video: one token sequence holds a clip's video tokens and its audio tokens.
+
+A sample is an aligned pair stored in one zarr store: ``video`` (``[T, C, H, W]``, as
+:mod:`selfflow_video` makes it), ``audio`` (``[frames, D]`` latent frames, as
+:mod:`selfflow_audio` makes them) and ``labels``. :meth:`AudioVideoModality.tokenize` puts the
+video's tube tokens first and the audio's frame tokens after them, zero-padded along channels to
+``max(C_video, C_audio)`` with ``channel_valid`` marking the real channels, ``modality_ids`` 0
+(video) and 1 (audio), and 3-axis positions: video ``(t, row, col)``; audio ``(t, -1, -1)`` with
+its time axis in the video's temporal-patch units (a token's start time x fps / temporal_patch),
+so tokens that sound and show at the same moment share ``t``. The core builds one input and
+output projection per entry of :attr:`AudioVideoModality.token_dims`.
+
+``detokenize`` returns the packed token tensor itself; :meth:`AudioVideoModality.split` turns
+it into ``(video, audio)`` and :meth:`save_samples` writes a GIF and a WAV per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from attrs import validators as v
+from selfflow_audio import AudioModality
+from selfflow_audio.sources import SpokenDigitsSource, TonesSource
+from selfflow_video import MovingDigitsSource, VideoModality, write_video_files
+from torch import Tensor
+
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
+from selfflow_core.types import TokenBatch
+
+SOURCES = ("moving_spoken_digits", "moving_tones")
+CLASSES = 10
+
+
+class PairSource(Source):
+    """``count`` aligned pairs: pair ``i`` (label ``i % 10``) is moving-digits clip ``i`` (its
+    digit is of class ``label``) and the audio clip of the same class: spoken-digit variant
+    ``(i // 10) % variants`` (``moving_spoken_digits``) or tones clip ``i`` (``moving_tones``)."""
+
+    def __init__(self, video: MovingDigitsSource, audio: SpokenDigitsSource | TonesSource,
+                 count: int) -> None:
+        self.video, self.audio, self.count = video, audio, count
+        self.spoken = isinstance(audio, SpokenDigitsSource)
+        self.description = (f"{count} aligned pairs, label = i % 10: [{video.description}] + "
+                            f"[{audio.description}]")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def audio_index(self, index: int) -> int:
+        if not self.spoken:
+            return index
+        variants = len(self.audio) // CLASSES
+        return (index // CLASSES) % variants * CLASSES + index % CLASSES
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        labels = np.arange(start, stop, dtype=np.int64) % CLASSES
+        clips = [self.video.clip(i, first_class=int(k)) for i, k in zip(range(start, stop), labels)]
+        waves = self.audio.read_indices([self.audio_index(i) for i in range(start, stop)])
+        shape = (0, self.video.frames, self.video.channels, self.video.size, self.video.size)
+        return {"videos": np.stack([c[0] for c in clips]) if clips else np.zeros(shape, np.float32),
+                "waves": waves["waves"], "labels": labels}
+
+
+class AudioVideoModality(ModalityAdapter):
+    """Video tokens then audio tokens in one sequence; two token widths (``token_dims``)."""
+
+    name = "audio_video"
+    latent_field = "video"  # both `video` and `audio` are generated; see `split`
+    default_mask_ratio = 0.1  # the video share dominates; the paper gives no joint ratio
+
+    @attrs.frozen(kw_only=True)
+    class Config(ModalityConfig):
+        """- ``video``: a :class:`selfflow_video.VideoModality.Config`; used: ``size``,
+          ``frames``, ``channels``, ``patch``, ``temporal_patch``, ``fps``,
+          ``condition_first_frame``.
+        - ``audio``: a :class:`selfflow_audio.AudioModality.Config`; used: the log-mel analysis,
+          ``frames``, ``frames_per_token``, ``encoder``, and the spoken-digit ``voices``,
+          ``speeds``, ``pitches``, ``cache_dir``.
+        - ``classes``: 10 (digits) or 0 (unconditional).
+        - ``count``: pairs in a built-in source; ``seed``: the moving digits' (and tones') seed.
+        - ``digits`` / ``digit_size``: digits per clip (the first one has the pair's class) and
+          their side in pixels.
+
+        The nested configs' own ``classes``, ``count``, ``seed``, ``digits``, ``digit_size`` and
+        ``prompt_source`` are replaced by the fields above.
+        """
+
+        kind = "audio_video"
+        video: VideoModality.Config = attrs.field(
+            factory=VideoModality.Config, validator=v.instance_of(VideoModality.Config))
+        audio: AudioModality.Config = attrs.field(
+            factory=AudioModality.Config, validator=v.instance_of(AudioModality.Config))
+        classes: int = attrs.field(default=CLASSES)
+        count: int = attrs.field(default=1000, validator=v.ge(1))
+        seed: int = 0
+        digits: int = attrs.field(default=1, validator=v.ge(1))
+        digit_size: int = attrs.field(default=10, validator=v.ge(1))
+
+        @digit_size.validator
+        def _check_digit_size(self, attribute: Any, value: int) -> None:
+            video = getattr(self, "video", None)
+            if video is not None and value > video.size:
+                raise ValueError(f"'digit_size' must be <= video.size {video.size} (got {value})")
+
+        @classes.validator
+        def _check_classes(self, attribute: Any, value: int) -> None:
+            if value not in (0, CLASSES):
+                raise ValueError(f"'classes' must be 0 or {CLASSES} (got {value!r})")
+
+        def build(self) -> AudioVideoModality:
+            return AudioVideoModality(self)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.video = VideoModality(attrs.evolve(
+            config.video, classes=config.classes, count=config.count, seed=config.seed,
+            digits=config.digits, digit_size=config.digit_size, prompt_source=""))
+        self.audio = AudioModality(attrs.evolve(config.audio, classes=config.classes,
+                                                seed=config.seed))
+        self._first_frames: dict[int, Tensor] = {}
+
+    # ---- shapes -------------------------------------------------------------------------------
+
+    @property
+    def token_dims(self) -> tuple[int, int]:
+        """``(C_video, C_audio)``: one backbone projection each (modality ids 0 and 1)."""
+        return (self.video.token_dim, self.audio.token_dim)
+
+    @property
+    def token_dim(self) -> int:
+        """The padded width of the packed tokens: ``max(C_video, C_audio)``."""
+        return max(self.token_dims)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.video.num_tokens
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return self.audio.num_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_video_tokens + self.num_audio_tokens
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.classes
+
+    def fields(self) -> Mapping[str, FieldSpec]:
+        return {"video": FieldSpec(shape=self.video.latent_shape, dtype="float32"),
+                "audio": FieldSpec(shape=self.audio.latent_shape, dtype="float32"),
+                "labels": FieldSpec(shape=(), dtype="int64")}
+
+    def encoder_info(self) -> Mapping[str, Any]:
+        return {"name": "audio_video", "version": "1",
+                "settings": {"video": dict(self.video.encoder_info()),
+                             "audio": dict(self.audio.encoder_info())}}
+
+    def normalization(self) -> Mapping[str, Any]:
+        return {"video": dict(self.video.normalization()),
+                "audio": dict(self.audio.normalization())}
+
+    # ---- offline ------------------------------------------------------------------------------
+
+    def sources(self) -> tuple[str, ...]:
+        return SOURCES
+
+    def open_source(self, source: str) -> Source:
+        if source not in SOURCES:
+            raise ValueError(f"audio_video modality: unknown source {source!r}; built-in "
+                             f"sources: {', '.join(SOURCES)}")
+        video = self._video_source()
+        a = self.audio.config
+        if source == "moving_spoken_digits":
+            audio: SpokenDigitsSource | TonesSource = SpokenDigitsSource(
+                samples=a.clip_samples, sample_rate=a.sample_rate, voices=a.voices,
+                speeds=a.speeds, pitches=a.pitches, cache_dir=a.cache_dir or None)
+        else:
+            audio = TonesSource(count=self.config.count, samples=a.clip_samples,
+                                sample_rate=a.sample_rate, seed=self.config.seed)
+        return PairSource(video, audio, self.config.count)
+
+    def _video_source(self) -> MovingDigitsSource:
+        c = self.video.config
+        return MovingDigitsSource(count=self.config.count, size=c.size, frames=c.frames,
+                                  channels=c.channels, digits=self.config.digits,
+                                  digit_size=self.config.digit_size, seed=self.config.seed)
+
+    def encode(self, raw: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        video = self.video.encode({"videos": raw["videos"], "labels": raw["labels"]})
+        audio = self.audio.encode({"waves": raw["waves"], "labels": raw["labels"]})
+        return {"video": video["latents"], "audio": audio["latents"],
+                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+
+    # ---- online -------------------------------------------------------------------------------
+
+    def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``[n, N, 3]``: video ``(t, row, col)``, then audio ``(t, -1, -1)`` with ``t`` = the
+        token's start time in video temporal patches."""
+        vc = self.video.config
+        per_token = self.audio.token_seconds * vc.fps / vc.temporal_patch
+        t = torch.arange(self.num_audio_tokens, dtype=torch.float32) * per_token
+        audio = torch.stack([t, torch.full_like(t, -1.0), torch.full_like(t, -1.0)], dim=-1)
+        pos = torch.cat([self.video.positions(1)[0], audio])
+        return pos.to(device)[None].expand(n, -1, -1).contiguous()
+
+    def modality_ids(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        ids = torch.cat([torch.zeros(self.num_video_tokens, dtype=torch.long),
+                         torch.ones(self.num_audio_tokens, dtype=torch.long)])
+        return ids.to(device)[None].expand(n, -1).contiguous()
+
+    def channel_valid(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        cv, ca = self.token_dims
+        mask = torch.zeros(self.num_tokens, self.token_dim, dtype=torch.bool)
+        mask[: self.num_video_tokens, :cv] = True
+        mask[self.num_video_tokens:, :ca] = True
+        return mask.to(device)[None].expand(n, -1, -1).contiguous()
+
+    def pack(self, video: Tensor, audio: Tensor) -> Tensor:
+        """Video ``[B, T, C, H, W]`` and audio ``[B, frames, D]`` -> packed tokens ``[B, N, C]``."""
+        c = self.token_dim
+        v_tok = self.video.patchify(video.float())
+        a_tok = self.audio.patchify(audio.float())
+        return torch.cat([F.pad(v_tok, (0, c - v_tok.shape[-1])),
+                          F.pad(a_tok, (0, c - a_tok.shape[-1]))], dim=1)
+
+    def split(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed tokens ``[B, N, C]`` -> ``(video [B, T, C, H, W], audio [B, frames, D])``;
+        padded channels are dropped."""
+        cv, ca = self.token_dims
+        nv = self.num_video_tokens
+        return (self.video.unpatchify(tokens[:, :nv, :cv].contiguous()),
+                self.audio.unpatchify(tokens[:, nv:, :ca].contiguous()))
+
+    def _batch(self, tokens: Tensor, labels: Tensor | None) -> TokenBatch:
+        n, dev = tokens.shape[0], tokens.device
+        condition = torch.cat([self.video.condition_mask(n, dev),
+                               torch.zeros(n, self.num_audio_tokens, dtype=torch.bool,
+                                           device=dev)], dim=1)
+        return TokenBatch(tokens=tokens, positions=self.positions(n, dev),
+                          modality_ids=self.modality_ids(n, dev),
+                          valid=torch.ones(n, self.num_tokens, dtype=torch.bool, device=dev),
+                          condition=condition, labels=labels,
+                          channel_valid=self.channel_valid(n, dev))
+
+    def _labels(self, fields: Mapping[str, Tensor] | None) -> Tensor | None:
+        if not self.num_classes or fields is None or fields.get("labels") is None:
+            return None
+        return fields["labels"].long().reshape(-1)
+
+    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
+        return self._batch(self.pack(fields["video"], fields["audio"]), self._labels(fields))
+
+    def detokenize(self, tokens: Tensor) -> Tensor:
+        """The packed tokens themselves (``save_samples`` and :meth:`split` unpack them)."""
+        return tokens
+
+    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
+        """Zeros to sample into; with ``video.condition_first_frame``, the first temporal patch
+        comes from ``fields["video"]``, ``fields["first_frame"]`` or (neither given) the first
+        ``n`` moving-digit clips of this modality's source (labels ``0, 1, ...``)."""
+        video = torch.zeros(n, *self.video.latent_shape)
+        if self.video.config.condition_first_frame:
+            given = {}
+            if fields is not None and fields.get("video") is not None:
+                given["latents"] = fields["video"]
+            elif fields is not None and fields.get("first_frame") is not None:
+                given["first_frame"] = fields["first_frame"]
+            else:
+                given["latents"] = self._source_clips(n)
+            video = self.video.conditioning_clips(n, given)
+        audio = torch.zeros(n, *self.audio.latent_shape)
+        return self._batch(self.pack(video, audio), self._labels(fields))
+
+    def _source_clips(self, n: int) -> Tensor:
+        if n not in self._first_frames:
+            raw = self._video_source().read(0, n)
+            self._first_frames[n] = torch.from_numpy(raw["videos"])
+        return self._first_frames[n]
+
+    # ---- samples ------------------------------------------------------------------------------
+
+    def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:
+        """Per sample ``sample-000[-label3].gif`` and ``.wav``, plus ``samples_frames.png``
+        (all clips' frames, one row per clip)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        video, audio = self.split(latents.detach().float().cpu())
+        lab = None if labels is None else labels.detach().cpu().reshape(-1).tolist()
+        fps = self.video.config.fps
+        paths: list[Path] = []
+        wavs = self.audio.write_wavs(audio, labels, out_dir)
+        for i, wav in enumerate(wavs):
+            stem = f"sample-{i:03d}" + (f"-label{lab[i]}" if lab is not None else "")
+            paths += write_video_files(video[i:i + 1], out_dir, fps=fps, stem=stem, strip=False)
+            paths.append(wav)
+        paths += write_video_files(video, out_dir, fps=fps, stem="samples", gif=False)
+        return paths

@@ -1,0 +1,244 @@
+"""Tests of the selfflow-audio-video plugin: the core's contract kit (its round-trip check adapted
+to a sample of two generated fields) plus joint-sequence checks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from selfflow_audio import AudioModality, read_wav
+from selfflow_audio_video import AudioVideoModality, PairSource
+from selfflow_audio_video.presets import debug_tiny, default
+from selfflow_video import VideoModality
+
+from selfflow_core import Components
+from selfflow_core.backbone import DiT
+from selfflow_core.build import token_dims
+from selfflow_core.config import ConfigError, make_converter, structure, to_data
+from selfflow_core.interfaces import ModalityConfig
+from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
+from selfflow_core.sampling import sample
+from selfflow_core.teachers import EMATeacher
+from selfflow_core.testing import ModalityContract, randomize_parameters
+from selfflow_core.timesteps import DualTimestep, Uniform
+from selfflow_core.trackers import JsonlTracker
+
+HAS_ESPEAK = shutil.which("espeak-ng") is not None
+needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed "
+                                  "(apt-get install espeak-ng; scripts/setup.sh does it)")
+TINY_AUDIO = AudioModality.Config(voices=("en-us",), speeds=(175,), pitches=(50,))
+
+
+class _JointContract(ModalityContract):
+    def test_detokenize_inverts_tokenize(self, adapter, fields, batch):
+        """Both generated fields come back exactly: ``split(detokenize(tokens))``."""
+        packed = adapter.detokenize(batch.tokens)
+        assert isinstance(packed, torch.Tensor)
+        video, audio = adapter.split(packed)
+        assert torch.equal(video, fields["video"]) and torch.equal(audio, fields["audio"])
+
+
+@needs_espeak
+class TestSpokenPairsContract(_JointContract):
+    config = AudioVideoModality.Config(audio=TINY_AUDIO, count=20)
+
+
+class TestTonePairsConditionedContract(_JointContract):
+    config = AudioVideoModality.Config(
+        video=VideoModality.Config(size=8, frames=4, temporal_patch=1, patch=4,
+                                   condition_first_frame=True),
+        audio=AudioModality.Config(n_mels=16, frames=32, frames_per_token=8), classes=0,
+        count=20, digit_size=6)
+    source = "moving_tones"
+
+
+@pytest.fixture(scope="module")
+def adapter() -> AudioVideoModality:
+    return AudioVideoModality.Config(classes=10, count=20).build()
+
+
+@pytest.fixture(scope="module")
+def tone_fields(adapter) -> dict[str, torch.Tensor]:
+    out = adapter.encode(adapter.open_source("moving_tones").read(0, 4))
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+# ---- config and registration ------------------------------------------------------------------
+
+def test_entry_point_and_presets():
+    components = Components()
+    assert components.modalities.get("audio_video") is AudioVideoModality.Config
+    assert components.modalities.provider("audio_video").distribution == "selfflow-audio-video"
+    assert components.presets.get("audio_video") is default
+    assert components.presets.get("audio_video_debug_tiny") is debug_tiny
+    spec = default().modalities["audio_video"]
+    assert spec.modality.video.condition_first_frame
+    assert spec.scheduler.mask_ratio == AudioVideoModality.default_mask_ratio
+    # both token widths fit the backbone (a wider token leaves a noise floor in the samples)
+    assert default().backbone.width > max(spec.modality.build().token_dims)
+
+
+def test_config_through_the_converter():
+    conv = make_converter(Components())
+    data = {"kind": "audio_video", "video": {"frames": 4, "condition_first_frame": True},
+            "audio": {"n_mels": 40, "voices": ["en-us"]}}
+    cfg = structure(conv, data, ModalityConfig)
+    assert cfg.video == VideoModality.Config(frames=4, condition_first_frame=True)
+    assert (cfg.digits, cfg.digit_size) == (1, 10)
+    assert cfg.audio == AudioModality.Config(n_mels=40, voices=("en-us",))
+    assert structure(conv, to_data(conv, cfg), ModalityConfig) == cfg
+    with pytest.raises(ConfigError, match=r"\$\.classes"):
+        structure(conv, {"kind": "audio_video", "classes": 3}, ModalityConfig)
+    with pytest.raises(ConfigError, match=r"\$\.video\.frames"):
+        structure(conv, {"kind": "audio_video", "video": {"frames": 7}}, ModalityConfig)
+    with pytest.raises(ConfigError, match="digit_size"):
+        structure(conv, {"kind": "audio_video", "digit_size": 20}, ModalityConfig)
+
+
+# ---- the joint sequence -----------------------------------------------------------------------
+
+def test_token_dims_and_layout(adapter, tone_fields):
+    assert adapter.name == "audio_video"
+    assert adapter.token_dims == (2 * 16, 2 * 32) and adapter.token_dim == 64
+    assert token_dims(adapter) == (32, 64)  # what the core builds projections from
+    assert set(adapter.fields()) == {"video", "audio", "labels"}
+    nv, na = adapter.num_video_tokens, adapter.num_audio_tokens
+    assert (nv, na) == (64, 64)
+    batch = adapter.tokenize(tone_fields)
+    assert batch.tokens.shape == (4, nv + na, 64)
+    assert (batch.modality_ids[:, :nv] == 0).all() and (batch.modality_ids[:, nv:] == 1).all()
+    cv = batch.channel_valid
+    assert cv[:, :nv, :32].all() and not cv[:, :nv, 32:].any() and cv[:, nv:].all()
+    assert (batch.tokens[:, :nv, 32:] == 0).all()  # padding channels are zero
+    assert batch.labels.tolist() == [0, 1, 2, 3]
+    # the video part is exactly the video adapter's tokens, the audio part the audio adapter's
+    video_tokens = adapter.video.tokenize({"latents": tone_fields["video"]}).tokens
+    audio_tokens = adapter.audio.tokenize({"latents": tone_fields["audio"]}).tokens
+    assert torch.equal(batch.tokens[:, :nv, :32], video_tokens)
+    assert torch.equal(batch.tokens[:, nv:], audio_tokens)
+
+
+def test_positions_share_the_time_axis(adapter):
+    pos = adapter.positions(2)
+    nv = adapter.num_video_tokens
+    assert pos.shape == (2, adapter.num_tokens, 3)
+    assert torch.equal(pos[0, :nv], adapter.video.positions(1)[0])
+    audio = pos[0, nv:]
+    assert (audio[:, 1:] == -1).all()
+    # an audio token's t = its start time x fps / temporal_patch: token 8 starts at
+    # 8 x 2 x 128 / 16000 s = 0.128 s = video temporal patch 0.128 x 8 / 2 = 0.512
+    assert float(audio[8, 0]) == pytest.approx(0.512)
+    # both span ~1 s: 8 frames at 8 fps (4 temporal patches), 127 hops of 8 ms (1.016 s)
+    assert adapter.video.grid[0] - 0.5 < float(audio[-1, 0]) < adapter.video.grid[0] + 0.1
+
+
+def test_pairs_match_by_class():
+    m = AudioVideoModality.Config(count=30).build()
+    src = m.open_source("moving_tones")
+    assert isinstance(src, PairSource) and len(src) == 30
+    raw = src.read(0, 12)
+    assert raw["labels"].tolist() == [i % 10 for i in range(12)]
+    tones = m.audio.open_source("tones").read(0, 12)
+    np.testing.assert_array_equal(raw["waves"], tones["waves"])  # the same class, pair by pair
+    np.testing.assert_array_equal(src.read(5, 7)["videos"], raw["videos"][5:7])
+
+
+@needs_espeak
+def test_spoken_pairs_cycle_the_voices():
+    m = AudioVideoModality.Config(audio=AudioModality.Config(
+        voices=("en-us", "en+f2"), speeds=(175,), pitches=(50,)), count=40).build()
+    src = m.open_source("moving_spoken_digits")
+    assert [src.audio_index(i) for i in (3, 13, 23, 33)] == [3, 13, 3, 13]
+    raw = src.read(20, 24)
+    want = src.audio.read(0, 4)["waves"]
+    np.testing.assert_array_equal(raw["waves"], want)
+
+
+def test_flow_loss_ignores_padded_channels(adapter, tone_fields):
+    batch = adapter.tokenize(tone_fields)
+    model = randomize_parameters(DiT.Config(depth=2, width=24, heads=2).build(
+        token_dims=list(adapter.token_dims), num_classes=10), 1)
+    teacher = EMATeacher(EMATeacher.Config())
+    teacher.attach(model)
+    objective = SelfFlowObjective(ObjectiveConfig(student_layer=1, teacher_layer=2), depth=2,
+                                  width=24)
+    g = torch.Generator().manual_seed(0)
+    plan = DualTimestep(Uniform(), 0.5).plan(batch, generator=g)
+    noise = torch.randn(batch.tokens.shape, generator=g)
+    with torch.no_grad():
+        ref = objective(model, teacher, batch, plan, noise)
+        junk = torch.where(batch.channel_valid, batch.tokens, torch.randn_like(batch.tokens) * 50)
+        noisy = torch.where(batch.channel_valid, noise, torch.randn_like(noise) * 50)
+        got = objective(model, teacher, attrs.evolve(batch, tokens=junk), plan, noisy)
+    assert got.flow.item() == pytest.approx(ref.flow.item(), rel=1e-5)
+    assert got.rep.item() == pytest.approx(ref.rep.item(), rel=1e-5)
+
+
+def test_first_frame_conditioning_and_sampling():
+    m = AudioVideoModality.Config(
+        video=VideoModality.Config(frames=4, temporal_patch=1, condition_first_frame=True),
+        count=20).build()
+    fields = {k: torch.from_numpy(v) for k, v in
+              m.encode(m.open_source("moving_tones").read(0, 2)).items()}
+    batch = m.tokenize(fields)
+    k = m.video.tokens_per_frame_patch
+    assert batch.condition[:, :k].all() and not batch.condition[:, k:].any()
+    prompt = m.prompt(2, fields)
+    assert torch.equal(prompt.condition, batch.condition)
+    assert torch.equal(prompt.tokens[:, :k], batch.tokens[:, :k])
+    assert torch.equal(m.prompt(2).tokens, prompt.tokens)  # fallback: the source's first clips
+    first = fields["video"][:, 0]
+    assert torch.equal(m.prompt(2, {"first_frame": first}).tokens, prompt.tokens)
+    model = randomize_parameters(DiT.Config(depth=2, width=24, heads=2).build(
+        token_dims=list(m.token_dims), num_classes=10), 0)
+    out = sample(model, attrs.evolve(prompt, labels=fields["labels"]), steps=3,
+                 generator=torch.Generator().manual_seed(0))
+    video, audio = m.split(m.detokenize(out))
+    assert torch.equal(video[:, 0], first)
+    assert video.shape == (2, 4, 1, 16, 16) and audio.shape == (2, 128, 32)
+
+
+def test_save_samples_gif_and_wav_per_sample(adapter, tone_fields, tmp_path: Path):
+    packed = adapter.detokenize(adapter.tokenize(tone_fields).tokens)
+    paths = adapter.save_samples(packed[:2], torch.tensor([4, 7]), tmp_path / "s")
+    assert [p.name for p in paths] == ["sample-000-label4.gif", "sample-000-label4.wav",
+                                       "sample-001-label7.gif", "sample-001-label7.wav",
+                                       "samples_frames.png"]
+    with Image.open(paths[0]) as gif:
+        assert gif.n_frames == 8
+    y, rate = read_wav(paths[1])
+    assert rate == 16000 and len(y) == adapter.audio.clip_samples
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(p.name for p in paths)
+
+
+# ---- a few Self-Flow steps --------------------------------------------------------------------
+
+@needs_espeak
+def test_debug_tiny_training_lowers_the_loss(tmp_path: Path):
+    from selfflow_core.trainer import Trainer
+
+    base = debug_tiny()
+    spec = base.modalities["audio_video"]
+    # 4-frame audio tokens: two token widths in one sequence, padded and masked per channel
+    modality = attrs.evolve(spec.modality,
+                            audio=attrs.evolve(spec.modality.audio, frames_per_token=4))
+    spec = attrs.evolve(spec, modality=modality, store=str(tmp_path / "store.zarr"))
+    cfg = attrs.evolve(base, modalities={"audio_video": spec}, run_dir=str(tmp_path / "run"),
+                       tracker=JsonlTracker.Config(), steps=30, seed=0)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, progress=False)
+    # one input/output projection per part: video tubes 1x8x8 (64), audio 4 frames x 32 mels
+    assert trainer.backbone.token_dims == trainer.modalities[0].adapter.token_dims == (64, 128)
+    assert trainer.modalities[0].adapter.token_dim == 128
+    result = trainer.fit()
+    losses = trainer.losses
+    assert result["step"] == 30 and len(losses) == 30 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.9 * first, (first, last, losses)
+    samples = tmp_path / "run" / "samples" / "step-00000030" / "audio_video"
+    assert len(list(samples.glob("*.gif"))) == 4 and len(list(samples.glob("*.wav"))) == 4

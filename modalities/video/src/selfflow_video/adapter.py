@@ -1,0 +1,350 @@
+"""The video modality: clips -> latents ``[T, C, H, W]`` -> spatio-temporal patch tokens.
+
+Offline, a source (:mod:`selfflow_video.sources`) yields clips in ``[-1, 1]``; the latents are the
+pixels (identity encoder) and ``labels`` pass through. Online, :meth:`VideoModality.tokenize`
+cuts a clip into ``temporal_patch x patch x patch`` tubes, ordered time-major then row-major,
+each with a 3-D float position ``(t, row, col)`` in patch units. With ``condition_first_frame``
+the tokens of the first temporal patch are conditioning (image-to-video): held clean and out of
+the loss, and :meth:`VideoModality.prompt` takes them from ``fields``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from attrs import validators as v
+from torch import Tensor
+
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
+from selfflow_core.types import TokenBatch
+from selfflow_video.sources import (
+    CARTPOLE_CLASSES,
+    MOVING_DIGITS_CLASSES,
+    CartPoleSource,
+    MovingDigitsSource,
+)
+
+SEPARATOR = 128  # grey lines between the cells of a sample grid
+SOURCES = ("moving_digits", "cartpole")
+
+
+def to_uint8(videos: Tensor | np.ndarray) -> np.ndarray:
+    """Float clips ``[B, T, C, H, W]`` in ``[-1, 1]`` -> uint8 ``[B, T, H, W, C]``."""
+    x = torch.as_tensor(videos).detach().float().cpu().clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 1, 3, 4, 2).numpy()
+
+
+def tile(cells: np.ndarray, ncol: int, *, pad: int = 1, pad_value: int = SEPARATOR) -> np.ndarray:
+    """Tile uint8 images ``[K, H, W, C]`` into ``[H', W', C]``, ``ncol`` per row, separated and
+    framed by ``pad``-pixel lines of ``pad_value``."""
+    k, h, w, c = cells.shape
+    ncol = max(1, min(ncol, k))
+    rows = max(1, math.ceil(k / ncol))
+    out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, np.uint8)
+    for i in range(k):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        out[y:y + h, x:x + w] = cells[i]
+    return out
+
+
+def write_video_files(videos: Tensor | np.ndarray, out_dir: Path, *, fps: float,
+                      labels: Tensor | None = None, stem: str = "samples",
+                      min_cell: int = 64, gif: bool = True, strip: bool = True) -> list[Path]:
+    """Write clips ``[B, T, C, H, W]`` (``[-1, 1]``) as ``<stem>.gif`` (all clips tiled in a
+    near-square grid, animated at ``fps``) and ``<stem>_frames.png`` (one row per clip, one column
+    per frame); ``gif`` / ``strip`` switch either off. With ``labels``, clips are ordered by label
+    (stable). Cells are upscaled by nearest neighbour to at least ``min_cell`` px."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(videos)
+    if labels is not None and len(frames):
+        frames = frames[np.argsort(labels.detach().cpu().reshape(-1).numpy(), kind="stable")]
+    b, t, h, w, c = frames.shape
+    scale = max(1, min_cell // max(h, w, 1))
+    if scale > 1:
+        frames = frames.repeat(scale, axis=2).repeat(scale, axis=3)
+    mode = "L" if c == 1 else "RGB"
+
+    def image(a: np.ndarray):
+        return Image.fromarray(a[..., 0] if c == 1 else a, mode)
+
+    paths = []
+    if gif:
+        ncol = max(1, math.ceil(math.sqrt(max(b, 1))))
+        grids = [image(tile(frames[:, k], ncol)) for k in range(t)]
+        paths.append(out_dir / f"{stem}.gif")
+        grids[0].save(paths[-1], save_all=True, append_images=grids[1:], loop=0,
+                      duration=max(20, round(1000 / fps)))
+    if strip:
+        paths.append(out_dir / f"{stem}_frames.png")
+        image(tile(frames.reshape(b * t, *frames.shape[2:]), t)).save(paths[-1])
+    return paths
+
+
+class VideoModality(ModalityAdapter):
+    """Clips as ``temporal_patch x patch x patch`` tube tokens with ``(t, row, col)`` positions."""
+
+    name = "video"
+    default_mask_ratio = 0.1  # paper App. A.3: video uses 0.1 (temporal redundancy)
+
+    @attrs.frozen(kw_only=True)
+    class Config(ModalityConfig):
+        """- ``size``: frame side in pixels; a multiple of ``patch``.
+        - ``frames``: frames per clip; a multiple of ``temporal_patch``.
+        - ``channels``: 1 (grey) or 3 (RGB; the digits are replicated).
+        - ``patch`` / ``temporal_patch``: token extent in pixels / frames.
+        - ``classes``: class labels (0: unconditional); the null class is ``classes``.
+        - ``fps``: playback rate of the written GIFs (and the time axis of audio-video).
+        - ``condition_first_frame``: image-to-video; the first temporal patch (the first
+          ``temporal_patch`` frames; exactly the first frame when it is 1) is conditioning.
+        - ``count``: clips in a built-in source; ``seed``: their seed.
+        - ``digits`` / ``digit_size``: digits per moving-digits clip and their side in pixels.
+        - ``frame_skip``: CartPole physics steps between frames.
+        - ``prompt_source``: where :meth:`prompt` takes first frames when ``fields`` has none
+          (only with ``condition_first_frame``): a built-in source; ``""`` = the source this
+          adapter last opened, else ``moving_digits``.
+        """
+
+        kind = "video"
+        size: int = attrs.field(default=16, validator=v.ge(1))
+        frames: int = attrs.field(default=8, validator=v.ge(1))
+        channels: int = attrs.field(default=1)
+        patch: int = attrs.field(default=4, validator=v.ge(1))
+        temporal_patch: int = attrs.field(default=2, validator=v.ge(1))
+        classes: int = attrs.field(default=10, validator=v.ge(0))
+        fps: float = attrs.field(default=8.0, validator=v.gt(0))
+        condition_first_frame: bool = False
+        count: int = attrs.field(default=2048, validator=v.ge(1))
+        seed: int = 0
+        digits: int = attrs.field(default=2, validator=v.ge(1))
+        digit_size: int = attrs.field(default=8, validator=v.ge(1))
+        frame_skip: int = attrs.field(default=4, validator=v.ge(1))
+        prompt_source: str = attrs.field(default="")
+
+        @channels.validator
+        def _check_channels(self, attribute: Any, value: int) -> None:
+            if value not in (1, 3):
+                raise ValueError(f"'channels' must be 1 (grey) or 3 (RGB) (got {value!r})")
+
+        @size.validator
+        def _check_size(self, attribute: Any, value: int) -> None:
+            if value % self.patch:
+                raise ValueError(f"'size' must be a multiple of patch {self.patch} (got {value})")
+
+        @frames.validator
+        def _check_frames(self, attribute: Any, value: int) -> None:
+            if value % self.temporal_patch:
+                raise ValueError(f"'frames' must be a multiple of temporal_patch "
+                                 f"{self.temporal_patch} (got {value})")
+            if getattr(self, "condition_first_frame", False) and value == self.temporal_patch:
+                raise ValueError("'frames' must exceed temporal_patch when condition_first_frame "
+                                 "is on (nothing would be left to generate)")
+
+        @digit_size.validator
+        def _check_digit_size(self, attribute: Any, value: int) -> None:
+            if value > self.size:
+                raise ValueError(f"'digit_size' must be <= size {self.size} (got {value})")
+
+        @prompt_source.validator
+        def _check_prompt_source(self, attribute: Any, value: str) -> None:
+            if value and value not in SOURCES:
+                raise ValueError(f"'prompt_source' must be '' or one of {', '.join(SOURCES)} "
+                                 f"(got {value!r})")
+
+        def build(self) -> VideoModality:
+            return VideoModality(self)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._opened: str | None = None
+        self._prompt_cache: dict[tuple[str, int], Tensor] = {}
+
+    # ---- shapes -------------------------------------------------------------------------------
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        c = self.config
+        return (c.frames, c.channels, c.size, c.size)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Tokens along time, rows and columns."""
+        c = self.config
+        return c.frames // c.temporal_patch, c.size // c.patch, c.size // c.patch
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def tokens_per_frame_patch(self) -> int:
+        """Tokens of one temporal patch (the conditioning tokens with ``condition_first_frame``)."""
+        _, gh, gw = self.grid
+        return gh * gw
+
+    @property
+    def token_dim(self) -> int:
+        c = self.config
+        return c.temporal_patch * c.channels * c.patch ** 2
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.classes
+
+    def fields(self) -> Mapping[str, FieldSpec]:
+        return {"latents": FieldSpec(shape=self.latent_shape, dtype="float32"),
+                "labels": FieldSpec(shape=(), dtype="int64")}
+
+    def encoder_info(self) -> Mapping[str, Any]:
+        c = self.config
+        return {"name": "pixel", "version": "1",
+                "settings": {"frames": c.frames, "size": c.size, "channels": c.channels}}
+
+    # ---- offline ------------------------------------------------------------------------------
+
+    def sources(self) -> tuple[str, ...]:
+        return SOURCES
+
+    def open_source(self, source: str) -> Source:
+        c = self.config
+        if source == "moving_digits":
+            if c.classes and c.classes < MOVING_DIGITS_CLASSES:
+                raise ValueError(f"video source 'moving_digits' has {MOVING_DIGITS_CLASSES} "
+                                 f"classes but classes={c.classes}")
+            src: Source = MovingDigitsSource(
+                count=c.count, size=c.size, frames=c.frames, channels=c.channels,
+                digits=c.digits, digit_size=c.digit_size, seed=c.seed)
+        elif source == "cartpole":
+            if c.classes and c.classes < CARTPOLE_CLASSES:
+                raise ValueError(f"video source 'cartpole' has {CARTPOLE_CLASSES} classes but "
+                                 f"classes={c.classes}")
+            src = CartPoleSource(count=c.count, size=c.size, frames=c.frames, channels=c.channels,
+                                 frame_skip=c.frame_skip, seed=c.seed)
+        else:
+            raise ValueError(f"video modality: unknown source {source!r}; built-in sources: "
+                             f"{', '.join(SOURCES)}")
+        self._opened = source
+        return src
+
+    def encode(self, raw: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        videos = np.asarray(raw["videos"], dtype=np.float32)
+        if videos.shape[1:] != self.latent_shape:
+            raise ValueError(f"video: clips have shape {videos.shape[1:]}, the config wants "
+                             f"{self.latent_shape}")
+        return {"latents": np.ascontiguousarray(videos),
+                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+
+    # ---- online -------------------------------------------------------------------------------
+
+    def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``[n, N, 3]`` float ``(t, row, col)`` of each token in patch units, time-major."""
+        gt, gh, gw = self.grid
+        t, r, c = torch.meshgrid(torch.arange(gt, dtype=torch.float32),
+                                 torch.arange(gh, dtype=torch.float32),
+                                 torch.arange(gw, dtype=torch.float32), indexing="ij")
+        pos = torch.stack([t.reshape(-1), r.reshape(-1), c.reshape(-1)], dim=-1)
+        return pos.to(device)[None].expand(n, -1, -1).contiguous()
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``[B, T, C, H, W]`` -> ``[B, N, pt C p p]`` (time-major, then row-major tubes)."""
+        c, pt, p = self.config, self.config.temporal_patch, self.config.patch
+        b = x.shape[0]
+        gt, gh, gw = self.grid
+        x = x.reshape(b, gt, pt, c.channels, gh, p, gw, p).permute(0, 1, 4, 6, 2, 3, 5, 7)
+        return x.reshape(b, gt * gh * gw, self.token_dim)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """Exact inverse of :meth:`patchify`."""
+        c, pt, p = self.config, self.config.temporal_patch, self.config.patch
+        b = tokens.shape[0]
+        gt, gh, gw = self.grid
+        x = tokens.reshape(b, gt, gh, gw, pt, c.channels, p, p).permute(0, 1, 4, 5, 2, 6, 3, 7)
+        return x.reshape(b, *self.latent_shape)
+
+    def condition_mask(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``[n, N]`` bool: the conditioning tokens (the first temporal patch, when on)."""
+        mask = torch.zeros(n, self.num_tokens, dtype=torch.bool, device=device)
+        if self.config.condition_first_frame:
+            mask[:, : self.tokens_per_frame_patch] = True
+        return mask
+
+    def _labels(self, fields: Mapping[str, Tensor] | None) -> Tensor | None:
+        if not self.num_classes or fields is None or fields.get("labels") is None:
+            return None
+        return fields["labels"].long().reshape(-1)
+
+    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
+        x = fields[self.latent_field].float()
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"video: latents have shape {tuple(x.shape[1:])}, the config wants "
+                             f"{self.latent_shape}")
+        n = x.shape[0]
+        return TokenBatch.single(self.patchify(x), self.positions(n, x.device),
+                                 labels=self._labels(fields),
+                                 condition=self.condition_mask(n, x.device))
+
+    def detokenize(self, tokens: Tensor) -> Tensor:
+        return self.unpatchify(tokens)
+
+    def conditioning_clips(self, n: int, fields: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``[n, T, C, H, W]`` clips whose first temporal patch is the conditioning (the rest is
+        zero). From ``fields["latents"]`` (clips), ``fields["first_frame"]`` (``[n, C, H, W]``,
+        repeated over the temporal patch, or ``[n, pt, C, H, W]``), else the first ``n`` clips of
+        the prompt source (their labels cycle ``0, 1, ...`` like the trainer's sample labels)."""
+        pt = self.config.temporal_patch
+        _, ch, h, w = self.latent_shape
+        fields = fields or {}
+        if fields.get(self.latent_field) is not None:
+            first = fields[self.latent_field][:n, :pt]
+        elif fields.get("first_frame") is not None:
+            first = fields["first_frame"][:n]
+            if first.dim() == 4:
+                first = first[:, None].expand(-1, pt, -1, -1, -1)
+        else:
+            first = self._source_first_frames(n)
+        first = first.float().cpu()
+        if tuple(first.shape) != (n, pt, ch, h, w):
+            raise ValueError(f"video prompt: conditioning frames have shape {tuple(first.shape)}, "
+                             f"expected {(n, pt, ch, h, w)}")
+        clips = torch.zeros(n, *self.latent_shape)
+        clips[:, :pt] = first
+        return clips
+
+    def _source_first_frames(self, n: int) -> Tensor:
+        name = self.config.prompt_source or self._opened or "moving_digits"
+        key = (name, n)
+        if key not in self._prompt_cache:
+            opened = self._opened
+            src = self.open_source(name)
+            self._opened = opened
+            if len(src) < n:
+                raise ValueError(f"video prompt: source {name!r} holds {len(src)} clips, fewer "
+                                 f"than the {n} asked for")
+            clips = self.encode(src.read(0, n))["latents"]
+            self._prompt_cache[key] = torch.from_numpy(clips[:, : self.config.temporal_patch])
+        return self._prompt_cache[key]
+
+    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
+        if self.config.condition_first_frame:
+            tokens = self.patchify(self.conditioning_clips(n, fields))
+        else:
+            tokens = torch.zeros(n, self.num_tokens, self.token_dim)
+        return TokenBatch.single(tokens, self.positions(n), labels=self._labels(fields),
+                                 condition=self.condition_mask(n))
+
+    # ---- samples ------------------------------------------------------------------------------
+
+    def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:
+        """Write ``samples.gif`` (clips tiled, ordered by label when given) and
+        ``samples_frames.png`` (one row per clip, one column per frame)."""
+        return write_video_files(latents, Path(out_dir), fps=self.config.fps, labels=labels)

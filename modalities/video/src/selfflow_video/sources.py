@@ -1,0 +1,216 @@
+"""Raw video sources: clips ``[B, T, C, H, W]`` float32 in ``[-1, 1]`` (background ``-1``) with
+int64 labels. Every clip is a pure function of ``(seed, index)``, so encoding can resume and two
+machines encode the same store.
+
+- :class:`MovingDigitsSource`: Moving-MNIST-style clips of sklearn's 8x8 digits bouncing on a
+  small canvas (no download, ~1 ms per clip).
+- :class:`CartPoleSource`: gymnasium's ``CartPole-v1`` rendered headless (``rgb_array``, SDL's
+  dummy video driver), cropped around the cart, grey, inverted and downscaled.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selfflow_core.interfaces import Source
+
+#: classes of the built-in sources
+MOVING_DIGITS_CLASSES = 10
+CARTPOLE_CLASSES = 2  # 0: balanced by a controller, 1: random pushes (the pole falls)
+
+
+def _digits_csv() -> np.ndarray | None:
+    """sklearn's ``digits.csv.gz`` read straight from the installed package (the same data as
+    ``load_digits()``, without importing scikit-learn, which takes seconds); ``None`` if absent."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            data = np.loadtxt(path, delimiter=",")
+            if data.shape == (1797, 65):
+                return data
+    return None
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """sklearn digits as float32 ``[1797, 8, 8]`` in ``[0, 1]``, labels, and per class the
+    indices of its images (read once, read-only)."""
+    data = _digits_csv()
+    if data is None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        data = np.concatenate([d.data, d.target[:, None]], axis=1)
+    images = (data[:, :64].reshape(-1, 8, 8) / 16.0).astype(np.float32)
+    labels = data[:, 64].astype(np.int64)
+    by_class = tuple(np.flatnonzero(labels == k) for k in range(MOVING_DIGITS_CLASSES))
+    for a in (images, labels, *by_class):
+        a.flags.writeable = False
+    return images, labels, by_class
+
+
+@functools.cache
+def _scaled_digits(size: int) -> np.ndarray:
+    """All digits resized (bilinear) to ``size x size``, values in ``[0, 1]``."""
+    images = _digits()[0]
+    if size == images.shape[-1]:
+        return images
+    x = F.interpolate(torch.from_numpy(images.copy())[:, None], size=(size, size),
+                      mode="bilinear", align_corners=False)[:, 0].clamp(0, 1).numpy()
+    x.flags.writeable = False
+    return x
+
+
+def _bounce(start: float, velocity: float, frames: int, span: int) -> np.ndarray:
+    """Integer positions of a point moving at ``velocity`` and reflecting off ``[0, span]``."""
+    if span <= 0:
+        return np.zeros(frames, dtype=np.int64)
+    p = start + velocity * np.arange(frames)
+    p = np.mod(p, 2 * span)
+    return np.round(np.where(p > span, 2 * span - p, p)).astype(np.int64)
+
+
+class MovingDigitsSource(Source):
+    """``count`` clips of ``digits`` sklearn digits (``digit_size`` px) bouncing on a
+    ``size x size`` canvas for ``frames`` frames; overlapping digits take the brighter pixel.
+
+    Clip ``i``: label ``i % 10`` (balanced; any 10 consecutive clips hold every class), its first
+    digit is an image of that class; the other digits, all images, start positions and velocities
+    (1-2 px per frame on each axis, random signs) come from ``numpy.random.default_rng([seed,
+    i])``. ``first_classes`` (optional, per index) overrides the first digit's class.
+    """
+
+    def __init__(self, *, count: int, size: int = 16, frames: int = 8, channels: int = 1,
+                 digits: int = 2, digit_size: int = 8, seed: int = 0) -> None:
+        if digit_size > size:
+            raise ValueError(f"moving digits: digit_size {digit_size} > canvas size {size}")
+        self.count, self.size, self.frames, self.channels = count, size, frames, channels
+        self.digits, self.digit_size, self.seed = digits, digit_size, seed
+        self.description = (f"moving sklearn digits: {count} clips x {frames} frames, {digits} "
+                            f"digit(s) of {digit_size}px on {size}x{size}, seed {seed}; "
+                            f"label = first digit's class")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def clip(self, index: int, first_class: int | None = None) -> tuple[np.ndarray, int]:
+        """One clip ``[T, C, H, W]`` in ``[-1, 1]`` and its label."""
+        _, labels, by_class = _digits()
+        glyphs = _scaled_digits(self.digit_size)
+        rng = np.random.default_rng([self.seed, int(index)])
+        label = int(index % MOVING_DIGITS_CLASSES if first_class is None else first_class)
+        canvas = np.zeros((self.frames, self.size, self.size), dtype=np.float32)
+        span = self.size - self.digit_size
+        for d in range(self.digits):
+            pool = by_class[label] if d == 0 else np.arange(len(labels))
+            glyph = glyphs[pool[rng.integers(len(pool))]]
+            start = rng.uniform(0, span, size=2)
+            velocity = rng.uniform(1.0, 2.0, size=2) * rng.choice([-1.0, 1.0], size=2)
+            ys = _bounce(start[0], velocity[0], self.frames, span)
+            xs = _bounce(start[1], velocity[1], self.frames, span)
+            for t in range(self.frames):
+                win = canvas[t, ys[t]:ys[t] + self.digit_size, xs[t]:xs[t] + self.digit_size]
+                np.maximum(win, glyph, out=win)
+        video = np.repeat((canvas * 2.0 - 1.0)[:, None], self.channels, axis=1)
+        return video, label
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        clips = [self.clip(i) for i in range(start, stop)]
+        shape = (0, self.frames, self.channels, self.size, self.size)
+        return {"videos": np.stack([c[0] for c in clips]) if clips else np.zeros(shape, np.float32),
+                "labels": np.array([c[1] for c in clips], dtype=np.int64)}
+
+
+def _import_gymnasium():
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless: no display needed
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    try:
+        import gymnasium
+        import pygame  # noqa: F401  (gymnasium's classic-control renderer)
+    except ImportError as exc:
+        raise ImportError(
+            f"video source 'cartpole' needs gymnasium with its classic-control renderer "
+            f"({exc}); install it with `pip install \"gymnasium[classic-control]\"` "
+            f"(it pulls pygame-ce), or use the 'moving_digits' source") from exc
+    return gymnasium
+
+
+class CartPoleSource(Source):
+    """``count`` clips of gymnasium's ``CartPole-v1`` rendered headless.
+
+    Clip ``i``: the env is reset with a seed drawn from ``numpy.random.default_rng([seed, i])``
+    (the random policy and action noise use ``[seed, i, 1]``), label ``i % 2``: 0 = a balancing controller (10 % random actions), 1 = uniformly random
+    pushes, so the pole visibly falls. ``frame_skip`` physics steps pass between frames; after
+    termination the physics keeps running (the pole may fall over). Each 400x600 RGB frame is
+    cropped to the 180x180 square around the track centre, grey, thickened (min filter) so the
+    pole survives downscaling, inverted (background ``-1``) and box-downscaled to ``size``.
+    """
+
+    CROP = (210, 150, 390, 330)  # left, top, right, bottom of the 600x400 render
+
+    def __init__(self, *, count: int, size: int = 16, frames: int = 8, channels: int = 1,
+                 frame_skip: int = 4, seed: int = 0) -> None:
+        self.gym = _import_gymnasium()
+        self.count, self.size, self.frames, self.channels = count, size, frames, channels
+        self.frame_skip, self.seed = frame_skip, seed
+        self.description = (f"gymnasium {self.gym.__version__} CartPole-v1 rgb_array: {count} "
+                            f"clips x {frames} frames (skip {frame_skip}) -> {size}x{size}, seed "
+                            f"{seed}; label 0 = balancing controller, 1 = random pushes")
+        self._env = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _frame(self, rgb: np.ndarray) -> np.ndarray:
+        from PIL import Image, ImageFilter
+
+        im = Image.fromarray(rgb)
+        if self.channels == 1:
+            im = im.convert("L")
+        im = im.crop(self.CROP).filter(ImageFilter.MinFilter(5))
+        im = im.resize((self.size, self.size), Image.Resampling.BOX)
+        a = np.asarray(im, dtype=np.float32).reshape(self.size, self.size, -1)
+        return 1.0 - a.transpose(2, 0, 1) / 127.5  # white background -> -1, black cart -> +1
+
+    def clip(self, index: int) -> tuple[np.ndarray, int]:
+        if self._env is None:
+            self._env = self.gym.make("CartPole-v1", render_mode="rgb_array").unwrapped
+        env = self._env
+        label = int(index % CARTPOLE_CLASSES)
+        env_seed = int(np.random.default_rng([self.seed, int(index)]).integers(2**31))
+        env.reset(seed=env_seed)
+        rng = np.random.default_rng([self.seed, int(index), 1])
+        out = np.empty((self.frames, self.channels, self.size, self.size), dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "step() after terminated": intended here
+            for t in range(self.frames):
+                out[t] = self._frame(env.render())
+                for _ in range(self.frame_skip):
+                    x, x_dot, theta, theta_dot = env.state
+                    if label == 0:
+                        action = int(theta + 0.5 * theta_dot + 0.05 * x_dot + 0.02 * x > 0)
+                        if rng.random() < 0.1:
+                            action = 1 - action
+                    else:
+                        action = int(rng.integers(2))
+                    env.step(action)
+        return out, label
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        clips = [self.clip(i) for i in range(start, stop)]
+        shape = (0, self.frames, self.channels, self.size, self.size)
+        return {"videos": np.stack([c[0] for c in clips]) if clips else np.zeros(shape, np.float32),
+                "labels": np.array([c[1] for c in clips], dtype=np.int64)}
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
