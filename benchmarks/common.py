@@ -7,9 +7,9 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -20,7 +20,7 @@ def machine() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def sync() -> None:

@@ -100,7 +100,8 @@ def real_batch(mod_cfg, source: str):
 # ---- the fixed feature extractors -------------------------------------------------------------
 
 class FDExtractor(nn.Module):
-    """Flattened tokens -> 128 -> 64 (the FD features; a linear head classifies them in training)."""
+    """Flattened tokens -> 128 -> 64 (the FD features; a linear head classifies them in
+    training)."""
 
     def __init__(self, n: int, c: int, classes: int) -> None:
         super().__init__()
@@ -147,14 +148,17 @@ def _train_classifier(net: nn.Module, features_of, x: torch.Tensor, y: torch.Ten
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in range(steps):
         idx = train[torch.randint(0, len(train), (128,), generator=g)]
-        xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)  # small noise: smoother features
+        # small noise: smoother features
+        xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)
         loss = F.cross_entropy(net.head(features_of(xb)), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
     with torch.no_grad():
-        acc = lambda s: float((net.head(features_of(x[s])).argmax(1) == y[s]).float().mean())
+        def acc(s):
+            return float((net.head(features_of(x[s])).argmax(1) == y[s]).float().mean())
+
         return {"train_acc": acc(train), "heldout_acc": acc(test), "train_samples": len(train),
                 "heldout_samples": n_test, "steps": steps, "seed": seed, "optimizer":
                 "AdamW lr 2e-3 wd 1e-4, batch 128, input noise 0.05"}
@@ -347,7 +351,8 @@ def curve_mean(runs: list[dict], key: str) -> list[tuple[int, float, float]]:
     steps = sorted({r["step"] for run in runs for r in run["curve"]})
     out = []
     for s in steps:
-        m, sd = mean_spread([r[key] for run in runs for r in run["curve"] if r["step"] == s and key in r])
+        m, sd = mean_spread([r[key] for run in runs for r in run["curve"]
+                             if r["step"] == s and key in r])
         out.append((s, m, sd))
     return out
 
@@ -558,7 +563,8 @@ def main() -> None:
     partial = work / f"partial-{tag}.jsonl"
     results = []
     if args.resume and partial.is_file():
-        done = {json.loads(line)["key"]: json.loads(line) for line in partial.read_text().splitlines()}
+        done = {json.loads(line)["key"]: json.loads(line)
+                for line in partial.read_text().splitlines()}
         results = [done[j["key"]] for j in todo if j["key"] in done]
         for r in results:
             r["groups"] = jobs[r["key"]]["groups"]
@@ -604,7 +610,8 @@ def main() -> None:
         print_table(["variant", "method", "params", "steps", "final FD", "best probe"], [
             [r["variant"], r["method"], r["params"], r["steps"], r["final_fd"],
              r["best_probe"]] for r in sorted(rows_, key=lambda r: (r["variant"], r["method"]))])
-    name = args.name or ("convergence" if args.modality == "image" else f"convergence_{args.modality}")
+    name = args.name or ("convergence" if args.modality == "image"
+                         else f"convergence_{args.modality}")
     protocol = {
         "fd": {"sampler": "euler", "sample_steps": args.sample_steps, "samples": args.samples,
                "cfg_scale": 1.0, "labels": "cycled 0..classes-1", "sample_seed": args.sample_seed,

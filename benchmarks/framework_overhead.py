@@ -16,8 +16,8 @@ import tempfile
 import attrs
 import torch
 import torch.nn.functional as F
-
 from common import print_table, summary, time_interleaved, write_json
+
 from selfflow_core.backbone import DiT
 from selfflow_core.flow import interpolate
 from selfflow_core.presets import toy
@@ -70,7 +70,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = toy()
         spec = attrs.evolve(base.modalities["toy"], store=f"{tmp}/toy.zarr", batch_size=args.batch,
-                            modality=ToyModality.Config(tokens=args.tokens, channels=16, count=2048))
+                            modality=ToyModality.Config(tokens=args.tokens, channels=16,
+                                                        count=2048))
         config = attrs.evolve(base, modalities={"toy": spec}, steps=10**6, run_dir=f"{tmp}/run",
                               backbone=DiT.Config(depth=args.depth, width=args.width, heads=4),
                               tracker=NullTracker.Config(), label_dropout=0.0)

@@ -189,7 +189,8 @@ def main() -> None:
             record[f"{size}/{variant}"] = {**s, "batch": b, "tokens_per_s": tps,
                                           "step_flops": flops, "mfu": mfu}
         base = record[f"{size}/vanilla"]["median_s"]
-        record[f"{size}/selfflow"]["step_time_ratio"] = record[f"{size}/selfflow"]["median_s"] / base
+        sf_record = record[f"{size}/selfflow"]
+        sf_record["step_time_ratio"] = sf_record["median_s"] / base
         del steps
         torch.cuda.empty_cache()
     print(f"\n{name}, bf16 autocast, compile={args.compile}, peak "

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import print_table, summary, time_interleaved, write_json
+
 from selfflow_core.backbone import SIZES, DiT
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher, NoTeacher

@@ -9,7 +9,7 @@ share all blocks through their own input/output projections and a modality embed
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -90,13 +90,13 @@ class DiT(Backbone):
                 raise ValueError(f"'width' must be divisible by heads ({self.heads}): {value}")
 
         @classmethod
-        def sized(cls, size: str, **changes) -> "DiT.Config":
+        def sized(cls, size: str, **changes) -> DiT.Config:
             if size not in SIZES:
                 raise ValueError(f"unknown DiT size {size!r}; sizes: {sorted(SIZES)}")
             depth, width, heads = SIZES[size]
             return cls(**{"depth": depth, "width": width, "heads": heads, **changes})
 
-        def build(self, *, token_dims: Sequence[int], num_classes: int = 0) -> "DiT":
+        def build(self, *, token_dims: Sequence[int], num_classes: int = 0) -> DiT:
             return DiT(self, token_dims=token_dims, num_classes=num_classes)
 
     def __init__(self, config: Config, *, token_dims: Sequence[int], num_classes: int = 0) -> None:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from selfflow_core.config import ConfigError, make_converter, to_data
-from selfflow_core.distributed import Dist
 from selfflow_core.interfaces import ModalityAdapter, TimestepScheduler
 from selfflow_core.objective import SelfFlowObjective
 from selfflow_core.plugins import Components
@@ -28,7 +27,8 @@ class ModalityRuntime:
 
 
 def check(config: TrainerConfig, components: Components, *, world_size: int = 1) -> None:
-    """Registered kinds and cross-field rules; raises one :class:`ConfigError` with every problem."""
+    """Registered kinds and cross-field rules; raises one :class:`ConfigError` with every
+    problem."""
     problems = config.problems(world_size=world_size)
     # a component config may check what its fields alone cannot (e.g. that a file exists):
     # ``problems() -> list[str]``, each "field: message"
@@ -39,7 +39,8 @@ def check(config: TrainerConfig, components: Components, *, world_size: int = 1)
     for name, spec in config.modalities.items():
         if spec.modality.kind not in components.modalities:
             problems.append(f"$.modalities.{name}.modality: unknown modality "
-                            f"{spec.modality.kind!r}; installed: {components.modalities.describe()}")
+                            f"{spec.modality.kind!r}; "
+                            f"installed: {components.modalities.describe()}")
     if problems:
         raise ConfigError(problems)
 
@@ -68,7 +69,8 @@ class StudentWithHead(nn.Module):
         return self.objective(self.backbone, teacher, batch, plan, noise)
 
 
-def build_model(config: TrainerConfig, modalities: list[ModalityRuntime], teacher) -> StudentWithHead:
+def build_model(config: TrainerConfig, modalities: list[ModalityRuntime],
+                teacher) -> StudentWithHead:
     dims = [d for m in modalities for d in token_dims(m.adapter)]
     classes = max(m.adapter.num_classes for m in modalities)
     backbone = config.backbone.build(token_dims=dims, num_classes=classes)
@@ -89,7 +91,8 @@ def build_optimizer(cfg: OptimConfig, params, total_steps: int, device: torch.de
         if cfg.schedule == "constant":
             return 1.0
         done = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 

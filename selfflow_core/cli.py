@@ -11,7 +11,13 @@ import tomli_w
 
 from selfflow_core.checkpoint import CheckpointError
 from selfflow_core.config import (
-    ConfigError, apply_overrides, make_converter, read_file, structure, to_data)
+    ConfigError,
+    apply_overrides,
+    make_converter,
+    read_file,
+    structure,
+    to_data,
+)
 from selfflow_core.plugins import Components, PluginLoadError
 from selfflow_core.registry import DuplicateComponentError, UnknownComponentError
 from selfflow_core.trainer_config import TrainerConfig
@@ -29,7 +35,8 @@ def _drop_none(data):
     return data
 
 
-def resolve_config(components: Components, target: str | None, overrides: list[str]) -> TrainerConfig:
+def resolve_config(components: Components, target: str | None,
+                   overrides: list[str]) -> TrainerConfig:
     """A preset name or a TOML/JSON path, then overrides, through the one strict converter."""
     conv = make_converter(components)
     if target and (target.endswith((".toml", ".json")) or Path(target).is_file()):

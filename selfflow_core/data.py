@@ -18,7 +18,8 @@ what checks that a state fits the loader: plain ints, floats and lists, safe for
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import attrs
 import numpy as np

@@ -104,7 +104,9 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     reg[-1, -1] = 0.0  # no penalty on the bias
     w = torch.linalg.solve(z1.T @ z1 + reg, z1.T @ y)
     zt1 = torch.cat([zt, torch.ones(len(zt), 1, dtype=zt.dtype)], 1)
-    acc = lambda a, lab: float((a.argmax(1) == lab.long()).double().mean())
+    def acc(a, lab):
+        return float((a.argmax(1) == lab.long()).double().mean())
+
     majority = float(torch.bincount(test_y.long(), minlength=k).max()) / max(len(test_y), 1)
     return {"acc": acc(zt1 @ w, test_y), "train_acc": acc(z1 @ w, train_y),
             "majority": majority}

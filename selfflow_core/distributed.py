@@ -47,7 +47,9 @@ class Dist:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device("cpu")
     return torch.device(name)
 
 

@@ -26,5 +26,6 @@ def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:
 
 
 def shift_time(t: Tensor, alpha: float) -> Tensor:
-    """The paper's time shift ``s(alpha, t) = alpha t / (1 + (alpha - 1) t)`` (alpha > 1 -> noisier)."""
+    """The paper's time shift ``s(alpha, t) = alpha t / (1 + (alpha - 1) t)`` (alpha > 1 ->
+    noisier)."""
     return alpha * t / (1 + (alpha - 1) * t)

@@ -45,7 +45,8 @@ class ObjectiveConfig:
     def layers(self, depth: int) -> tuple[int, int]:
         l, k = resolve_layer(self.student_layer, depth), resolve_layer(self.teacher_layer, depth)
         problems = [f"{name} {i} is outside 1..{depth} (backbone depth)"
-                    for name, i in (("student_layer", l), ("teacher_layer", k)) if not 1 <= i <= depth]
+                    for name, i in (("student_layer", l), ("teacher_layer", k))
+                    if not 1 <= i <= depth]
         if not problems and l >= k:
             problems.append(f"student_layer {l} must be shallower than teacher_layer {k}")
         if problems:

@@ -10,14 +10,19 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import pluggy
 
 from selfflow_core import hookspecs
 from selfflow_core.interfaces import (
-    BackboneConfig, ModalityConfig, SchedulerConfig, TeacherConfig, TimeDistributionConfig,
-    TrackerConfig)
+    BackboneConfig,
+    ModalityConfig,
+    SchedulerConfig,
+    TeacherConfig,
+    TimeDistributionConfig,
+    TrackerConfig,
+)
 from selfflow_core.registry import PresetRegistry, Provider, Registry
 
 ENTRY_POINT_GROUP = "selfflow"

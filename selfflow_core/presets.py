@@ -7,8 +7,7 @@ from selfflow_core.backbone import DiT
 from selfflow_core.sampling import SamplingConfig
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.toy import ToyModality
-from selfflow_core.trainer_config import (
-    CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig)
+from selfflow_core.trainer_config import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 
 
 def toy() -> TrainerConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from tqdm import tqdm
 
@@ -14,7 +14,8 @@ class Progress:
         self.total, self.every, self.enabled = total, every, enabled
         self.tty = enabled and sys.stderr.isatty()
         self.t0, self.s0 = time.perf_counter(), start
-        self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step") if self.tty else None
+        self.bar = (tqdm(total=total, initial=start, dynamic_ncols=True, unit="step")
+                    if self.tty else None)
 
     def rate(self, step: int) -> float:
         return (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)

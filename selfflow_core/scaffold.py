@@ -35,7 +35,8 @@ class ScaffoldError(ValueError):
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it can name a modality (lowercase ``snake_case`` starting with a letter,
-    at most 40 characters, not ``toy`` or ``core``); raise :class:`ScaffoldError` saying what is wrong."""
+    at most 40 characters, not ``toy`` or ``core``); raise :class:`ScaffoldError` saying what is
+    wrong."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         hint = re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
         hint = hint if NAME_PATTERN.fullmatch(hint) else "my_modality"

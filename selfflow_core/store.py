@@ -12,7 +12,8 @@ import math
 import os
 import socket
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -21,9 +22,22 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, ZstdCo
 
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.store_check import (
-    FORMAT_VERSION, HASHED_KEYS, StoreError, StoreLike, adapter_problems, check_store,
-    chunk_problems, data_problems, field_specs, is_local, nonfinite_problem, open_group,
-    schema_problems, store_name, store_schema)
+    FORMAT_VERSION,
+    HASHED_KEYS,
+    StoreError,
+    StoreLike,
+    adapter_problems,
+    check_store,
+    chunk_problems,
+    data_problems,
+    field_specs,
+    is_local,
+    nonfinite_problem,
+    open_group,
+    schema_problems,
+    store_name,
+    store_schema,
+)
 
 __all__ = ["FORMAT_VERSION", "LatentStore", "StoreError", "StoreWriter", "check_store",
            "encode_store", "open_store", "store_schema"]

@@ -11,7 +11,8 @@ import datetime
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -89,7 +90,7 @@ def store_schema(adapter: ModalityAdapter, *, source: str, source_description: s
         "adapter_config": _plain(dict(adapter_config), "adapter_config"),
         "source": {"name": source, "description": source_description},
     }
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {**schema, "config_hash": config_hash(schema), "created_at": created}
 
 

@@ -32,9 +32,9 @@ class EMA:
     Under FSDP2 the copy is sharded like the student (``selfflow_core.parallel``): both hold the
     same rows of every parameter, so the update is a local ``lerp`` of shard on shard.
 
-    With ``warmup`` the decay at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a short run's
-    average does not stay stuck at the random initialisation (paper runs, millions of steps, use
-    ``decay=0.9999`` without warm-up)."""
+    With ``warmup`` the decay at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a short
+    run's average does not stay stuck at the random initialisation (paper runs, millions of steps,
+    use ``decay=0.9999`` without warm-up)."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
         self.model = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
@@ -65,7 +65,8 @@ class EMA:
 
 
 class EMATeacher(TeacherStrategy):
-    """The EMA copy of the student, run on the cleaner homogeneous view and stopped after block k."""
+    """The EMA copy of the student, run on the cleaner homogeneous view and stopped after block
+    k."""
 
     @attrs.frozen(kw_only=True)
     class Config(TeacherConfig):
@@ -74,7 +75,7 @@ class EMATeacher(TeacherStrategy):
         warmup: bool = False
         truncate: bool = True
 
-        def build(self) -> "EMATeacher":
+        def build(self) -> EMATeacher:
             return EMATeacher(self)
 
     def __init__(self, config: Config) -> None:
@@ -90,7 +91,8 @@ class EMATeacher(TeacherStrategy):
     @torch.no_grad()
     def features(self, x_t, t, batch, *, layer):
         stop = layer if self.config.truncate else None
-        return self.ema.model(x_t, t, batch, feature_layers=(layer,), stop_after=stop).features[layer]
+        out = self.ema.model(x_t, t, batch, feature_layers=(layer,), stop_after=stop)
+        return out.features[layer]
 
     @property
     def model(self):
@@ -112,7 +114,7 @@ class NoTeacher(TeacherStrategy):
     class Config(TeacherConfig):
         kind = "none"
 
-        def build(self) -> "NoTeacher":
+        def build(self) -> NoTeacher:
             return NoTeacher()
 
     def features(self, x_t, t, batch, *, layer):

@@ -17,7 +17,11 @@ from torch import Tensor
 
 from selfflow_core.flow import shift_time
 from selfflow_core.interfaces import (
-    SchedulerConfig, TimeDistribution, TimeDistributionConfig, TimestepScheduler)
+    SchedulerConfig,
+    TimeDistribution,
+    TimeDistributionConfig,
+    TimestepScheduler,
+)
 from selfflow_core.types import TimestepPlan, TokenBatch
 
 
@@ -35,7 +39,7 @@ class Uniform(TimeDistribution):
     class Config(TimeDistributionConfig):
         kind = "uniform"
 
-        def build(self) -> "Uniform":
+        def build(self) -> Uniform:
             return Uniform()
 
     def sample(self, n, *, generator, device="cpu"):
@@ -56,7 +60,7 @@ class LogitNormal(TimeDistribution):
         shift: float = attrs.field(default=1.0, validator=v.gt(0))
         tail_fraction: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
 
-        def build(self) -> "LogitNormal":
+        def build(self) -> LogitNormal:
             return LogitNormal(self)
 
     def __init__(self, config: Config) -> None:
@@ -99,7 +103,7 @@ class SingleTimestep(TimestepScheduler):
         kind = "single"
         distribution: TimeDistributionConfig = _distribution_field()
 
-        def build(self) -> "SingleTimestep":
+        def build(self) -> SingleTimestep:
             return SingleTimestep(self.distribution.build())
 
     def __init__(self, distribution: TimeDistribution) -> None:
@@ -122,7 +126,7 @@ class DualTimestep(TimestepScheduler):
         distribution: TimeDistributionConfig = _distribution_field()
         mask_ratio: float = attrs.field(default=0.25, validator=[v.ge(0), v.le(0.5)])
 
-        def build(self) -> "DualTimestep":
+        def build(self) -> DualTimestep:
             return DualTimestep(self.distribution.build(), self.mask_ratio)
 
     def __init__(self, distribution: TimeDistribution, mask_ratio: float) -> None:

@@ -55,7 +55,7 @@ class ToyModality(ModalityAdapter):
         count: int = attrs.field(default=512, validator=v.ge(1))
         seed: int = 0
 
-        def build(self) -> "ToyModality":
+        def build(self) -> ToyModality:
             return ToyModality(self)
 
     def __init__(self, config: Config) -> None:

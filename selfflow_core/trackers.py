@@ -19,7 +19,7 @@ class JsonlTracker(Tracker):
     class Config(TrackerConfig):
         kind = "jsonl"
 
-        def build(self, *, run_dir: Path, experiment: str = "selfflow") -> "JsonlTracker":
+        def build(self, *, run_dir: Path, experiment: str = "selfflow") -> JsonlTracker:
             return JsonlTracker(Path(run_dir) / "metrics.jsonl")
 
     def __init__(self, path: Path) -> None:
@@ -55,7 +55,7 @@ class NullTracker(Tracker):
     class Config(TrackerConfig):
         kind = "none"
 
-        def build(self, *, run_dir: Path, experiment: str = "selfflow") -> "NullTracker":
+        def build(self, *, run_dir: Path, experiment: str = "selfflow") -> NullTracker:
             return NullTracker()
 
     def log_hparams(self, hparams):

@@ -48,7 +48,8 @@ class Trainer:
         self.loader = build_loader(
             [LoaderSource(store=self._open_store(m), tokenize=m.adapter.tokenize,
                           probability=m.spec.probability,
-                          batch_size=m.spec.batch_size // (self.dist.world_size * config.grad_accum))
+                          batch_size=m.spec.batch_size
+                          // (self.dist.world_size * config.grad_accum))
              for m in self.modalities],
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
             num_workers=config.num_workers)
@@ -103,7 +104,8 @@ class Trainer:
         noise = torch.randn(full.tokens.shape, generator=gen, device=self.device)
         drop = torch.rand(full.tokens.shape[0], generator=gen, device=self.device)
         rows = slice(r, None, w)
-        plan = attrs.evolve(plan, **{f.name: getattr(plan, f.name)[rows] for f in attrs.fields(type(plan))})
+        plan = attrs.evolve(plan, **{f.name: getattr(plan, f.name)[rows]
+                                     for f in attrs.fields(type(plan))})
         if batch.labels is not None and self.config.label_dropout > 0:
             null = torch.full_like(batch.labels, self.backbone.num_classes)
             batch = attrs.evolve(batch, labels=torch.where(
@@ -162,7 +164,8 @@ class Trainer:
         if self.config.on_nonfinite == "skip" and self.skipped < self.config.max_skipped:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
-            self.progress.message(f"{message}; batch skipped ({self.skipped}/{self.config.max_skipped})")
+            self.progress.message(
+                f"{message}; batch skipped ({self.skipped}/{self.config.max_skipped})")
             return False
         raise NonFiniteLossError(message + "; the last checkpoint in "
                                  f"{self.run_dir / 'checkpoints'} is intact")
@@ -304,7 +307,8 @@ class Trainer:
         except ValueError as exc:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {exc}") from None
         self.batches = iter(self.loader)
-        self.step, self.skipped, self.losses = state["step"], state["skipped"], list(state["losses"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.losses = list(state["losses"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and torch.cuda.is_available():

@@ -9,7 +9,12 @@ from attrs import validators as v
 
 from selfflow_core.backbone import DiT
 from selfflow_core.interfaces import (
-    BackboneConfig, ModalityConfig, SchedulerConfig, TeacherConfig, TrackerConfig)
+    BackboneConfig,
+    ModalityConfig,
+    SchedulerConfig,
+    TeacherConfig,
+    TrackerConfig,
+)
 from selfflow_core.objective import ObjectiveConfig
 from selfflow_core.sampling import SamplingConfig
 from selfflow_core.teachers import EMATeacher

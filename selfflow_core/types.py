@@ -41,14 +41,16 @@ class TokenBatch:
     def single(cls, tokens: Tensor, positions: Tensor, *, labels: Tensor | None = None,
                modality_id: int = 0, valid: Tensor | None = None,
                condition: Tensor | None = None) -> TokenBatch:
-        """Build a batch where every token belongs to one modality; defaults: all valid, none held."""
+        """Build a batch where every token belongs to one modality; defaults: all valid, none
+        held."""
         b, n = tokens.shape[:2]
         dev = tokens.device
         return cls(
             tokens=tokens, positions=positions.to(tokens.dtype),
             modality_ids=torch.full((b, n), modality_id, dtype=torch.long, device=dev),
             valid=torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid,
-            condition=torch.zeros(b, n, dtype=torch.bool, device=dev) if condition is None else condition,
+            condition=(torch.zeros(b, n, dtype=torch.bool, device=dev) if condition is None
+                       else condition),
             labels=labels,
         )
 
@@ -68,8 +70,10 @@ class TokenBatch:
 class TimestepPlan:
     """Per-token noise levels for one step.
 
-    - ``student_t`` [B, N]: the student's timestep per token (``s`` on masked tokens, ``t`` elsewhere).
-    - ``teacher_t`` [B, N]: the teacher's timestep, ``min(t, s)`` for every token (the cleaner view).
+    - ``student_t`` [B, N]: the student's timestep per token (``s`` on masked tokens, ``t``
+      elsewhere).
+    - ``teacher_t`` [B, N]: the teacher's timestep, ``min(t, s)`` for every token (the cleaner
+      view).
     - ``masked`` [B, N] bool: tokens that received the second timestep ``s``.
     """
 

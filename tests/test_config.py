@@ -5,9 +5,21 @@ import pytest
 
 from selfflow_core.backbone import DiT
 from selfflow_core.config import (
-    ConfigError, apply_overrides, make_converter, parse_override, read_file, structure, to_data)
+    ConfigError,
+    apply_overrides,
+    make_converter,
+    parse_override,
+    read_file,
+    structure,
+    to_data,
+)
 from selfflow_core.interfaces import (
-    BackboneConfig, ModalityConfig, SchedulerConfig, TeacherConfig, TrackerConfig)
+    BackboneConfig,
+    ModalityConfig,
+    SchedulerConfig,
+    TeacherConfig,
+    TrackerConfig,
+)
 from selfflow_core.objective import ObjectiveConfig
 from selfflow_core.plugins import Components, make_plugin_manager
 from selfflow_core.teachers import EMATeacher

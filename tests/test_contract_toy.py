@@ -12,7 +12,11 @@ import torch
 from selfflow_core.backbone import DiT
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.testing import (
-    BackboneContract, ModalityContract, check_config_contract, randomize_parameters)
+    BackboneContract,
+    ModalityContract,
+    check_config_contract,
+    randomize_parameters,
+)
 from selfflow_core.toy import ToyModality
 
 

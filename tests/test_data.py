@@ -91,7 +91,7 @@ def test_batch_larger_than_rank_share_refused():
 def test_resume_is_exact(stop, world_size):
     store = index_store(200)
     for rank in range(world_size):
-        def make():
+        def make(rank=rank):
             return build_loader([source(store, 8)], seed=7, rank=rank, world_size=world_size,
                                 num_workers=2, prefetch=3)
         full = indices(take(make(), 20))

@@ -151,7 +151,8 @@ def test_buckets_partition_the_values():
     values = torch.randn(1000, generator=g)
     means, counts = bucket_means(values, t, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert counts.sum() == 1000
-    assert float((means * counts).sum() / counts.sum()) == pytest.approx(float(values.double().mean()))
+    assert (float((means * counts).sum() / counts.sum())
+            == pytest.approx(float(values.double().mean())))
     for j, (lo, hi) in enumerate(zip([0, 0.2, 0.4, 0.6, 0.8], [0.2, 0.4, 0.6, 0.8, 1.01])):
         inside = (t >= lo) & (t < hi)
         assert counts[j] == inside.sum()

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 
 from selfflow_core.scaffold import render_files
+from selfflow_core.testing.install import (
+    entry_point_in,
+    overlay_python,
+    pip_install_editable,
+    run_plugin_tests,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "selfflow-timeseries"
-
-
-from selfflow_core.testing.install import (
-    entry_point_in, overlay_python, pip_install_editable, run_plugin_tests)
 
 
 def _generated(part: str) -> bool:

@@ -64,4 +64,5 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="N >= 2"):
         gaussian_stats(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="widths differ"):
-        frechet_distance(np.zeros((4, 3)) + np.arange(4)[:, None], np.ones((4, 2)) * np.arange(4)[:, None])
+        frechet_distance(np.zeros((4, 3)) + np.arange(4)[:, None],
+                         np.ones((4, 2)) * np.arange(4)[:, None])

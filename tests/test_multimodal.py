@@ -56,8 +56,10 @@ def test_multimodal_tiny_trains_every_modality_through_one_backbone(tmp_path):
         seen.append(trainer.current_modality)
     after = [held_out_loss(trainer, i) for i in range(len(trainer.modalities))]
     # one backbone, one input and output projection per token stream of every modality
-    dims = [d for m in trainer.modalities for d in getattr(m.adapter, "token_dims", (m.adapter.token_dim,))]
-    assert len(trainer.backbone.inputs) == len(dims) == trainer.backbone.modality_embed.num_embeddings
+    dims = [d for m in trainer.modalities
+            for d in getattr(m.adapter, "token_dims", (m.adapter.token_dim,))]
+    assert (len(trainer.backbone.inputs) == len(dims)
+            == trainer.backbone.modality_embed.num_embeddings)
     # every modality supplied batches, roughly in proportion to its probability
     shares = {name: seen.count(name) / len(seen) for name in config.modalities}
     assert all(shares[n] > 0 for n in config.modalities), shares

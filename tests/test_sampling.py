@@ -211,7 +211,7 @@ def test_conditioning_tokens_are_held_clean(method, cfg_scale):
                  generator=gen())
     assert torch.equal(out[condition], held[condition])
     assert not torch.allclose(out[~condition], held[~condition])
-    for x, t, batch in model.calls:
+    for x, t, _ in model.calls:
         reps = x.shape[0] // B
         cond = condition.repeat(reps, 1)
         assert torch.equal(x[cond], held.repeat(reps, 1, 1)[cond])  # seen clean ...

@@ -25,9 +25,12 @@ from selfflow_core.scaffold import (
     render_files,
     validate_name,
 )
-
 from selfflow_core.testing.install import (
-    entry_point_in, overlay_python, pip_install_editable, run_plugin_tests)
+    entry_point_in,
+    overlay_python,
+    pip_install_editable,
+    run_plugin_tests,
+)
 
 # ---- names and directories ------------------------------------------------------------------
 

@@ -17,7 +17,14 @@ from zarr.storage import MemoryStore
 
 from selfflow_core.data import sample_posterior
 from selfflow_core.store import (
-    FORMAT_VERSION, StoreError, StoreWriter, check_store, encode_store, open_store, store_schema)
+    FORMAT_VERSION,
+    StoreError,
+    StoreWriter,
+    check_store,
+    encode_store,
+    open_store,
+    store_schema,
+)
 from selfflow_core.toy import ToyModality
 
 COUNT, BATCH = 300, 64

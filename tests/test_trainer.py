@@ -561,7 +561,8 @@ def test_ddp_two_processes_match_one(tmp_path, store, monkeypatch):
         for part in ("model", "head"):
             for name, value in one[part].items():
                 torch.testing.assert_close(ddp[part][name], value, atol=1e-5, rtol=1e-4,
-                                           msg=lambda m: f"step {step} {part}.{name}: {m}")
+                                           msg=lambda m, step=step, part=part, name=name:
+                                           f"step {step} {part}.{name}: {m}")
         for name, value in one["teacher"]["model"].items():
             torch.testing.assert_close(ddp["teacher"]["model"][name], value, atol=1e-5,
                                        rtol=1e-4)

@@ -4,7 +4,11 @@ from selfflow_core.interfaces.backbone import Backbone, BackboneConfig
 from selfflow_core.interfaces.modality import FieldSpec, ModalityAdapter, ModalityConfig, Source
 from selfflow_core.interfaces.teacher import TeacherConfig, TeacherStrategy
 from selfflow_core.interfaces.timesteps import (
-    SchedulerConfig, TimeDistribution, TimeDistributionConfig, TimestepScheduler)
+    SchedulerConfig,
+    TimeDistribution,
+    TimeDistributionConfig,
+    TimestepScheduler,
+)
 from selfflow_core.interfaces.tracker import Tracker, TrackerConfig
 
 __all__ = [

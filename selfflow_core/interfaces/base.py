@@ -1,4 +1,5 @@
-"""The base of every component config: frozen, keyword-only, tagged by ``kind``, with ``build()``."""
+"""The base of every component config: frozen, keyword-only, tagged by ``kind``, with
+``build()``."""
 
 from __future__ import annotations
 

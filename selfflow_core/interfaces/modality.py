@@ -72,7 +72,8 @@ class ModalityAdapter(abc.ABC):
         """The arrays a store of this modality holds, by name, with per-sample shape and dtype."""
 
     def encoder_info(self) -> Mapping[str, Any]:
-        """Name, version and settings of the encoder that makes the latents (stored in the schema)."""
+        """Name, version and settings of the encoder that makes the latents (stored in the
+        schema)."""
         return {"name": "identity", "version": "1"}
 
     def normalization(self) -> Mapping[str, Any]:

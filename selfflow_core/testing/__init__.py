@@ -34,7 +34,11 @@ pytest.register_assert_rewrite("selfflow_core.testing.checks", "selfflow_core.te
 
 from selfflow_core.testing.backbone import BackboneContract  # noqa: E402
 from selfflow_core.testing.checks import (  # noqa: E402
-    check_config_contract, check_token_batch, pad_batch, randomize_parameters)
+                               check_config_contract,
+                               check_token_batch,
+                               pad_batch,
+                               randomize_parameters,
+)
 from selfflow_core.testing.modality import ModalityContract  # noqa: E402
 
 __all__ = [

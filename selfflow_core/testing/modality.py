@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import attrs
 import numpy as np
@@ -16,7 +17,11 @@ from selfflow_core.interfaces import BackboneConfig, ModalityAdapter, ModalityCo
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.testing.checks import (
-    check_config_contract, check_token_batch, pad_batch, randomize_parameters)
+    check_config_contract,
+    check_token_batch,
+    pad_batch,
+    randomize_parameters,
+)
 from selfflow_core.timesteps import DualTimestep, Uniform
 from selfflow_core.types import TimestepPlan, TokenBatch
 

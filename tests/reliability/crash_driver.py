@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(1)
-
 # imported once here, not in every child
 import selfflow_core.store
 import selfflow_core.trainer  # noqa: F401
 from selfflow_core import checkpoint, cli
+
+torch.set_num_threads(1)
 
 # the first optimizer imports torch._dynamo (seconds): pay that once, before forking
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
@@ -90,7 +90,7 @@ def mode_checkpoint(spec: dict, out: Path) -> dict:
 
 def mode_train(spec: dict, out: Path) -> dict:
     trials = []
-    for i, trial in enumerate(spec["trials"]):
+    for trial in spec["trials"]:
         read, write = os.pipe()
         pid = fork(lambda trial=trial: cli.main(["train", "toy", *trial["argv"]]), stdout=write)
         os.close(write)

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from selfflow_image import (
+    DiffusersVAEEncoder,
+    DigitsSource,
+    EncoderConfig,
+    FolderSource,
+    ImageModality,
+    PixelEncoder,
+    build_encoder,
+    make_grid,
+)
 
 from selfflow_core import Components
 from selfflow_core.config import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
-from selfflow_image import (
-    DiffusersVAEEncoder, DigitsSource, EncoderConfig, FolderSource, ImageModality, PixelEncoder,
-    build_encoder, make_grid)
 
 try:
     from selfflow_core.testing import ModalityContract

@@ -11,23 +11,30 @@ import attrs
 import numpy as np
 import pytest
 import torch
+from selfflow_robotics import (
+    Normalization,
+    ReacherTask,
+    RoboticsModality,
+    collect,
+    episode_seed,
+    expert_policy,
+    random_policy,
+    rollout,
+)
+from selfflow_robotics.evaluate import evaluate
+from selfflow_robotics.evaluate import main as eval_main
+from selfflow_robotics.presets import MASK_RATIO, debug_tiny, default
+from selfflow_robotics.sim import run_expert_episode
 
 from selfflow_core import Components
 from selfflow_core.build import check
-from selfflow_core.config import make_converter, structure, to_data
+from selfflow_core.config import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
-from selfflow_core.store import encode_store, open_store
+from selfflow_core.store import encode_store
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.testing import ModalityContract, randomize_parameters
 from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.types import TimestepPlan
-from selfflow_robotics import (
-    Normalization, ReacherTask, RoboticsModality, collect, episode_seed, expert_policy,
-    random_policy, rollout)
-from selfflow_robotics.evaluate import evaluate, main as eval_main
-from selfflow_robotics.presets import MASK_RATIO, debug_tiny, default
-from selfflow_robotics.sim import run_expert_episode
 
 SMALL = RoboticsModality.Config(episodes=2, horizon=4)
 CHUNKED = RoboticsModality.Config(episodes=2, horizon=3, state_chunk=4)
@@ -81,7 +88,7 @@ def test_config_through_the_converter():
     cfg = structure(conv, {"kind": "robotics", "horizon": 6, "state_chunk": 3}, ModalityConfig)
     assert cfg == RoboticsModality.Config(horizon=6, state_chunk=3)
     assert structure(conv, to_data(conv, cfg), ModalityConfig) == cfg
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError):
         structure(conv, {"kind": "robotics", "task": "nope"}, ModalityConfig)
 
 

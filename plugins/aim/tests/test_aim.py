@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from selfflow_aim import AimTracker
+
 from selfflow_core import Components
 from selfflow_core.config import make_converter, structure, to_data
 from selfflow_core.interfaces import Tracker, TrackerConfig

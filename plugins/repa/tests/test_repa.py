@@ -145,7 +145,8 @@ def test_a_missing_encoder_path_is_a_clear_config_error(tmp_path):
 
     missing = tmp_path / "nope" / "encoder.pt"
     cfg = repa_config(tmp_path, missing, steps=2)
-    with pytest.raises(ConfigError, match=r"\$\.teacher\.encoder: encoder file .*nope.* does not exist"):
+    with pytest.raises(ConfigError,
+                       match=r"\$\.teacher\.encoder: encoder file .*nope.* does not exist"):
         check(cfg, Components())
     with pytest.raises(ConfigError, match="does not exist"):
         Trainer(cfg, progress=False)

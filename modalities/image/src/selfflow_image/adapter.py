@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 import numpy as np
@@ -179,7 +180,7 @@ class ImageModality(ModalityAdapter):
             enc = getattr(self, "encoder", None)  # validators may run before `encoder` is set
             return enc is None or enc.kind == "pixel"
 
-        def build(self) -> "ImageModality":
+        def build(self) -> ImageModality:
             return ImageModality(self)
 
     def __init__(self, config: Config) -> None:

@@ -1,7 +1,6 @@
 """Registers the image modality with selfflow (entry point ``image`` in group ``selfflow``)."""
 
 from selfflow_core import hookimpl
-
 from selfflow_image.adapter import ImageModality
 
 

@@ -4,8 +4,18 @@ evaluation in the simulator)."""
 
 from selfflow_robotics.adapter import DemonstrationSource, Normalization, RoboticsModality
 from selfflow_robotics.sim import (
-    TASKS, Demonstrations, ReacherTask, RolloutResult, Task, collect, episode_seed,
-    expert_policy, make_task, random_policy, rollout)
+    TASKS,
+    Demonstrations,
+    ReacherTask,
+    RolloutResult,
+    Task,
+    collect,
+    episode_seed,
+    expert_policy,
+    make_task,
+    random_policy,
+    rollout,
+)
 
 __all__ = [
     "TASKS", "DemonstrationSource", "Demonstrations", "Normalization", "ReacherTask",

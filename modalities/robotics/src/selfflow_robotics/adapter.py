@@ -27,8 +27,9 @@ before encoding), and used by :meth:`encode`; a trained policy un-normalises wit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 import numpy as np
@@ -166,13 +167,13 @@ class RoboticsModality(ModalityAdapter):
         high_quantile: float = attrs.field(default=0.99, validator=[v.gt(0.5), v.le(1)])
         seed: int = 0
 
-        def build(self) -> "RoboticsModality":
+        def build(self) -> RoboticsModality:
             return RoboticsModality(self)
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.task: Task = make_task(config.task)
-        s, a = self.task.state_dim, self.task.action_dim
+        s = self.task.state_dim
         self.state_width = min(config.state_chunk or s, s)
         self.state_tokens = math.ceil(s / self.state_width)
         self.horizon = config.horizon
@@ -229,7 +230,8 @@ class RoboticsModality(ModalityAdapter):
         return self._norm
 
     def set_normalization(self, data: Mapping[str, Any] | Normalization) -> None:
-        """Use recorded statistics (e.g. a store schema's ``normalization``), not recomputed ones."""
+        """Use recorded statistics (e.g. a store schema's ``normalization``), not recomputed
+        ones."""
         norm = data if isinstance(data, Normalization) else Normalization.from_dict(data)
         t = self.task
         if norm.action_low.shape != (t.action_dim,) or norm.state_mean.shape != (t.state_dim,):
@@ -262,7 +264,8 @@ class RoboticsModality(ModalityAdapter):
 
     def encode(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = self.stats
-        return {"state": n.normalize_states(np.asarray(raw["state"], np.float64)).astype(np.float32),
+        state = n.normalize_states(np.asarray(raw["state"], np.float64))
+        return {"state": state.astype(np.float32),
                 "actions": n.normalize_actions(
                     np.asarray(raw["actions"], np.float64)).astype(np.float32),
                 "episode": np.asarray(raw["episode"], np.int64),

@@ -32,7 +32,7 @@ import attrs
 import numpy as np
 import torch
 
-from selfflow_core import build, checkpoint
+from selfflow_core import checkpoint
 from selfflow_core.config import make_converter, to_data
 from selfflow_core.generate import load_for_sampling
 from selfflow_core.plugins import Components

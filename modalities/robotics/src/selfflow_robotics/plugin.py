@@ -1,7 +1,7 @@
-"""Registers the robotics modality with selfflow (entry point ``robotics`` in group ``selfflow``)."""
+"""Registers the robotics modality with selfflow (entry point ``robotics`` in group
+``selfflow``)."""
 
 from selfflow_core import hookimpl
-
 from selfflow_robotics.adapter import RoboticsModality
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import attrs
+
 from selfflow_core.backbone import DiT
 from selfflow_core.sampling import SamplingConfig
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.trainer_config import (
-    CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig)
-
+from selfflow_core.trainer_config import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_robotics.adapter import RoboticsModality
 
 #: the paper gives no mask ratio for robotics; 0.25 (its image and audio value) is our choice

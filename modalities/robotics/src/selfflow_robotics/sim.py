@@ -17,7 +17,8 @@ from __future__ import annotations
 import abc
 import functools
 import warnings
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import attrs
 import numpy as np
@@ -81,7 +82,8 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def success(self, final_states: np.ndarray) -> np.ndarray:
-        """Whether each episode that ended in ``final_states`` [n, state_dim] succeeded -> [n] bool."""
+        """Whether each episode that ended in ``final_states`` [n, state_dim] succeeded -> [n]
+        bool."""
 
     def near(self, final_states: np.ndarray) -> np.ndarray:
         """A looser success test (reported next to :meth:`success`); default: the same."""

@@ -147,9 +147,10 @@ class CartPoleSource(Source):
     """``count`` clips of gymnasium's ``CartPole-v1`` rendered headless.
 
     Clip ``i``: the env is reset with a seed drawn from ``numpy.random.default_rng([seed, i])``
-    (the random policy and action noise use ``[seed, i, 1]``), label ``i % 2``: 0 = a balancing controller (10 % random actions), 1 = uniformly random
-    pushes, so the pole visibly falls. ``frame_skip`` physics steps pass between frames; after
-    termination the physics keeps running (the pole may fall over). Each 400x600 RGB frame is
+    (the random policy and action noise use ``[seed, i, 1]``), label ``i % 2``: 0 = a balancing
+    controller (10 % random actions), 1 = uniformly random pushes, so the pole visibly falls.
+    ``frame_skip`` physics steps pass between frames; after termination the physics keeps running
+    (the pole may fall over). Each 400x600 RGB frame is
     cropped to the 180x180 square around the track centre, grey, thickened (min filter) so the
     pole survives downscaling, inverted (background ``-1``) and box-downscaled to ``size``.
     """

@@ -3,9 +3,8 @@
 Importing this module does not import aim (about a second); :class:`AimTracker` does when built.
 """
 
-from selfflow_core import hookimpl
-
 from selfflow_aim.tracker import AimTracker
+from selfflow_core import hookimpl
 
 
 @hookimpl

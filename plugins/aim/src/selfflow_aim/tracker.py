@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 import numpy as np
@@ -53,7 +54,7 @@ class AimTracker(Tracker):
         experiment: str = DEFAULT_EXPERIMENT
         system_tracking: bool = False
 
-        def build(self, *, run_dir: Path, experiment: str = DEFAULT_EXPERIMENT) -> "AimTracker":
+        def build(self, *, run_dir: Path, experiment: str = DEFAULT_EXPERIMENT) -> AimTracker:
             run_dir = Path(run_dir)
             repo = Path(self.repo).expanduser() if self.repo else run_dir.resolve().parent / "aim"
             name = self.experiment if self.experiment != DEFAULT_EXPERIMENT else experiment
