@@ -136,7 +136,8 @@ def test_sigterm_at_random_steps_checkpoints_exits_0_and_resumes_exactly(tmp_pat
         lines = [ln for ln in out.splitlines() if "stopped by SIGTERM after step" in ln]
         assert lines, out
         k = int(lines[0].split("after step ")[1].split(";")[0])
-        assert trial["sent_after_step"] <= k < STEPS, out  # it finished the step it was in
+        # it finished the step it was in (on a fast machine that can be the last step)
+        assert trial["sent_after_step"] <= k <= STEPS, out
         run = Path(trial["run"])
         assert steps_of(run / "checkpoints") == [k]  # written because of the signal
         assert checkpoint.load(checkpoint.path_for(run / "checkpoints", k))["step"] == k
