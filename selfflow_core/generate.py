@@ -1,4 +1,5 @@
-"""Sampling from a checkpoint: rebuild the run from the config stored inside, load the weights
+"""Generating samples: one modality from a model (`write_samples`, used by the trainer), and from a
+checkpoint: rebuild the run from the config stored inside, load the weights
 (evaluation EMA, else the EMA teacher, else the raw student) and write samples."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from selfflow_core import build, checkpoint
 from selfflow_core.config import make_converter, structure
 from selfflow_core.plugins import Components
-from selfflow_core.trainer import write_samples
+from selfflow_core.sampling import sample
 from selfflow_core.trainer_config import TrainerConfig
 
 
@@ -43,3 +44,26 @@ def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str 
         paths += write_samples(model, m, sampling, out / m.name, null_label=model.num_classes,
                                device=torch.device(device))
     return paths
+
+
+def write_samples(model, m: build.ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
+                  device: torch.device, labels: torch.Tensor | None = None,
+                  save: bool = True) -> list[Path]:
+    """Sample ``cfg.count`` items of one modality (classes cycled) and save them via its adapter
+    (``save=False``: only sample, as the other ranks of a sharded model must)."""
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    prompt = m.adapter.prompt(cfg.count).to(device)
+    prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
+    if m.adapter.num_classes and labels is None:
+        labels = torch.arange(cfg.count, device=device) % m.adapter.num_classes
+    if labels is not None:
+        prompt = attrs.evolve(prompt, labels=labels.to(device))
+    was_training = model.training
+    model.eval()
+    tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
+                    cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen)
+    model.train(was_training)
+    if not save:
+        return []
+    return m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
+                                  None if labels is None else labels.cpu(), out_dir)

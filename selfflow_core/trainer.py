@@ -18,10 +18,10 @@ import torch
 from selfflow_core import build, checkpoint
 from selfflow_core.data import LoaderSource, build_loader
 from selfflow_core.distributed import Dist, setup
+from selfflow_core.generate import write_samples
 from selfflow_core.parallel import Parallel
 from selfflow_core.plugins import Components
 from selfflow_core.progress import Progress
-from selfflow_core.sampling import sample
 from selfflow_core.store import encode_store, open_store
 from selfflow_core.teachers import EMA
 from selfflow_core.trackers import NullTracker
@@ -338,26 +338,3 @@ class Trainer:
                                    save=self.dist.is_main)
         self.tracker.log_images("samples", paths, step=self.step)
         return paths
-
-
-def write_samples(model, m: build.ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
-                  device: torch.device, labels: torch.Tensor | None = None,
-                  save: bool = True) -> list[Path]:
-    """Sample ``cfg.count`` items of one modality (classes cycled) and save them via its adapter
-    (``save=False``: only sample, as the other ranks of a sharded model must)."""
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    prompt = m.adapter.prompt(cfg.count).to(device)
-    prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
-    if m.adapter.num_classes and labels is None:
-        labels = torch.arange(cfg.count, device=device) % m.adapter.num_classes
-    if labels is not None:
-        prompt = attrs.evolve(prompt, labels=labels.to(device))
-    was_training = model.training
-    model.eval()
-    tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
-                    cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen)
-    model.train(was_training)
-    if not save:
-        return []
-    return m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
-                                  None if labels is None else labels.cpu(), out_dir)
