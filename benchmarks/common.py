@@ -61,9 +61,13 @@ def print_table(headers: list[str], rows: list[list]) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+def write_json(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+    """``folder/name.json`` with the machine's description first (written atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    tmp.replace(path)
     print(f"wrote {path}")
     return path
