@@ -27,6 +27,8 @@ against ``torch.utils.flop_counter`` on a small model.
 
     python benchmarks/gpu.py [--sizes B,XL] [--batch-B 128] [--batch-XL 64] [--compile]
     python benchmarks/gpu.py --flops-only          # the analytic FLOPs table, no GPU needed
+    python benchmarks/gpu.py --device cpu --sizes tiny --tokens 16 --batch 8   # checks the
+        # measuring code on a CPU (tests/test_gpu_flops.py runs it; no MFU without a GPU)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, summary, time_interleaved, write_json
+from common import RESULTS, print_table, summary, time_interleaved, write_json
 
 from selfflow_core.backbone import DiT
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
@@ -83,12 +85,13 @@ def peak_flops(name: str, override: float | None) -> float | None:
     return None
 
 
-def make_step(cfg: DiT.Config, batch: int, *, selfflow: bool, compile_blocks: bool):
+def make_step(cfg: DiT.Config, batch: int, *, selfflow: bool, compile_blocks: bool,
+              device: str = "cuda", tokens: int = TOKENS):
     from selfflow_core.teachers import EMATeacher, NoTeacher
     from selfflow_core.timesteps import DualTimestep, SingleTimestep
     from selfflow_core.types import TokenBatch
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     torch.manual_seed(0)
     net = cfg.build(token_dims=[CHANNELS], num_classes=CLASSES).to(device)
     obj = SelfFlowObjective(ObjectiveConfig(), depth=net.depth, width=net.width).to(device)
@@ -102,18 +105,20 @@ def make_step(cfg: DiT.Config, batch: int, *, selfflow: bool, compile_blocks: bo
             for block in teacher.model.blocks:
                 block.compile()
     params = list(net.parameters()) + list(obj.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator(device).manual_seed(0)
-    side = int(TOKENS ** 0.5)
+    side = int(tokens ** 0.5)
+    if side * side != tokens:
+        raise SystemExit(f"--tokens {tokens}: must be a square (a side x side latent grid)")
     pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"),
-                      -1).reshape(1, TOKENS, 2).float().expand(batch, -1, -1).to(device)
-    data = TokenBatch.single(torch.randn(batch, TOKENS, CHANNELS, device=device), pos,
+                      -1).reshape(1, tokens, 2).float().expand(batch, -1, -1).to(device)
+    data = TokenBatch.single(torch.randn(batch, tokens, CHANNELS, device=device), pos,
                              labels=torch.randint(0, CLASSES, (batch,), device=device))
 
     def step():
         plan = scheduler.plan(data, generator=gen)
         noise = torch.randn(data.tokens.shape, generator=gen, device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             terms = obj(net, teacher, data, plan, noise)
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -124,41 +129,52 @@ def make_step(cfg: DiT.Config, batch: int, *, selfflow: bool, compile_blocks: bo
     return step, obj.teacher_layer
 
 
-def flops_table(sizes, batches) -> list[list]:
+def flops_table(sizes, batches, tokens: int = TOKENS) -> list[list]:
     rows = []
     for size in sizes:
         cfg, b = DiT.Config.sized(size), batches[size]
         k = ObjectiveConfig().layers(cfg.depth)[1]
-        van = step_flops(cfg, b, TOKENS, CHANNELS, selfflow=False)
-        sf = step_flops(cfg, b, TOKENS, CHANNELS, selfflow=True, teacher_layer=k)
+        van = step_flops(cfg, b, tokens, CHANNELS, selfflow=False)
+        sf = step_flops(cfg, b, tokens, CHANNELS, selfflow=True, teacher_layer=k)
         rows.append([size, b, k, van / 1e12, sf / 1e12, sf / van])
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="B,XL")
     ap.add_argument("--batch-B", type=int, default=128)
     ap.add_argument("--batch-XL", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=0, help="one batch for every size (0: per size)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (slow start)")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--flops-only", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per sample (a square)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda; or cpu to check the measuring code itself (no MFU)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder of gpu.json")
+    args = ap.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
-    batches = {s: getattr(args, f"batch_{s}", 64) for s in sizes}
-    print(f"{TOKENS} tokens x {CHANNELS} channels per sample (32x32x4 latents, patch 2)")
+    batches = {s: args.batch or getattr(args, f"batch_{s}", 64) for s in sizes}
+    n = args.tokens
+    print(f"{n} tokens x {CHANNELS} channels per sample" +
+          (" (32x32x4 latents, patch 2)" if n == TOKENS else ""))
     print_table(["size", "batch", "teacher k", "vanilla TFLOP/step", "Self-Flow TFLOP/step",
-                 "ratio"], flops_table(sizes, batches))
+                 "ratio"], flops_table(sizes, batches, n))
     if args.flops_only:
-        return
-    if not torch.cuda.is_available():
+        return None
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         print("CUDA is not available: skipping the GPU benchmark (nothing measured).")
-        return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    name = torch.cuda.get_device_name()
-    peak = peak_flops(name, args.peak_tflops)
+        return None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        name = torch.cuda.get_device_name()
+        peak = peak_flops(name, args.peak_tflops)
+    else:
+        name, peak = f"{args.device} (a check of the measuring code, not a GPU figure)", None
     rows, record = [], {}
     for size in sizes:
         cfg = DiT.Config.sized(size)
@@ -167,8 +183,9 @@ def main() -> None:
             try:
                 steps, ks = {}, {}
                 for variant, sf in (("vanilla", False), ("selfflow", True)):
-                    steps[variant], ks[variant] = make_step(cfg, b, selfflow=sf,
-                                                            compile_blocks=args.compile)
+                    steps[variant], ks[variant] = make_step(
+                        cfg, b, selfflow=sf, compile_blocks=args.compile, device=args.device,
+                        tokens=n)
                 times = time_interleaved(steps, warmup=3, repeats=args.repeats, inner=args.inner)
                 break
             except torch.cuda.OutOfMemoryError:
@@ -181,8 +198,8 @@ def main() -> None:
         for variant, samples in times.items():
             s = summary(samples)
             sf = variant == "selfflow"
-            flops = step_flops(cfg, b, TOKENS, CHANNELS, selfflow=sf, teacher_layer=ks[variant])
-            tps = b * TOKENS / s["median_s"]
+            flops = step_flops(cfg, b, n, CHANNELS, selfflow=sf, teacher_layer=ks[variant])
+            tps = b * n / s["median_s"]
             mfu = flops / s["median_s"] / peak if peak else None
             rows.append([size, variant, b, s["median_s"] * 1e3, tps, flops / 1e12,
                          "n/a" if mfu is None else f"{100 * mfu:.1f}%"])
@@ -191,13 +208,18 @@ def main() -> None:
         base = record[f"{size}/vanilla"]["median_s"]
         sf_record = record[f"{size}/selfflow"]
         sf_record["step_time_ratio"] = sf_record["median_s"] / base
+        sf_record["flop_ratio"] = sf_record["step_flops"] / record[f"{size}/vanilla"][
+            "step_flops"]
         del steps
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     print(f"\n{name}, bf16 autocast, compile={args.compile}, peak "
           f"{'unknown (pass --peak-tflops)' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
     print_table(["size", "variant", "batch", "step ms", "tokens/s", "TFLOP/step", "MFU"], rows)
-    write_json("gpu", {"args": vars(args), "device": name, "peak_flops": peak,
-                       "tokens": TOKENS, "channels": CHANNELS, "results": record})
+    payload = {"args": vars(args), "device": name, "peak_flops": peak, "tokens": n,
+               "channels": CHANNELS, "results": record}
+    write_json("gpu" if cuda else f"gpu_{args.device}_check", payload, folder=Path(args.out))
+    return payload
 
 
 if __name__ == "__main__":

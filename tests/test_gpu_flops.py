@@ -62,3 +62,22 @@ def test_sizes_and_the_selfflow_overhead(gpu):
     assert gpu.peak_flops("NVIDIA H100 PCIe", None) == 756e12
     assert gpu.peak_flops("NVIDIA H100 80GB HBM3", None) == 989.4e12
     assert gpu.peak_flops("Some GPU", None) is None and gpu.peak_flops("x", 100) == 100e12
+
+
+def test_the_measuring_code_runs_on_cpu(gpu, tmp_path):
+    """The GPU benchmark's own code path (model, bf16 autocast, DTS, EMA teacher, optimizer,
+    interleaved timing, record) on a CPU and a tiny shape: what a GPU run will execute."""
+    payload = gpu.main(["--device", "cpu", "--sizes", "tiny", "--tokens", "16", "--batch", "4",
+                        "--repeats", "2", "--inner", "1", "--out", str(tmp_path)])
+    saved = (tmp_path / "gpu_cpu_check.json").read_text()
+    assert '"tiny/selfflow"' in saved
+    van, sf = payload["results"]["tiny/vanilla"], payload["results"]["tiny/selfflow"]
+    cfg = DiT.Config.sized("tiny")
+    k = ObjectiveConfig().layers(cfg.depth)[1]
+    for rec, selfflow in ((van, False), (sf, True)):
+        assert rec["median_s"] > 0 and rec["mfu"] is None  # no peak FLOP/s for a CPU
+        assert rec["tokens_per_s"] == pytest.approx(4 * 16 / rec["median_s"])
+        assert rec["step_flops"] == gpu.step_flops(cfg, 4, 16, gpu.CHANNELS, selfflow=selfflow,
+                                                   teacher_layer=k)
+    assert sf["step_time_ratio"] == pytest.approx(sf["median_s"] / van["median_s"])
+    assert 1 < sf["flop_ratio"] < 1.5
