@@ -1,4 +1,5 @@
-"""Representation diagnostics, usable during training (:class:`DiagnosticsHook`) and offline.
+"""Representation diagnostics, usable during training (``TrainerConfig.diagnostics``, or
+:class:`DiagnosticsHook` on a batch of your own) and offline.
 
 Every public function takes a backbone and a :class:`~selfflow_core.types.TokenBatch` (plus class
 labels where the data has them) and returns a plain ``dict[str, float]``, ready for a tracker's
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import attrs
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +32,8 @@ from selfflow_core.hookspecs import hookimpl
 from selfflow_core.types import TokenBatch
 
 __all__ = ["DiagnosticsHook", "bucket_means", "effective_rank", "feature_spread", "hidden_features",
-           "linear_probe", "loss_by_timestep", "objective_metrics", "pool", "probe_layers"]
+           "linear_probe", "loss_by_timestep", "objective_metrics", "pool", "probe_layers",
+           "stored_batch"]
 
 
 def _rows(batch: TokenBatch, rows: slice | Tensor) -> TokenBatch:
@@ -241,6 +244,17 @@ def objective_metrics(model, teacher, batch: TokenBatch, scheduler, *, seed: int
     noise = torch.randn(batch.tokens.shape, generator=gen, device=device)
     terms = model(teacher, batch, plan, noise)
     return {k: float(v) for k, v in terms.metrics.items()}
+
+
+def stored_batch(store, adapter, count: int, *, id_offset: int = 0,
+                 device: torch.device | str = "cpu") -> TokenBatch:
+    """A fixed diagnostics set: ``count`` samples spread evenly over a latent store (all of them
+    when it holds fewer), tokenized by the modality's adapter."""
+    n = len(store)
+    idx = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+    fields = store.read(idx)
+    batch = adapter.tokenize({k: torch.from_numpy(np.asarray(v)) for k, v in fields.items()})
+    return attrs.evolve(batch, modality_ids=batch.modality_ids + id_offset).to(device)
 
 
 class DiagnosticsHook:

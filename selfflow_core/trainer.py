@@ -17,6 +17,7 @@ import torch
 
 from selfflow_core import build, checkpoint
 from selfflow_core.data import LoaderSource, build_loader
+from selfflow_core.diagnostics import DiagnosticsHook, stored_batch
 from selfflow_core.distributed import Dist, setup
 from selfflow_core.generate import write_samples
 from selfflow_core.parallel import Parallel
@@ -45,12 +46,13 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.config_data = build.config_data(config, self.components)
         self.modalities = build.build_modalities(config)
+        stores = [self._open_store(m) for m in self.modalities]
         self.loader = build_loader(
-            [LoaderSource(store=self._open_store(m), tokenize=m.adapter.tokenize,
+            [LoaderSource(store=store, tokenize=m.adapter.tokenize,
                           probability=m.spec.probability,
                           batch_size=m.spec.batch_size
                           // (self.dist.world_size * config.grad_accum))
-             for m in self.modalities],
+             for m, store in zip(self.modalities, stores)],
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
             num_workers=config.num_workers)
         self.teacher = config.teacher.build()
@@ -74,6 +76,11 @@ class Trainer:
             find_unused=len(self.modalities) > 1)
         self.optimizer, self.lr_schedule = build.build_optimizer(
             config.optim, self.model.parameters(), config.steps, self.device)
+        d = config.diagnostics
+        self.diagnostics = {m.name: DiagnosticsHook(
+            stored_batch(store, m.adapter, d.samples, id_offset=m.id_offset, device=self.device),
+            every=d.every, t=d.t, timestep_buckets=d.timestep_buckets)
+            for m, store in zip(self.modalities, stores)} if d.every else {}
         self.step, self.skipped, self.losses = 0, 0, []
         self.batches = iter(self.loader)
         self._stop_signal: str | None = None
@@ -214,6 +221,7 @@ class Trainer:
             metrics = self._global_metrics(terms.metrics)
             self.losses.append(metrics["loss"])
             hooks.selfflow_on_step_end(trainer=self, step=self.step, terms=terms)
+            self._diagnose()
             self.progress.update(self.step, metrics)
             if self.step % self.config.log_every == 0:
                 metrics["samples_per_s"] = self._throughput()
@@ -228,6 +236,16 @@ class Trainer:
             if self.dist.any(self._stop_signal is not None):
                 return "signal"
         return "done"
+
+    def _diagnose(self) -> None:
+        """``config.diagnostics`` of the raw student, every ``every`` steps (every rank computes
+        them, so a sharded model works; the main rank logs them)."""
+        every = self.config.diagnostics.every
+        if not every or self.step % every:
+            return
+        metrics = {f"diag/{name}/{k}": v for name, hook in self.diagnostics.items()
+                   for k, v in hook.report(self.backbone).items()}
+        self.tracker.log_metrics(metrics, step=self.step)
 
     def _global_metrics(self, metrics) -> dict[str, float]:
         """Metrics averaged over ranks (each rank's are of its share of the batch), so logs and

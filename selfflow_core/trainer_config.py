@@ -64,6 +64,22 @@ class CheckpointConfig:
 
 
 @attrs.frozen(kw_only=True)
+class DiagnosticsConfig:
+    """Representation diagnostics logged to the tracker while training
+    (:mod:`selfflow_core.diagnostics`), on the raw student, on a fixed set of the first
+    ``samples`` stored samples of each modality: per block ``probe_acc`` (linear probe, where the
+    data has class labels), ``erank`` and ``feat_std`` (collapse monitors), and the flow loss in
+    ``timestep_buckets`` buckets of t. Metric names: ``diag/<modality>/<name>``. They only read
+    the model (no grad, their own RNG): training is unchanged. ``every = 0`` turns them off."""
+
+    every: int = attrs.field(default=0, validator=v.ge(0))
+    samples: int = attrs.field(default=512, validator=v.ge(4))
+    #: the noise level the features are read at (0: clean data)
+    t: float = attrs.field(default=0.25, validator=[v.ge(0), v.le(1)])
+    timestep_buckets: int = attrs.field(default=5, validator=v.ge(0))
+
+
+@attrs.frozen(kw_only=True)
 class TrainerConfig:
     """A whole run. ``modalities`` maps a name to its :class:`ModalitySpec`; one entry is a
     single-modality run, several make a composite trainer over one shared backbone."""
@@ -75,6 +91,7 @@ class TrainerConfig:
     optim: OptimConfig = attrs.field(factory=OptimConfig)
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    diagnostics: DiagnosticsConfig = attrs.field(factory=DiagnosticsConfig)
     tracker: TrackerConfig = attrs.field(factory=JsonlTracker.Config)
     steps: int = attrs.field(default=1000, validator=v.ge(1))
     grad_accum: int = attrs.field(default=1, validator=v.ge(1))

@@ -619,3 +619,47 @@ def test_label_dropout(tmp_path, store, dropout):
     else:
         assert (labels < NULL_CLASS).all()
         assert torch.equal(labels, torch.cat(data[:3]))
+
+
+def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, store):
+    from selfflow_core.trackers import JsonlTracker
+    from selfflow_core.trainer_config import DiagnosticsConfig
+
+    plain = Trainer(tiny(tmp_path / "plain", store, steps=4), progress=False)
+    plain.fit()
+    cfg = tiny(tmp_path / "diag", store, steps=4, tracker=JsonlTracker.Config(),
+               diagnostics=DiagnosticsConfig(every=2, samples=32, t=0.25, timestep_buckets=2))
+    diag = Trainer(cfg, progress=False)
+    diag.fit()
+    assert diag.losses == plain.losses  # they only read the model
+    assert torch.equal(torch.nn.utils.parameters_to_vector(diag.backbone.parameters()),
+                       torch.nn.utils.parameters_to_vector(plain.backbone.parameters()))
+    rows = [json.loads(line) for line in (tmp_path / "diag" / "metrics.jsonl").read_text()
+            .splitlines()]
+    logged = {r["step"]: r for r in rows if any(k.startswith("diag/") for k in r)}
+    assert sorted(logged) == [2, 4]
+    final = logged[4]
+    for i in (1, 2, 3):
+        assert 0 <= final[f"diag/toy/probe_acc/layer{i}"] <= 1
+        assert final[f"diag/toy/erank/layer{i}"] > 1
+    assert {"diag/toy/flow_t/0.0-0.5", "diag/toy/flow_t/0.5-1.0"} <= set(final)
+    # the same numbers as the offline functions on the same fixed set
+    from selfflow_core.diagnostics import probe_layers, stored_batch
+    from selfflow_core.store import open_store
+
+    batch = stored_batch(open_store(store), TOY.build(), 32)
+    assert batch.tokens.shape[0] == 32
+    offline = probe_layers(diag.backbone, batch, t=0.25)
+    assert final["diag/toy/probe_acc/layer2"] == pytest.approx(offline["probe_acc/layer2"])
+
+
+def test_diagnostics_config_errors_name_the_field():
+    from selfflow_core.config import ConfigError, apply_overrides, structure
+    from selfflow_core.trainer_config import TrainerConfig
+
+    conv = make_converter(Components(make_plugin_manager([], entry_points=False)))
+    data = to_data(conv, toy())
+    cfg = structure(conv, apply_overrides(data, ["diagnostics.every=50"]), TrainerConfig)
+    assert cfg.diagnostics.every == 50 and cfg.diagnostics.samples == 512
+    with pytest.raises(ConfigError, match=r"diagnostics\.samples"):
+        structure(conv, apply_overrides(data, ["diagnostics.samples=1"]), TrainerConfig)
