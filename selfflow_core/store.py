@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, ZstdCodec
 
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
+from selfflow_core.locking import LockHeld, PidLock
 from selfflow_core.store_check import (
     FORMAT_VERSION,
     HASHED_KEYS,
@@ -70,9 +70,9 @@ def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 class _WriteLock:
-    """One writer per store. Local paths: a ``<path>.lock`` file created with ``O_EXCL`` holding
-    ``pid host``; a lock left by a dead process on this host is taken over. Other stores: a lock
-    within this process only."""
+    """One writer per store. Local paths: a ``<path>.lock`` :class:`~selfflow_core.locking.PidLock`
+    (a lock left by a dead process on this host is taken over). Other stores: a lock within this
+    process only."""
 
     _held: set[str] = set()
 
@@ -84,54 +84,20 @@ class _WriteLock:
                 raise StoreError(self.name, ["another writer in this process is writing it"])
             self._held.add(self.name)
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.file)), exist_ok=True)
-        # the lock appears with its content or not at all (written aside, then hard-linked:
-        # ``link`` fails if the lock exists), so a writer killed while taking it never leaves
-        # an empty lock that no later writer could tell from a live one
-        tmp = f"{self.file}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self._lock = PidLock(self.file)
         try:
-            for attempt in range(2):
-                try:
-                    os.link(tmp, self.file)
-                except FileExistsError:
-                    holder = self._holder()
-                    if attempt == 0 and holder is not None and not self._alive(*holder):
-                        os.remove(self.file)  # stale: its process is gone
-                        continue
-                    raise StoreError(self.name, [
-                        f"another writer holds the lock {self.file} "
-                        f"({holder or 'unknown holder'}); two writers on one store are refused. "
-                        "If none is running, delete the lock file."]) from None
-                return
-        finally:
-            os.remove(tmp)
-
-    def _holder(self) -> tuple[int, str] | None:
-        try:
-            pid, host = open(self.file).read().split()
-            return int(pid), host
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def _alive(pid: int, host: str) -> bool:
-        if host != socket.gethostname():
-            return True  # cannot tell; assume it is
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+            self._lock.acquire()
+        except LockHeld as exc:
+            raise StoreError(self.name, [
+                f"another writer holds the lock {self.file} "
+                f"({exc.holder or 'unknown holder'}); two writers on one store are refused. "
+                "If none is running, delete the lock file."]) from None
 
     def release(self) -> None:
         if self.file is None:
             self._held.discard(self.name)
-        elif self._holder() == (os.getpid(), socket.gethostname()):
-            os.remove(self.file)
+        else:
+            self._lock.release()
 
 
 class StoreWriter:

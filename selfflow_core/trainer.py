@@ -20,6 +20,7 @@ from selfflow_core.data import LoaderSource, build_loader
 from selfflow_core.diagnostics import DiagnosticsHook, stored_batch
 from selfflow_core.distributed import Dist, setup
 from selfflow_core.generate import write_samples
+from selfflow_core.locking import LockHeld, PidLock
 from selfflow_core.parallel import Parallel
 from selfflow_core.plugins import Components
 from selfflow_core.progress import Progress
@@ -34,6 +35,10 @@ CHECKPOINT_FORMAT = 1
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN/Inf; names the step and the term."""
+
+
+class RunDirInUse(RuntimeError):
+    """Another live training process holds the run directory's lock."""
 
 
 class Trainer:
@@ -179,6 +184,29 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        lock = self._lock_run_dir()
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_run_dir(self) -> PidLock | None:
+        """One training process per run directory (rank 0 of a distributed run): two would
+        overwrite each other's checkpoints and logs."""
+        if not self.dist.is_main:
+            return None
+        lock = PidLock(self.run_dir / "train.lock")
+        try:
+            return lock.acquire()
+        except LockHeld as exc:
+            who = f"pid {exc.holder[0]} on {exc.holder[1]}" if exc.holder else "another process"
+            raise RunDirInUse(
+                f"run_dir {self.run_dir} is in use by another training process ({who}): two "
+                f"trainers on one run_dir would overwrite each other's checkpoints. Use another "
+                f"run_dir, or, if none is running, delete {lock.file}") from None
+
+    def _fit(self) -> dict:
         self.resume()
         hooks = self.components.pm.hook
         self.tracker.log_hparams(self.config_data)

@@ -663,3 +663,25 @@ def test_diagnostics_config_errors_name_the_field():
     assert cfg.diagnostics.every == 50 and cfg.diagnostics.samples == 512
     with pytest.raises(ConfigError, match=r"diagnostics\.samples"):
         structure(conv, apply_overrides(data, ["diagnostics.samples=1"]), TrainerConfig)
+
+
+def test_two_trainers_on_one_run_dir_are_refused(tmp_path, store):
+    from selfflow_core.trainer import RunDirInUse
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / "train.lock"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{alive.pid} {__import__('socket').gethostname()}\n")
+        tr = Trainer(tiny(run, store, steps=2), progress=False)
+        with pytest.raises(RunDirInUse, match=f"pid {alive.pid}.*delete .*train.lock"):
+            tr.fit()
+        assert tr.step == 0 and not (run / "checkpoints").exists()  # nothing was touched
+        assert lock.read_text().split()[0] == str(alive.pid)
+    finally:
+        alive.kill()
+        alive.wait()
+    # the holder is gone (killed): its stale lock is taken over, and released at the end
+    assert Trainer(tiny(run, store, steps=2), progress=False).fit()["step"] == 2
+    assert not lock.exists()

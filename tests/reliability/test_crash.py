@@ -103,7 +103,10 @@ def train_trials(rel, toy_store, root: Path, signal_name: str, n: int, seed: int
         trials.append({"argv": [*rel.tiny_overrides(toy_store, run, STEPS), "log_every=1",
                                 *every],
                        "run": str(run), "signal": signal_name,
-                       "target": rng.randint(1, STEPS - 3), "delay": rng.uniform(0, 0.05)})
+                       # at a random point inside a step, with >= 3 steps left: a step of
+                       # this model takes ~10 ms on an idle machine (a longer delay could land
+                       # after the last step, where there is nothing left to stop)
+                       "target": rng.randint(1, STEPS - 3), "delay": rng.uniform(0, 0.01)})
     return trials
 
 
