@@ -5,14 +5,11 @@ tracking and samples."""
 from __future__ import annotations
 
 import json
-import random
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import attrs
-import numpy as np
 import torch
 
 from selfflow_core import build, checkpoint
@@ -20,10 +17,10 @@ from selfflow_core.data import LoaderSource, build_loader
 from selfflow_core.diagnostics import DiagnosticsHook, stored_batch
 from selfflow_core.distributed import Dist, setup
 from selfflow_core.generate import write_samples
-from selfflow_core.locking import LockHeld, PidLock
 from selfflow_core.parallel import Parallel
 from selfflow_core.plugins import Components
 from selfflow_core.progress import Progress
+from selfflow_core.run_control import StopSignals, lock_run_dir
 from selfflow_core.store import encode_store, open_store
 from selfflow_core.teachers import EMA
 from selfflow_core.trackers import NullTracker
@@ -35,10 +32,6 @@ CHECKPOINT_FORMAT = 1
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN/Inf; names the step and the term."""
-
-
-class RunDirInUse(RuntimeError):
-    """Another live training process holds the run directory's lock."""
 
 
 class Trainer:
@@ -88,7 +81,7 @@ class Trainer:
             for m, store in zip(self.modalities, stores)} if d.every else {}
         self.step, self.skipped, self.losses = 0, 0, []
         self.batches = iter(self.loader)
-        self._stop_signal: str | None = None
+        self.stop = StopSignals()
         self.tracker = (config.tracker.build(run_dir=self.run_dir) if self.dist.is_main
                         else NullTracker())
         self.progress = Progress(config.steps, 0, enabled=progress and self.dist.is_main,
@@ -184,53 +177,36 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        lock = self._lock_run_dir()
+        lock = lock_run_dir(self.run_dir) if self.dist.is_main else None
         try:
             return self._fit()
         finally:
             if lock is not None:
                 lock.release()
 
-    def _lock_run_dir(self) -> PidLock | None:
-        """One training process per run directory (rank 0 of a distributed run): two would
-        overwrite each other's checkpoints and logs."""
-        if not self.dist.is_main:
-            return None
-        lock = PidLock(self.run_dir / "train.lock")
-        try:
-            return lock.acquire()
-        except LockHeld as exc:
-            who = f"pid {exc.holder[0]} on {exc.holder[1]}" if exc.holder else "another process"
-            raise RunDirInUse(
-                f"run_dir {self.run_dir} is in use by another training process ({who}): two "
-                f"trainers on one run_dir would overwrite each other's checkpoints. Use another "
-                f"run_dir, or, if none is running, delete {lock.file}") from None
-
     def _fit(self) -> dict:
         self.resume()
         hooks = self.components.pm.hook
         self.tracker.log_hparams(self.config_data)
         hooks.selfflow_on_train_start(trainer=self)
-        previous = self._install_signal_handlers()
         t0, s0 = time.perf_counter(), self.step
         try:
-            reason = self._loop(hooks)
-            # the handlers stay until the last checkpoint is written: a SIGTERM arriving now
-            # lets it finish instead of killing the process half-way through
-            if not self.parallel.checkpoint_path(self.run_dir / "checkpoints", self.step).exists():
-                self.save()
-            if reason == "done":
-                self.write_samples()
+            # the signal handlers stay until the last checkpoint is written: a SIGTERM arriving
+            # then lets it finish instead of killing the process half-way through
+            with self.stop:
+                reason = self._loop(hooks)
+                if not self.parallel.checkpoint_path(self.run_dir / "checkpoints",
+                                                     self.step).exists():
+                    self.save()
+                if reason == "done":
+                    self.write_samples()
         except BaseException:
             hooks.selfflow_on_train_end(trainer=self, step=self.step, reason="error")
             self.tracker.close()
             raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         self.progress.close()
         if reason == "signal":
-            self.progress.message(f"stopped by {self._stop_signal} after step {self.step}; "
+            self.progress.message(f"stopped by {self.stop.received} after step {self.step}; "
                                   f"checkpoint written to {self.run_dir / 'checkpoints'}")
         hooks.selfflow_on_train_end(trainer=self, step=self.step, reason=reason)
         self.tracker.close()
@@ -261,7 +237,7 @@ class Trainer:
                 self.save()
             if self.config.sampling.every and self.step % self.config.sampling.every == 0:
                 self.write_samples()
-            if self.dist.any(self._stop_signal is not None):
+            if self.dist.any(self.stop.received is not None):
                 return "signal"
         return "done"
 
@@ -288,21 +264,8 @@ class Trainer:
             m.spec.probability for m in self.modalities)
         return self.progress.rate(self.step) * batch
 
-    def _install_signal_handlers(self) -> dict:
-        def handler(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-        previous = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return previous
-
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        np_state = np.random.get_state()
         return {
             "format": CHECKPOINT_FORMAT, "step": self.step, "skipped": self.skipped,
             "config": json.dumps(self.config_data, sort_keys=True),
@@ -312,8 +275,7 @@ class Trainer:
             "optimizer": self.parallel.optimizer_state_dict(self.model, self.optimizer),
             "lr_schedule": self.lr_schedule.state_dict(),
             "loader": self.loader.state_dict(), "losses": list(self.losses),
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
-                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+            "rng": checkpoint.rng_state(),
         }
 
     def save(self) -> Path | None:
@@ -355,13 +317,7 @@ class Trainer:
         self.batches = iter(self.loader)
         self.step, self.skipped = state["step"], state["skipped"]
         self.losses = list(state["losses"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
-        n = rng["numpy"]
-        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+        checkpoint.set_rng_state(state["rng"])
         self.progress = Progress(self.config.steps, self.step, enabled=self.progress.enabled,
                                  every=self.config.log_every)
         self.progress.message(f"resumed from {path} at step {self.step}")

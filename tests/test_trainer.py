@@ -666,7 +666,7 @@ def test_diagnostics_config_errors_name_the_field():
 
 
 def test_two_trainers_on_one_run_dir_are_refused(tmp_path, store):
-    from selfflow_core.trainer import RunDirInUse
+    from selfflow_core.run_control import RunDirInUse
 
     run = tmp_path / "run"
     run.mkdir()
