@@ -30,6 +30,15 @@ def _band(ax, curve, label, color=None) -> None:
     ax.fill_between(st, mu - sd, mu + sd, alpha=0.2, color=color)
 
 
+def replot(json_path: Path) -> list[Path]:
+    """Draw the figures of a result file again (``python benchmarks/plots.py RESULT.json``)."""
+    import json
+
+    json_path = Path(json_path)
+    return plot_convergence(json.loads(json_path.read_text())["summary"], json_path.parent,
+                            json_path.stem)
+
+
 def plot_convergence(summary: dict, out: Path, name: str) -> list[Path]:
     """``<name>.png`` (FD against steps, probe per block) and, when the summary has sweeps,
     ``<name>_sweeps.png`` (one panel per sweep, ±1 std error bars over seeds)."""
@@ -46,7 +55,7 @@ def plot_convergence(summary: dict, out: Path, name: str) -> list[Path]:
         blocks = sorted(final)
         axes[1].errorbar(blocks, [final[b][1] for b in blocks], yerr=[final[b][2] for b in blocks],
                          marker="o", capsize=3, label=m, color=COLORS.get(m))
-    axes[0].set(xlabel="training step", ylabel="FD (lower is better)",
+    axes[0].set(xlabel="training step", ylabel="FD (lower is better)", yscale="log",
                 title="FD against steps (mean ± std)")
     axes[1].set(xlabel="block", ylabel="linear-probe accuracy", title="probe at the last step")
     for ax in axes:
@@ -67,7 +76,7 @@ def _sweep_panel(ax, group: str, rows: list[dict]) -> None:
         for r in rows:
             _band(ax, r["fd_curve"], f"{r['method']} ({len(r['seeds'])} seeds)",
                   COLORS.get(r["method"]))
-        ax.set(xlabel="training step", ylabel="FD", title="training length")
+        ax.set(xlabel="training step", ylabel="FD", yscale="log", title="training length")
         ax.legend(fontsize=8)
         return
     if group == "size":
@@ -75,7 +84,8 @@ def _sweep_panel(ax, group: str, rows: list[dict]) -> None:
             pts = sorted((r["params"], r["final_fd"]) for r in rows if r["method"] == m)
             ax.errorbar([p for p, _ in pts], [f[0] for _, f in pts], yerr=[f[1] for _, f in pts],
                         marker="o", capsize=3, label=m, color=COLORS.get(m))
-        ax.set(xscale="log", xlabel="parameters", ylabel="final FD", title="model size")
+        ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="final FD",
+               title="model size")
         ax.legend(fontsize=8)
         return
     labels = [r["variant"] for r in rows]
@@ -93,3 +103,10 @@ def _save(fig, path: Path, plt) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        print(*replot(Path(arg)))
