@@ -15,7 +15,8 @@ for audio) and REPA's frozen external encoder. The video evaluators classify hel
 barely above chance (a digit moving in 2-D needs a 2-D/3-D convolution over pixels, not built),
 so video FD says little; audio is the second modality whose numbers mean something.
 
-Evaluation (``--evals`` points of each main run, on the raw student weights, no EMA): FD between
+Evaluation (``--evals`` points of each main run, on the raw student weights, or with ``--eval-ema``
+on an EMA of them, alike for every method): FD between
 ``--samples`` class-conditional samples (classes cycled, Euler, ``--sample-steps`` steps, no CFG,
 sampling seed fixed: all runs share the initial noise) and all real samples, in the extractor's
 features; generated tokens are clamped to the real data's range first. Linear probe per block
@@ -158,7 +159,8 @@ class Evaluator:
             return
         from selfflow_core.diagnostics import loss_by_timestep, probe_layers
 
-        backbone = trainer.backbone
+        # the raw student, or with --eval-ema its EMA (the same kind of weights for every method)
+        backbone = trainer.eval_ema.model if trainer.eval_ema is not None else trainer.backbone
         row = {"step": step, "fd": self.fd(backbone, trainer.modalities[0].adapter)}
         row.update(probe_layers(backbone, self.real, t=self.args.probe_t))
         if step == max(self.at):
@@ -213,7 +215,8 @@ def make_config(job: dict):
         optim=OptimConfig(lr=job["lr"], warmup_steps=20, schedule="constant"),
         checkpoint=CheckpointConfig(every=10 ** 9, keep=1),
         sampling=SamplingConfig(count=10, steps=2), tracker=NullTracker.Config(),
-        steps=job["steps"], seed=job["seed"], run_dir=job["run_dir"], log_every=10 ** 9)
+        steps=job["steps"], seed=job["seed"], run_dir=job["run_dir"], log_every=10 ** 9,
+        eval_ema_decay=job["args"]["eval_ema"] or None)
 
 
 def eval_steps(steps: int, evals: int) -> list[int]:
@@ -458,6 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sample-steps", type=int, default=16)
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--probe-t", type=float, default=0.25)
+    ap.add_argument("--eval-ema", type=float, default=0.0,
+                    help="evaluate an EMA of the student of this decay (0: the raw student)")
     ap.add_argument("--ema-decay", type=float, default=0.99,
                     help="Self-Flow's EMA decay outside the ema sweep (with warm-up)")
     ap.add_argument("--sweeps", default="size,length,ema,mask",
@@ -532,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"results of this modality say little", flush=True)
     # finished runs are appended to a partial file; --resume skips them (same evaluation settings)
     fixed = {k: getattr(args, k) for k in ("modality", "batch", "lr", "samples", "sample_steps",
-                                           "sample_seed", "probe_t", "video_count")}
+                                           "sample_seed", "probe_t", "video_count", "eval_ema")}
     tag = hashlib.sha256(json.dumps([fixed, meta["fd_extractor"]["sha256"]], sort_keys=True)
                          .encode()).hexdigest()[:12]
     partial = work / f"partial-{tag}.jsonl"
@@ -576,7 +581,9 @@ def main(argv: list[str] | None = None) -> dict:
                "extractor_architecture": setup.extractor,
                "extractor_sha256": meta["fd_extractor"]["sha256"],
                "extractor_heldout_acc": meta["fd_extractor"]["heldout_acc"],
-               "real_vs_real_fd_at_n": floor, "evaluated_weights": "raw student (no EMA)"},
+               "real_vs_real_fd_at_n": floor,
+               "evaluated_weights": (f"EMA of the student, decay {args.eval_ema}" if args.eval_ema
+                                     else "raw student (no EMA)")},
         "probe": {"t": args.probe_t, "labels_to_model": "null class", "pooling": "mean",
                   "probe": "closed-form ridge 1e-2 on standardised features", "holdout": 0.3,
                   "samples": len(real_feats)},
