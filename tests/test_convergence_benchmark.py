@@ -150,3 +150,16 @@ def test_the_conv_extractor_is_translation_robust():
     mlp = evaluators.FDExtractor(32, 4, 3).eval()
     with torch.no_grad():
         assert not torch.allclose(mlp(x), mlp(shifted), atol=1e-3)
+
+
+@pytest.mark.parametrize("eval_ema", [0.0, 0.98])
+def test_every_method_is_evaluated_on_the_same_kind_of_weights(eval_ema):
+    setup = convergence.modality_setup("image", 0)
+    cfgs = [convergence.make_config({
+        "method": m, "setup": setup, "mask_ratio": 0.25 if m != "vanilla" else None,
+        "ema_decay": 0.99 if m == "selfflow" else None, "ema_warmup": True, "size": (4, 64),
+        "store": "x.zarr", "batch": 8, "lr": 1e-3, "steps": 10, "seed": 0, "run_dir": "r",
+        "args": {"eval_ema": eval_ema}}) for m in ("vanilla", "dts", "selfflow")]
+    assert {c.eval_ema_decay for c in cfgs} == {eval_ema or None}
+    assert [c.teacher.kind for c in cfgs] == ["none", "none", "ema"]
+    assert [c.modalities["data"].scheduler.kind for c in cfgs] == ["single", "dual", "dual"]
