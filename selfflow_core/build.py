@@ -26,9 +26,10 @@ class ModalityRuntime:
     id_offset: int
 
 
-def check(config: TrainerConfig, components: Components, *, world_size: int = 1) -> None:
+def check(config: TrainerConfig, components: Components, *, world_size: int = 1,
+          source: str | None = None) -> None:
     """Registered kinds and cross-field rules; raises one :class:`ConfigError` with every
-    problem."""
+    problem (naming ``source``, the file or preset the config came from, when given)."""
     problems = config.problems(world_size=world_size)
     # a component config may check what its fields alone cannot (e.g. that a file exists):
     # ``problems() -> list[str]``, each "field: message"
@@ -42,7 +43,7 @@ def check(config: TrainerConfig, components: Components, *, world_size: int = 1)
                             f"{spec.modality.kind!r}; "
                             f"installed: {components.modalities.describe()}")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, source)
 
 
 def build_modalities(config: TrainerConfig) -> list[ModalityRuntime]:

@@ -46,7 +46,11 @@ def resolve_config(components: Components, target: str | None,
         data, source = to_data(conv, components.presets.get(name)()), f"preset {name!r}"
     if overrides:
         data = apply_overrides(data, overrides)
-    return structure(conv, data, TrainerConfig, source=source)
+    config = structure(conv, data, TrainerConfig, source=source)
+    from selfflow_core.build import check
+
+    check(config, components, source=source)  # cross-field rules, naming the file too
+    return config
 
 
 def cmd_train(args, components):
@@ -60,9 +64,6 @@ def cmd_train(args, components):
 
 def cmd_config(args, components):
     config = resolve_config(components, args.target, args.overrides)
-    from selfflow_core.build import check
-
-    check(config, components)
     if args.action == "show":
         print(tomli_w.dumps(_drop_none(to_data(make_converter(components), config))), end="")
     else:

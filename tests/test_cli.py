@@ -104,6 +104,17 @@ def test_config_validate_reports_cross_field_problems(capsys, tmp_path):
     assert rc == 2 and "$.modalities.toy.batch_size" in err and "Traceback" not in err
 
 
+def test_cross_field_problems_of_a_file_name_the_file(capsys, tmp_path):
+    _, shown, _ = run(capsys, "config", "show", "toy")
+    path = tmp_path / "deep.toml"
+    path.write_text(shown.replace("teacher_layer = 0.7", "teacher_layer = 99"))
+    for command in (["config", "validate"], ["train"]):
+        rc, out, err = run(capsys, *command, path)
+        assert rc == 2 and "$.objective" in err and "99" in err and str(path) in err, err
+        assert "Traceback" not in err + out
+    assert not (tmp_path / "runs").exists()
+
+
 def test_train_with_misspelled_keys_exits_2_listing_paths(capsys, tmp_path):
     _, shown, _ = run(capsys, "config", "show", "toy")
     path = tmp_path / "bad.toml"

@@ -222,7 +222,7 @@ def test_fuzzed_toml_file_is_valid_or_one_clear_error_naming_it(scratch, ops, fl
     path.write_bytes(bytes(raw))
     try:  # what cli.resolve_config does with a file, with one converter for all examples
         build.check(structure(CONV, read_file(path), TrainerConfig, source=str(path)),
-                    COMPONENTS)
+                    COMPONENTS, source=str(path))
         event("valid")
     except ConfigError as exc:
         event("ConfigError")
