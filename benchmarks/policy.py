@@ -55,6 +55,16 @@ def make_config(method: str, seed: int, args, run_dir: str, store: str):
 
 
 def run_one(job: dict) -> dict:
+    try:
+        return _run_one(job)
+    except Exception:  # noqa: BLE001 - a plain message crosses the process boundary intact
+        import traceback
+        raise RuntimeError(f"run {job['method']} seed {job['seed']} failed:\n"
+                           f"{traceback.format_exc()}") from None
+
+
+def _run_one(job: dict) -> dict:
+    import attrs
     import torch
 
     torch.set_num_threads(1)
@@ -65,6 +75,10 @@ def run_one(job: dict) -> dict:
     args = argparse.Namespace(**job["args"])
     t0 = time.perf_counter()
     config = make_config(job["method"], job["seed"], args, job["run_dir"], job["store"])
+    # the store was encoded once before the runs: parallel runs only read it (no encode, no
+    # writer's lock)
+    config = attrs.evolve(config, modalities={k: attrs.evolve(v, source="")
+                                              for k, v in config.modalities.items()})
     summary = Trainer(config, progress=False).fit()
     train_s = time.perf_counter() - t0
     result = evaluate(job["run_dir"], episodes=args.episodes, mse_episodes=args.mse_episodes,

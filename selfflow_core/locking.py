@@ -24,6 +24,9 @@ class LockHeld(RuntimeError):
         who = f"pid {holder[0]} on {holder[1]}" if holder else "unknown holder"
         super().__init__(f"lock {file} is held by {who}")
 
+    def __reduce__(self):  # survives pickling (e.g. back from a multiprocessing pool worker)
+        return (type(self), (self.file, self.holder))
+
 
 class PidLock:
     """``PidLock(file).acquire()`` or ``with PidLock(file):``; :class:`LockHeld` when another

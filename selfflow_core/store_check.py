@@ -41,6 +41,9 @@ class StoreError(ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"latent store {store}: {len(self.problems)} problem(s):\n{lines}")
 
+    def __reduce__(self):  # survives pickling (e.g. back from a multiprocessing pool worker)
+        return (type(self), (self.store, self.problems))
+
 
 def store_name(path: StoreLike) -> str:
     """How a store is named in messages: the local path, the URL, or the in-memory store's URL."""
