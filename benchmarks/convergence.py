@@ -20,7 +20,7 @@ on an EMA of them, alike for every method): FD between
 ``--samples`` class-conditional samples (classes cycled, Euler, ``--sample-steps`` steps, no CFG,
 sampling seed fixed: all runs share the initial noise) and all real samples, in the extractor's
 features; generated tokens are clamped to the real data's range first. Linear probe per block
-(:func:`selfflow_core.diagnostics.probe_layers`: null-class features at ``t = --probe-t``, mean
+(:func:`selfflow_core.eval.diagnostics.probe_layers`: null-class features at ``t = --probe-t``, mean
 pooled, ridge probe, 30 % held out), effective rank, and the flow loss in 5 buckets of t.
 
 Sweeps (``--sweeps``, ``--sweep-seeds`` seeds per point; a point equal to a main run reuses it):
@@ -66,7 +66,7 @@ from common import RESULTS, print_table, write_json
 from evaluators import REPA_FEATURES, build_assets
 from plots import plot_convergence
 
-from selfflow_core.hookspecs import hookimpl
+from selfflow_core.plugins.hookspecs import hookimpl
 
 METHODS = ("vanilla", "dts", "selfflow", "repa")
 
@@ -132,7 +132,8 @@ class Evaluator:
         self.rows: list[dict] = []
 
     def fd(self, backbone, adapter) -> float:
-        from selfflow_core.metrics import frechet_distance_from_stats, gaussian_stats
+        from metrics import frechet_distance_from_stats, gaussian_stats
+
         from selfflow_core.sampling import sample
 
         a = self.args
@@ -157,7 +158,7 @@ class Evaluator:
         self.t_last = now
         if step not in self.at:
             return
-        from selfflow_core.diagnostics import loss_by_timestep, probe_layers
+        from selfflow_core.eval.diagnostics import loss_by_timestep, probe_layers
 
         # the raw student, or with --eval-ema its EMA (the same kind of weights for every method)
         backbone = trainer.eval_ema.model if trainer.eval_ema is not None else trainer.backbone
@@ -179,18 +180,18 @@ class Evaluator:
 def make_config(job: dict):
     from selfflow_repa import REPATeacher
 
-    from selfflow_core.backbone import DiT
-    from selfflow_core.objective import ObjectiveConfig
-    from selfflow_core.sampling import SamplingConfig
-    from selfflow_core.teachers import EMATeacher, NoTeacher
-    from selfflow_core.timesteps import DualTimestep, SingleTimestep
-    from selfflow_core.trackers import NullTracker
-    from selfflow_core.trainer_config import (
+    from selfflow_core.builtin.dit import DiT
+    from selfflow_core.builtin.trackers import NullTracker
+    from selfflow_core.config.run import (
         CheckpointConfig,
         ModalitySpec,
         OptimConfig,
         TrainerConfig,
     )
+    from selfflow_core.objective import ObjectiveConfig
+    from selfflow_core.sampling import SamplingConfig
+    from selfflow_core.teachers import EMATeacher, NoTeacher
+    from selfflow_core.timesteps import DualTimestep, SingleTimestep
 
     method, setup = job["method"], job["setup"]
     dist = setup.distribution
@@ -233,7 +234,7 @@ def run_one(job: dict) -> dict:
 
 def _run_one(job: dict) -> dict:
     torch.set_num_threads(1)
-    from selfflow_core.plugins import Components, make_plugin_manager
+    from selfflow_core.plugins.manager import Components, make_plugin_manager
     from selfflow_core.trainer import Trainer
 
     args = argparse.Namespace(**job["args"])
@@ -493,12 +494,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
+    from metrics import frechet_distance, gaussian_stats
     from selfflow_repa.teacher import load_encoder
 
-    from selfflow_core.config import make_converter, to_data
-    from selfflow_core.metrics import frechet_distance, gaussian_stats
-    from selfflow_core.plugins import Components
-    from selfflow_core.store import encode_store
+    from selfflow_core.config.converter import make_converter, to_data
+    from selfflow_core.data.store import encode_store
+    from selfflow_core.plugins.manager import Components
 
     setup = modality_setup(args.modality, args.video_count)
     real = real_batch(setup.modality, setup.source)

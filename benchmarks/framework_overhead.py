@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from common import print_table, summary, time_interleaved, write_json
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.presets import toy
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.flow import interpolate
-from selfflow_core.presets import toy
-from selfflow_core.toy import ToyModality
-from selfflow_core.trackers import NullTracker
 from selfflow_core.trainer import Trainer
 
 

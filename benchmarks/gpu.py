@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, print_table, summary, time_interleaved, write_json
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 
 TOKENS, CHANNELS, CLASSES = 256, 16, 1000

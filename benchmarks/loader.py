@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import zarr
 
-from selfflow_core.data import LoaderSource, build_loader
-from selfflow_core.store import StoreWriter, open_store
+from selfflow_core.data.loader import LoaderSource, build_loader
+from selfflow_core.data.store import StoreWriter, open_store
 from selfflow_core.types import TokenBatch
 
 BATCH = 256

@@ -34,10 +34,10 @@ def make_config(method: str, seed: int, args, run_dir: str, store: str):
     import attrs
     from selfflow_robotics.presets import default
 
+    from selfflow_core.builtin.trackers import NullTracker
+    from selfflow_core.config.run import CheckpointConfig
     from selfflow_core.teachers import NoTeacher
     from selfflow_core.timesteps import SingleTimestep
-    from selfflow_core.trackers import NullTracker
-    from selfflow_core.trainer_config import CheckpointConfig
 
     base = default()
     spec = base.modalities["robotics"]
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     store = str(work / f"reacher-{args.episodes_train}.zarr")
     # the store is written once, before the parallel runs (each run would otherwise encode it)
     make = make_config("vanilla", 0, args, str(work / "encode"), store)
-    from selfflow_core.build import build_modalities
-    from selfflow_core.config import make_converter, to_data
-    from selfflow_core.plugins import Components
-    from selfflow_core.store import encode_store
+    from selfflow_core.config.converter import make_converter, to_data
+    from selfflow_core.data.store import encode_store
+    from selfflow_core.plugins.manager import Components
+    from selfflow_core.runtime.assembly import build_modalities
 
     spec = make.modalities["robotics"]
     encode_store(build_modalities(make)[0].adapter, spec.source, store, progress=False,

@@ -15,7 +15,7 @@ import argparse
 import torch
 from common import print_table, summary, time_interleaved, write_json
 
-from selfflow_core.backbone import SIZES, DiT
+from selfflow_core.builtin.dit import SIZES, DiT
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher, NoTeacher
 from selfflow_core.timesteps import DualTimestep, SingleTimestep

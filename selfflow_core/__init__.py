@@ -1,71 +1,93 @@
 """selfflow: Self-Flow (self-supervised flow matching) on a small, pluggable core.
 
-The public names are importable from here; heavier modules load on first use.
+The public API, in four groups: what a plugin author **extends** (the interfaces, hooks,
+registries), what a user **composes** (configs and the core's components), what **runs** (the
+trainer, sampling, the store and loader), and the **errors** (all under :class:`SelfFlowError`).
+Plugins import only from here, :mod:`selfflow_core.tokens` and :mod:`selfflow_core.testing`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
+from selfflow_core.config.converter import make_converter, read_file, structure, to_data
+from selfflow_core.config.presets import shrink
+from selfflow_core.config.resolve import resolve_config
+from selfflow_core.config.run import (
+    CheckpointConfig,
+    DiagnosticsConfig,
+    ModalitySpec,
+    OptimConfig,
+    TrainerConfig,
+)
+from selfflow_core.config.validate import validate
+from selfflow_core.data.loader import build_loader
 
-from selfflow_core.hookspecs import hookimpl
-from selfflow_core.plugins import Components, make_plugin_manager
+# run
+from selfflow_core.data.store import encode_store, open_store
 
-_MODULES = {
-    'selfflow_core.backbone': ('DiT',),
-    'selfflow_core.config': ('ConfigError',),
-    'selfflow_core.data': ('build_loader',),
-    'selfflow_core.interfaces': (
-        'Backbone', 'ModalityAdapter', 'TeacherStrategy', 'TimestepScheduler', 'Tracker'),
-    'selfflow_core.objective': ('ObjectiveConfig', 'SelfFlowObjective'),
-    'selfflow_core.sampling': ('SamplingConfig', 'sample'),
-    'selfflow_core.store': ('encode_store', 'open_store'),
-    'selfflow_core.teachers': ('EMATeacher', 'NoTeacher'),
-    'selfflow_core.timesteps': ('DualTimestep', 'LogitNormal', 'SingleTimestep', 'Uniform'),
-    'selfflow_core.trainer': ('Trainer',),
-    'selfflow_core.trainer_config': (
-        'CheckpointConfig', 'ModalitySpec', 'OptimConfig', 'TrainerConfig'),
-    'selfflow_core.types': ('LossTerms', 'TimestepPlan', 'TokenBatch'),
-}
-_LAZY = {name: module for module, names in _MODULES.items() for name in names}
+# errors
+from selfflow_core.errors import (
+    CheckpointError,
+    ConfigError,
+    DuplicateComponentError,
+    NonFiniteLossError,
+    PluginLoadError,
+    RunDirInUse,
+    SelfFlowError,
+    StoreError,
+    UnknownComponentError,
+)
+from selfflow_core.eval.samples import load_for_sampling, sample_checkpoint
+
+# compose: the method's pieces and the run configs
+from selfflow_core.flow import interpolate, velocity_target
+
+# extend: the contracts, data passed between components, hooks and registries
+from selfflow_core.interfaces import (
+    Backbone,
+    BackboneConfig,
+    ComponentConfig,
+    FieldSpec,
+    ModalityAdapter,
+    ModalityConfig,
+    SchedulerConfig,
+    Source,
+    TeacherConfig,
+    TeacherStrategy,
+    TimeDistribution,
+    TimeDistributionConfig,
+    TimestepScheduler,
+    Tracker,
+    TrackerConfig,
+)
+from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
+from selfflow_core.plugins.hookspecs import hookimpl
+from selfflow_core.plugins.manager import Components, make_plugin_manager
+from selfflow_core.plugins.registry import PresetRegistry, Registry
+from selfflow_core.sampling import SamplingConfig, sample
+from selfflow_core.teachers import EMATeacher, NoTeacher
+from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
+from selfflow_core.trainer import Trainer
+from selfflow_core.types import BackboneOutput, LossTerms, TimestepPlan, TokenBatch
 
 __all__ = [
-    'Components', 'hookimpl', 'make_plugin_manager', 'Backbone', 'CheckpointConfig', 'ConfigError',
-    'DiT', 'DualTimestep', 'EMATeacher', 'LogitNormal', 'LossTerms', 'ModalityAdapter',
-    'ModalitySpec', 'NoTeacher', 'ObjectiveConfig', 'OptimConfig', 'SamplingConfig',
-    'SelfFlowObjective', 'SingleTimestep', 'TeacherStrategy', 'TimestepPlan', 'TimestepScheduler',
-    'TokenBatch', 'Tracker', 'Trainer', 'TrainerConfig', 'Uniform', 'build_loader', 'encode_store',
-    'open_store', 'sample',
+    # extend
+    "Backbone", "BackboneConfig", "BackboneOutput", "ComponentConfig", "FieldSpec", "LossTerms",
+    "ModalityAdapter", "ModalityConfig", "PresetRegistry", "Registry", "SchedulerConfig",
+    "Source", "TeacherConfig", "TeacherStrategy", "TimeDistribution", "TimeDistributionConfig",
+    "TimestepPlan", "TimestepScheduler", "TokenBatch", "Tracker", "TrackerConfig",
+    "Components", "hookimpl", "make_plugin_manager",
+    # compose
+    "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher",
+    "JsonlTracker", "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig",
+    "OptimConfig", "SamplingConfig", "SelfFlowObjective", "SingleTimestep", "TrainerConfig",
+    "Uniform", "interpolate", "make_converter", "read_file", "resolve_config", "shrink",
+    "structure", "to_data", "validate", "velocity_target",
+    # run
+    "Trainer", "build_loader", "encode_store", "load_for_sampling", "open_store", "sample",
+    "sample_checkpoint",
+    # errors
+    "CheckpointError", "ConfigError", "DuplicateComponentError", "NonFiniteLossError",
+    "PluginLoadError", "RunDirInUse", "SelfFlowError", "StoreError", "UnknownComponentError",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'selfflow_core' has no attribute {name!r}")
-
-
-if TYPE_CHECKING:
-    from selfflow_core.backbone import DiT
-    from selfflow_core.config import ConfigError
-    from selfflow_core.data import build_loader
-    from selfflow_core.interfaces import (
-        Backbone,
-        ModalityAdapter,
-        TeacherStrategy,
-        TimestepScheduler,
-        Tracker,
-    )
-    from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
-    from selfflow_core.sampling import SamplingConfig, sample
-    from selfflow_core.store import encode_store, open_store
-    from selfflow_core.teachers import EMATeacher, NoTeacher
-    from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
-    from selfflow_core.trainer import Trainer
-    from selfflow_core.trainer_config import (
-        CheckpointConfig,
-        ModalitySpec,
-        OptimConfig,
-        TrainerConfig,
-    )
-    from selfflow_core.types import LossTerms, TimestepPlan, TokenBatch

@@ -44,10 +44,8 @@ def _velocity(model: Backbone, x: Tensor, t: Tensor, prompt: TokenBatch, cfg_sca
     tt = torch.where(prompt.condition, torch.zeros_like(t), t)
     if cfg_scale == 1.0 or prompt.labels is None or null_label is None:
         return model(x, tt, prompt).velocity
-    both = attrs.evolve(
-        prompt, **{f: torch.cat([getattr(prompt, f)] * 2) for f in
-                   ("tokens", "positions", "modality_ids", "valid", "condition")},
-        labels=torch.cat([prompt.labels, torch.full_like(prompt.labels, null_label)]))
+    unconditional = attrs.evolve(prompt, labels=torch.full_like(prompt.labels, null_label))
+    both = TokenBatch.cat([prompt, unconditional])
     cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), both).velocity.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 

@@ -29,8 +29,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
 class EMA:
     """An exponential moving average of a module: ``p_ema <- d * p_ema + (1 - d) * p``.
 
-    Under FSDP2 the copy is sharded like the student (``selfflow_core.parallel``): both hold the
-    same rows of every parameter, so the update is a local ``lerp`` of shard on shard.
+    Under FSDP2 the copy is sharded like the student (:mod:`selfflow_core.runtime.parallel`): both
+    hold the same rows of every parameter, so the update is a local ``lerp`` of shard on shard.
 
     With ``warmup`` the decay at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a short
     run's average does not stay stuck at the random initialisation (paper runs, millions of steps,

@@ -12,26 +12,32 @@ from pathlib import Path
 import attrs
 import torch
 
-from selfflow_core import build, checkpoint
-from selfflow_core.data import LoaderSource, build_loader
-from selfflow_core.diagnostics import DiagnosticsHook, stored_batch
-from selfflow_core.distributed import Dist, setup
-from selfflow_core.generate import write_samples
-from selfflow_core.parallel import Parallel
-from selfflow_core.plugins import Components
-from selfflow_core.progress import Progress
-from selfflow_core.run_control import StopSignals, lock_run_dir
-from selfflow_core.store import encode_store, open_store
+from selfflow_core.builtin.trackers import NullTracker
+from selfflow_core.config.run import TrainerConfig
+from selfflow_core.config.validate import config_data, config_drift, validate
+from selfflow_core.data.loader import LoaderSource, build_loader
+from selfflow_core.data.store import encode_store, open_store
+from selfflow_core.errors import CheckpointError, NonFiniteLossError
+from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
+from selfflow_core.eval.samples import write_samples
+from selfflow_core.plugins.manager import Components
+from selfflow_core.runtime import checkpoint
+from selfflow_core.runtime.assembly import (
+    ModalityRuntime,
+    build_modalities,
+    build_model,
+    store_path,
+)
+from selfflow_core.runtime.dist import Dist, setup
+from selfflow_core.runtime.guard import StopSignals, lock_run_dir
+from selfflow_core.runtime.metrics import LOSS_HISTORY, StepLosses, _finite
+from selfflow_core.runtime.optim import build_optimizer
+from selfflow_core.runtime.parallel import make_parallel
+from selfflow_core.runtime.progress import Progress
 from selfflow_core.teachers import EMA
-from selfflow_core.trackers import NullTracker
-from selfflow_core.trainer_config import TrainerConfig
 from selfflow_core.types import LossTerms, TokenBatch
 
 CHECKPOINT_FORMAT = 1
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN/Inf; names the step and the term."""
 
 
 class Trainer:
@@ -39,11 +45,11 @@ class Trainer:
                  dist: Dist | None = None, progress: bool = True) -> None:
         self.components = components or Components()
         self.dist = dist or setup(config.device)
-        build.check(config, self.components, world_size=self.dist.world_size)
+        validate(config, self.components, world_size=self.dist.world_size)
         self.config, self.device = config, self.dist.device
         self.run_dir = Path(config.run_dir)
-        self.config_data = build.config_data(config, self.components)
-        self.modalities = build.build_modalities(config)
+        self.config_data = config_data(config, self.components)
+        self.modalities = build_modalities(config)
         stores = [self._open_store(m) for m in self.modalities]
         self.loader = build_loader(
             [LoaderSource(store=store, tokenize=m.adapter.tokenize,
@@ -58,53 +64,51 @@ class Trainer:
         # config gives the same run in any process; the global RNG is left as it was
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = build.build_model(config, self.modalities, self.teacher)
+            self.model = build_model(config, self.modalities, self.teacher)
         self.model = self.model.to(self.device)
         self.backbone = self.model.backbone
         self.teacher.attach(self.backbone)
         self.eval_ema = (EMA(self.backbone, config.eval_ema_decay)
                          if config.eval_ema_decay is not None else None)
         # per-block compile / activation checkpointing, then DDP or FSDP2 (the EMA copies are
-        # sharded like the student): see selfflow_core.parallel
-        self.parallel = Parallel(config.parallel, self.dist)
+        # sharded like the student): see selfflow_core.runtime.parallel
+        self.parallel = make_parallel(config.parallel, self.dist)
         self.trained = self.parallel.prepare(
             self.model, [m for m in (self.teacher.model, self.eval_ema and self.eval_ema.model)
                          if isinstance(m, type(self.backbone))],
             compile=config.compile, activation_checkpointing=config.activation_checkpointing,
             find_unused=len(self.modalities) > 1)
-        self.optimizer, self.lr_schedule = build.build_optimizer(
+        self.optimizer, self.lr_schedule = build_optimizer(
             config.optim, self.model.parameters(), config.steps, self.device)
         d = config.diagnostics
         self.diagnostics = {m.name: DiagnosticsHook(
             stored_batch(store, m.adapter, d.samples, id_offset=m.id_offset, device=self.device),
             every=d.every, t=d.t, timestep_buckets=d.timestep_buckets)
             for m, store in zip(self.modalities, stores)} if d.every else {}
-        self.step, self.skipped, self.losses = 0, 0, []
+        self.step, self.skipped = 0, 0
+        self.step_losses = StepLosses(self.dist)
         self.batches = iter(self.loader)
         self.stop = StopSignals()
-        self.tracker = (config.tracker.build(run_dir=self.run_dir) if self.dist.is_main
-                        else NullTracker())
+        tracker = config.tracker or self.components.trackers.get(self.components.trackers.default)()
+        self.tracker = tracker.build(run_dir=self.run_dir) if self.dist.is_main else NullTracker()
         self.progress = Progress(config.steps, 0, enabled=progress and self.dist.is_main,
                                  every=config.log_every)
 
     # -- data ----------------------------------------------------------------------------------
-    def _open_store(self, m: build.ModalityRuntime):
-        path = build.store_path(m.spec)
+    def _open_store(self, m: ModalityRuntime):
+        path = store_path(m.spec)
         if m.spec.source and self.dist.is_main:
             encode_store(m.adapter, m.spec.source, path,
-                         adapter_config=build.to_data(build.make_converter(self.components),
-                                                      m.spec.modality),
+                         adapter_config=self.config_data["modalities"][m.name]["modality"],
                          progress=True)
         self.dist.barrier()
         return open_store(path, adapter=m.adapter, verify=self.config.verify_stores)
 
-    def _draw(self, batch: TokenBatch, m: build.ModalityRuntime, gen: torch.Generator):
+    def _draw(self, batch: TokenBatch, m: ModalityRuntime, gen: torch.Generator):
         """Plan, noise and label dropout for the *global* batch, sliced to this rank's rows, so
         the numbers do not depend on how many processes share the batch."""
         w, r = self.dist.world_size, self.dist.rank
-        full = batch if w == 1 else attrs.evolve(batch, **{
-            f: getattr(batch, f).repeat_interleave(w, 0)
-            for f in ("tokens", "positions", "modality_ids", "valid", "condition")})
+        full = batch if w == 1 else batch.repeat_samples(w)
         plan = m.scheduler.plan(full, generator=gen)
         noise = torch.randn(full.tokens.shape, generator=gen, device=self.device)
         drop = torch.rand(full.tokens.shape[0], generator=gen, device=self.device)
@@ -135,8 +139,8 @@ class Trainer:
             batch, plan, noise = self._draw(batch, m, gen)
             sync = nullcontext() if micro == accum - 1 else self.parallel.no_sync(self.trained)
             with sync, self._autocast():
-                terms = self.trained(self.teacher, batch, plan, noise)
-                if not self._finite(terms, step):
+                terms = self.trained(self.teacher, batch, plan, noise)  # student, target, loss
+                if self.config.on_nonfinite == "skip" and not self._finite(terms, step):
                     return terms
                 (terms.total * (m.spec.weight / accum)).backward()
         grad_norm = self.parallel.clip_grad_norm_(self.model.parameters(),
@@ -148,6 +152,7 @@ class Trainer:
             self.eval_ema.update(self.backbone)
         self.step = step
         self._last_plan = plan
+        self.step_losses.record(step, terms)
         return attrs.evolve(terms, metrics={**terms.metrics, "grad_norm": grad_norm.detach(),
                                             "lr": torch.tensor(self.lr_schedule.get_last_lr()[0])})
 
@@ -156,17 +161,22 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    @property
+    def losses(self) -> list[float]:
+        """The loss of each recent step (mean over ranks), up to the last read-back."""
+        return self.step_losses.history
+
     def _finite(self, terms: LossTerms, step: int) -> bool:
-        # every rank takes the same branch (a rank that skipped or stopped alone would leave the
-        # others waiting in DDP's gradient all-reduce)
+        """``on_nonfinite="skip"``: is this micro-batch's loss finite on every rank (a host sync
+        per micro-step, the price of deciding before the optimizer step)? Every rank takes the
+        same branch (a rank that skipped alone would leave the others waiting in DDP's
+        all-reduce)."""
         finite = bool(torch.isfinite(terms.total.detach()))
         if not self.dist.any(not finite):
             return True
-        bad = [k for k in ("flow", "rep") if not bool(torch.isfinite(getattr(terms, k).detach()))]
-        message = f"non-finite loss at step {step}: " + (
-            ", ".join(f"{k}={float(getattr(terms, k).detach())}" for k in bad or ["total"])
-            if not finite else f"on another rank (rank {self.dist.rank}'s loss is finite)")
-        if self.config.on_nonfinite == "skip" and self.skipped < self.config.max_skipped:
+        local = {k: float(getattr(terms, k).detach()) for k in ("total", "flow", "rep")}
+        message = self._nonfinite_message(step, local)
+        if self.skipped < self.config.max_skipped:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.message(
@@ -174,6 +184,22 @@ class Trainer:
             return False
         raise NonFiniteLossError(message + "; the last checkpoint in "
                                  f"{self.run_dir / 'checkpoints'} is intact")
+
+    def _nonfinite_message(self, step: int, local: dict[str, float]) -> str:
+        if not _finite(local["total"]):
+            bad = [k for k in ("flow", "rep") if not _finite(local[k])] or ["total"]
+            return f"non-finite loss at step {step}: " + ", ".join(f"{k}={local[k]}" for k in bad)
+        return (f"non-finite loss at step {step}: on another rank (rank {self.dist.rank}'s loss "
+                f"is finite)")
+
+    def _read_back(self) -> None:
+        """Bring the pending step losses to the host (one sync); stop on a non-finite one before
+        anything is written from the weights it produced."""
+        bad = self.step_losses.flush()
+        if bad is not None:
+            step, local, _ = bad
+            raise NonFiniteLossError(self._nonfinite_message(step, local) + "; the last checkpoint "
+                                     f"in {self.run_dir / 'checkpoints'} is intact")
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -222,22 +248,28 @@ class Trainer:
             terms = self.train_step()
             if self.step == before:  # skipped batch
                 continue
-            metrics = self._global_metrics(terms.metrics)
-            self.losses.append(metrics["loss"])
             hooks.selfflow_on_step_end(trainer=self, step=self.step, terms=terms)
             self._diagnose()
+            log = self.step % self.config.log_every == 0 or self.step == self.config.steps
+            save = self.step % self.config.checkpoint.every == 0
+            sample = self.config.sampling.every and self.step % self.config.sampling.every == 0
+            stop = self.dist.any(self.stop.received is not None)
+            metrics = None
+            if log or save or sample or stop:  # the only device->host reads of the loop
+                self._read_back()
+                metrics = self._global_metrics(terms.metrics) if log else None
             self.progress.update(self.step, metrics)
-            if self.step % self.config.log_every == 0:
+            if metrics is not None and self.step % self.config.log_every == 0:
                 metrics["samples_per_s"] = self._throughput()
                 self.tracker.log_metrics(metrics, step=self.step)
                 self.tracker.log_distribution(
                     "timesteps/student", self._last_plan.student_t.flatten().cpu().numpy(),
                     step=self.step)
-            if self.step % self.config.checkpoint.every == 0:
+            if save:
                 self.save()
-            if self.config.sampling.every and self.step % self.config.sampling.every == 0:
+            if sample:
                 self.write_samples()
-            if self.dist.any(self.stop.received is not None):
+            if stop:
                 return "signal"
         return "done"
 
@@ -274,7 +306,7 @@ class Trainer:
             "eval_ema": self.eval_ema.state_dict() if self.eval_ema else {},
             "optimizer": self.parallel.optimizer_state_dict(self.model, self.optimizer),
             "lr_schedule": self.lr_schedule.state_dict(),
-            "loader": self.loader.state_dict(), "losses": list(self.losses),
+            "loader": self.loader.state_dict(), "losses": list(self.losses[-LOSS_HISTORY:]),
             "rng": checkpoint.rng_state(),
         }
 
@@ -295,9 +327,9 @@ class Trainer:
         if path is None:
             return False
         state = self.parallel.load(path)
-        drift = build.config_drift(json.loads(state["config"]), self.config_data)
+        drift = config_drift(json.loads(state["config"]), self.config_data)
         if drift:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by a different config (differs in: "
                 f"{', '.join(drift)}); use another run_dir or the same config")
         state = self.parallel.load_shards(path, state, self.state_dict)  # FSDP2: own shards
@@ -313,10 +345,10 @@ class Trainer:
         try:
             self.loader.load_state_dict({**state["loader"], "rank": self.dist.rank})
         except ValueError as exc:
-            raise checkpoint.CheckpointError(f"checkpoint {path}: {exc}") from None
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
         self.batches = iter(self.loader)
         self.step, self.skipped = state["step"], state["skipped"]
-        self.losses = list(state["losses"])
+        self.step_losses.history = list(state["losses"])
         checkpoint.set_rng_state(state["rng"])
         self.progress = Progress(self.config.steps, self.step, enabled=self.progress.enabled,
                                  every=self.config.log_every)
@@ -330,7 +362,7 @@ class Trainer:
         return self.teacher.model if self.teacher.model is not None else self.backbone
 
     def write_samples(self) -> list[Path]:
-        if not self.dist.is_main and not self.parallel.sharded:
+        if not self.dist.is_main and not self.parallel.samples_on_every_rank:
             return []  # under FSDP2 every rank runs the (sharded) model; rank 0 saves
         paths = []
         for m in self.modalities:

@@ -6,7 +6,7 @@ Time convention (see :mod:`selfflow_core.flow`): ``t = 0`` is data, ``t = 1`` is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import torch
@@ -59,11 +59,39 @@ class TokenBatch:
         """[B, N] bool: tokens that are generated (valid and not conditioning)."""
         return self.valid & ~self.condition
 
-    def to(self, device: torch.device | str) -> TokenBatch:
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TokenBatch:
+        """A batch with ``fn`` applied to every tensor field (the optional ones when present):
+        the one place that lists the fields, so no operation can forget one."""
         return attrs.evolve(self, **{
-            f.name: (v.to(device) if isinstance(v, Tensor) else v)
-            for f in attrs.fields(TokenBatch) if (v := getattr(self, f.name)) is not None
-        })
+            f.name: fn(v) for f in attrs.fields(TokenBatch)
+            if isinstance(v := getattr(self, f.name), Tensor)})
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """The batch on ``device``."""
+        return self.map(lambda t: t.to(device))
+
+    def rows(self, index: slice | Tensor) -> TokenBatch:
+        """The samples ``index`` selects (a slice or an index tensor), every field alike."""
+        return self.map(lambda t: t[index])
+
+    def repeat_samples(self, times: int) -> TokenBatch:
+        """Each sample ``times`` times in a row (``repeat_interleave`` on the sample axis)."""
+        return self.map(lambda t: t.repeat_interleave(times, 0))
+
+    @staticmethod
+    def cat(batches: Sequence[TokenBatch]) -> TokenBatch:
+        """The batches one after another on the sample axis. Optional fields must be present in
+        all or none of them."""
+        first = batches[0]
+        out = {}
+        for f in attrs.fields(TokenBatch):
+            values = [getattr(b, f.name) for b in batches]
+            if all(v is None for v in values):
+                continue
+            if any(v is None for v in values):
+                raise ValueError(f"TokenBatch.cat: field {f.name!r} is set in some batches only")
+            out[f.name] = torch.cat(values)
+        return attrs.evolve(first, **out)
 
 
 @attrs.frozen(kw_only=True)

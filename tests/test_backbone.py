@@ -4,7 +4,7 @@ import attrs
 import pytest
 import torch
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
 from selfflow_core.objective import ObjectiveConfig, resolve_layer
 from selfflow_core.testing import BackboneContract, randomize_parameters
 from selfflow_core.types import TokenBatch

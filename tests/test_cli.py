@@ -1,4 +1,4 @@
-"""The ``selfflow`` command, called in-process through ``selfflow_core.cli.main``."""
+"""The ``selfflow`` command, called in-process through ``selfflow_core.cli.main.main``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow_core import checkpoint, cli
-from selfflow_core.config import make_converter, read_file, structure
-from selfflow_core.plugins import Components
-from selfflow_core.presets import toy
-from selfflow_core.trainer_config import TrainerConfig
+import selfflow_core.cli.main as cli
+from selfflow_core.builtin.presets import toy
+from selfflow_core.config.converter import make_converter, read_file, structure
+from selfflow_core.config.run import TrainerConfig
+from selfflow_core.plugins.manager import Components
+from selfflow_core.runtime import checkpoint
 
 #: a run of seconds: the toy preset shrunk through overrides
 TINY = ["modalities.toy.batch_size=8", "modalities.toy.modality.tokens=8",
@@ -49,7 +50,7 @@ def test_plugins_lists_the_core_and_every_installed_distribution(capsys, monkeyp
     rc, out, err = run(capsys, "plugins")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"selfflow_core.builtin_plugin  (selfflow {md.version('selfflow')})"
+    assert lines[0] == f"selfflow_core.builtin.plugin  (selfflow {md.version('selfflow')})"
     for entry in ("modality:toy", "backbone:dit", "teacher:ema", "teacher:none",
                   "tracker:jsonl", "tracker:none", "preset:toy", "timestep scheduler:dual"):
         assert f"    {entry}" in lines
@@ -59,7 +60,7 @@ def test_plugins_lists_the_core_and_every_installed_distribution(capsys, monkeyp
 
     rc, out, _ = run(capsys, "plugins", "--json")
     rows = json.loads(out)
-    assert rc == 0 and rows[0]["plugin"] == "selfflow_core.builtin_plugin"
+    assert rc == 0 and rows[0]["plugin"] == "selfflow_core.builtin.plugin"
     assert rows[0]["distribution"] == "selfflow" and "preset:toy" in rows[0]["components"]
     assert {r["plugin"] for r in rows[1:]} == {ep.name for ep in installed}
     assert {r["distribution"] for r in rows[1:]} == {ep.dist.name for ep in installed}
@@ -67,14 +68,14 @@ def test_plugins_lists_the_core_and_every_installed_distribution(capsys, monkeyp
 
 def test_plugins_honours_disable_and_block(capsys, monkeypatch):
     rc, out, _ = run(capsys, "plugins", "--json")
-    assert rc == 0 and [r["plugin"] for r in json.loads(out)] == ["selfflow_core.builtin_plugin"]
+    assert rc == 0 and [r["plugin"] for r in json.loads(out)] == ["selfflow_core.builtin.plugin"]
     installed = [ep.name for ep in md.entry_points(group="selfflow")]
     if installed:
         monkeypatch.delenv("SELFFLOW_DISABLE_PLUGIN_AUTOLOAD")
         monkeypatch.setenv("SELFFLOW_BLOCK_PLUGINS", ",".join(installed))
         rc, out, _ = run(capsys, "plugins", "--json")
         assert rc == 0 and [r["plugin"] for r in json.loads(out)] == [
-            "selfflow_core.builtin_plugin"]
+            "selfflow_core.builtin.plugin"]
 
 
 # -- config -------------------------------------------------------------------------------------

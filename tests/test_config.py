@@ -3,8 +3,9 @@
 import attrs
 import pytest
 
-from selfflow_core.backbone import DiT
-from selfflow_core.config import (
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.config.converter import (
     ConfigError,
     apply_overrides,
     make_converter,
@@ -21,10 +22,9 @@ from selfflow_core.interfaces import (
     TrackerConfig,
 )
 from selfflow_core.objective import ObjectiveConfig
-from selfflow_core.plugins import Components, make_plugin_manager
+from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
-from selfflow_core.toy import ToyModality
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.testing import (
     BackboneContract,
@@ -17,7 +18,6 @@ from selfflow_core.testing import (
     check_config_contract,
     randomize_parameters,
 )
-from selfflow_core.toy import ToyModality
 
 
 class TestToyModality(ModalityContract):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from zarr.storage import MemoryStore
 
-from selfflow_core.data import LoaderSource, build_loader
-from selfflow_core.store import StoreWriter, encode_store, open_store
-from selfflow_core.toy import ToyModality
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.data.loader import LoaderSource, build_loader
+from selfflow_core.data.store import StoreWriter, encode_store, open_store
 from selfflow_core.types import TokenBatch
 
 

@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from selfflow_core.backbone import DiT
-from selfflow_core.diagnostics import (
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.presets import toy
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.builtin.trackers import NullTracker
+from selfflow_core.eval.diagnostics import (
     DiagnosticsHook,
     bucket_means,
     effective_rank,
@@ -22,12 +25,9 @@ from selfflow_core.diagnostics import (
     pool,
     probe_layers,
 )
-from selfflow_core.plugins import Components, make_plugin_manager
-from selfflow_core.presets import toy
+from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.testing import randomize_parameters
 from selfflow_core.timesteps import SingleTimestep
-from selfflow_core.toy import ToyModality
-from selfflow_core.trackers import NullTracker
 from selfflow_core.types import BackboneOutput, TokenBatch
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selfflow_core import hookspecs
+from selfflow_core.plugins import hookspecs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TESTS = Path(__file__).resolve().parent

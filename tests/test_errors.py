@@ -8,14 +8,14 @@ import pickle
 
 import pytest
 
-from selfflow_core.checkpoint import CheckpointError
-from selfflow_core.config import ConfigError
-from selfflow_core.locking import LockHeld
-from selfflow_core.plugins import PluginLoadError
-from selfflow_core.registry import DuplicateComponentError, UnknownComponentError
-from selfflow_core.run_control import RunDirInUse
-from selfflow_core.scaffold import ScaffoldError
-from selfflow_core.store_check import StoreError
+from selfflow_core.cli.scaffold import ScaffoldError
+from selfflow_core.config.converter import ConfigError
+from selfflow_core.data.check import StoreError
+from selfflow_core.errors import CheckpointError
+from selfflow_core.plugins.manager import PluginLoadError
+from selfflow_core.plugins.registry import DuplicateComponentError, UnknownComponentError
+from selfflow_core.runtime.guard import RunDirInUse
+from selfflow_core.runtime.locking import LockHeld
 from selfflow_core.trainer import NonFiniteLossError
 
 ERRORS = [

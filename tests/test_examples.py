@@ -14,14 +14,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from selfflow_core.scaffold import render_files
-from selfflow_core.testing.install import (
+from isolated_env import (
     entry_point_in,
     overlay_python,
     pip_install_editable,
     run_plugin_tests,
 )
+
+from selfflow_core.cli.scaffold import render_files
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "selfflow-timeseries"
@@ -43,9 +43,9 @@ def test_example_is_what_the_scaffold_renders():
     assert sorted(present) == sorted(rendered), "files differ from the template's"
     stale = [rel for rel, text in rendered.items() if present[rel].read_text() != text]
     assert not stale, (
-        f"{stale} differ from selfflow_core/templates/modality; edit the template, then "
-        f"regenerate: rm -r {EXAMPLE.relative_to(ROOT)} && python -c \"from selfflow_core.scaffold "
-        f"import render; render('timeseries', '{EXAMPLE.relative_to(ROOT)}')\"")
+        f"{stale} differ from selfflow_core/cli/templates/modality; edit the template, then "
+        f"regenerate: rm -r {EXAMPLE.relative_to(ROOT)} && python -c "
+        f"\"from selfflow_core.cli.scaffold import render; render('timeseries', '{EXAMPLE.relative_to(ROOT)}')\"")
 
 
 def test_example_package_metadata():

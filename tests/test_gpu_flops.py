@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher, NoTeacher
 from selfflow_core.timesteps import DualTimestep, SingleTimestep

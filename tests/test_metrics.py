@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
-
-from selfflow_core.metrics import frechet_distance, frechet_distance_from_stats, gaussian_stats
+from metrics import frechet_distance, frechet_distance_from_stats, gaussian_stats
 
 
 def direct(a, b):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMA, EMATeacher, NoTeacher, unwrap
 from selfflow_core.testing import randomize_parameters

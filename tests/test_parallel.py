@@ -18,16 +18,17 @@ import attrs
 import pytest
 import torch
 
-from selfflow_core import checkpoint, sharded
-from selfflow_core.backbone import DiT
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.plugins import Components, make_plugin_manager
-from selfflow_core.presets import toy
-from selfflow_core.store import encode_store
-from selfflow_core.toy import ToyModality
-from selfflow_core.trackers import NullTracker
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.presets import toy
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.builtin.trackers import NullTracker
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.config.run import CheckpointConfig
+from selfflow_core.data.store import encode_store
+from selfflow_core.plugins.manager import Components, make_plugin_manager
+from selfflow_core.runtime import checkpoint
+from selfflow_core.runtime.checkpoint import dcp as sharded
 from selfflow_core.trainer import Trainer
-from selfflow_core.trainer_config import CheckpointConfig
 from selfflow_core.types import TokenBatch
 
 TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
@@ -97,9 +98,9 @@ def tensors(state, prefix="") -> dict[str, torch.Tensor]:
 FSDP_DRIVER = textwrap.dedent("""
     import json, os, sys
     import torch
-    from selfflow_core.cli import resolve_config
-    from selfflow_core.hookspecs import hookimpl
-    from selfflow_core.plugins import Components, make_plugin_manager
+    from selfflow_core.cli.main import resolve_config
+    from selfflow_core.plugins.hookspecs import hookimpl
+    from selfflow_core.plugins.manager import Components, make_plugin_manager
     from selfflow_core.trainer import Trainer
 
     class Start:
@@ -227,7 +228,7 @@ def test_sharded_checkpoints_list_load_prune_and_refuse_code(tmp_path):
     state = checkpoint.load(checkpoint.latest(d))
     assert state["step"] == 2 and "sharded" not in state
     assert all(torch.equal(state["model"][k], v) for k, v in weights.items())
-    assert checkpoint.load(checkpoint.latest(d), shards=False)["model"] == {}
+    assert checkpoint.load_meta(checkpoint.latest(d))["model"] == {}
     checkpoint.save({"format": 1, "step": 5}, d, 5, keep=2)  # mixed kinds prune together
     assert [p.name for p in checkpoint.list_checkpoints(d)] == ["step-00000002.dcp",
                                                                 "step-00000005.pt"]

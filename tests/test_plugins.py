@@ -12,10 +12,10 @@ import pytest
 
 from selfflow_core import Components, hookimpl, make_plugin_manager
 from selfflow_core.interfaces import ModalityConfig
-from selfflow_core.plugins import PluginLoadError
-from selfflow_core.registry import DuplicateComponentError, UnknownComponentError
+from selfflow_core.plugins.manager import PluginLoadError
+from selfflow_core.plugins.registry import DuplicateComponentError, UnknownComponentError
 
-BUILTIN = "selfflow_core.builtin_plugin"
+BUILTIN = "selfflow_core.builtin.plugin"
 
 
 @attrs.frozen(kw_only=True)

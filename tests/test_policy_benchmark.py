@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import policy  # noqa: E402
 
-from selfflow_core.config import make_converter, to_data  # noqa: E402
-from selfflow_core.plugins import Components  # noqa: E402
+from selfflow_core.config.converter import make_converter, to_data  # noqa: E402
+from selfflow_core.plugins.manager import Components  # noqa: E402
 
 
 def _flat(data, prefix=""):

@@ -3,11 +3,11 @@
 import pytest
 
 from selfflow_core import Components, hookimpl, make_plugin_manager
-from selfflow_core.build import check
-from selfflow_core.config import make_converter, structure, to_data
-from selfflow_core.presets import toy
-from selfflow_core.registry import DuplicateComponentError, UnknownComponentError
-from selfflow_core.trainer_config import TrainerConfig
+from selfflow_core.builtin.presets import toy
+from selfflow_core.config.converter import make_converter, structure, to_data
+from selfflow_core.config.run import TrainerConfig
+from selfflow_core.config.validate import validate as check
+from selfflow_core.plugins.registry import DuplicateComponentError, UnknownComponentError
 
 COMPONENTS = Components()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
 from selfflow_core.flow import shift_time
 from selfflow_core.interfaces import Backbone
 from selfflow_core.sampling import sample, time_grid

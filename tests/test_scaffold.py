@@ -14,9 +14,15 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from isolated_env import (
+    entry_point_in,
+    overlay_python,
+    pip_install_editable,
+    run_plugin_tests,
+)
 
-from selfflow_core.cli import main
-from selfflow_core.scaffold import (
+from selfflow_core.cli.main import main
+from selfflow_core.cli.scaffold import (
     ScaffoldError,
     default_directory,
     names,
@@ -24,12 +30,6 @@ from selfflow_core.scaffold import (
     render,
     render_files,
     validate_name,
-)
-from selfflow_core.testing.install import (
-    entry_point_in,
-    overlay_python,
-    pip_install_editable,
-    run_plugin_tests,
 )
 
 # ---- names and directories ------------------------------------------------------------------

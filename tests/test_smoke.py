@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep
-from selfflow_core.toy import ToyModality
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ import torch
 import zarr
 from zarr.storage import MemoryStore
 
-from selfflow_core.data import sample_posterior
-from selfflow_core.store import (
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.data.loader import sample_posterior
+from selfflow_core.data.store import (
     FORMAT_VERSION,
     StoreError,
     StoreWriter,
@@ -25,7 +26,6 @@ from selfflow_core.store import (
     open_store,
     store_schema,
 )
-from selfflow_core.toy import ToyModality
 
 COUNT, BATCH = 300, 64
 

@@ -19,19 +19,19 @@ import attrs
 import pytest
 import torch
 
-from selfflow_core import checkpoint
-from selfflow_core.backbone import DiT
-from selfflow_core.cli import main as cli_main
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.distributed import Dist
-from selfflow_core.hookspecs import hookimpl
-from selfflow_core.plugins import Components, make_plugin_manager
-from selfflow_core.presets import toy
-from selfflow_core.store import encode_store
-from selfflow_core.toy import ToyModality
-from selfflow_core.trackers import NullTracker
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.presets import toy
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.builtin.trackers import NullTracker
+from selfflow_core.cli.main import main as cli_main
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.config.run import CheckpointConfig
+from selfflow_core.data.store import encode_store
+from selfflow_core.plugins.hookspecs import hookimpl
+from selfflow_core.plugins.manager import Components, make_plugin_manager
+from selfflow_core.runtime import checkpoint
+from selfflow_core.runtime.dist import Dist
 from selfflow_core.trainer import NonFiniteLossError, Trainer
-from selfflow_core.trainer_config import CheckpointConfig
 
 TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
 NULL_CLASS = TOY.classes
@@ -352,7 +352,7 @@ def cli_overrides(run_dir, store, steps):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, store, capsys, monkeypatch):
-    cmd = [sys.executable, "-m", "selfflow_core.cli", "train", "toy",
+    cmd = [sys.executable, "-m", "selfflow_core.cli.main", "train", "toy",
            *cli_overrides(tmp_path / "a", store, 100000)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -423,8 +423,9 @@ def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, store, term):
     assert "step 4" in message and f"{term}=nan" in message
     other = "rep" if term == "flow" else "flow"
     assert f"{other}=" not in message
-    assert rec.of("end") == [(3, "error")]
-    assert tr.step == 3 and ckpt_steps(tmp_path) == [2]
+    # found at the read-back before step 4's checkpoint: nothing of the NaN weights is written
+    assert rec.of("end") == [(4, "error")]
+    assert tr.step == 4 and ckpt_steps(tmp_path) == [2]
     (step, path, existed, digest), = rec.of("checkpoint")
     assert step == 2 and existed
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # untouched
@@ -479,12 +480,22 @@ class OtherRankNaN(Dist):
 
     fired: list = attrs.Factory(list)
 
-    def any(self, flag: bool) -> bool:
+    def any(self, flag: bool) -> bool:  # on_nonfinite="skip": the per-step check
         caller = sys._getframe(1)
         if caller.f_code.co_name == "_finite" and caller.f_locals["step"] == 3 and not self.fired:
             self.fired.append(3)
             return True
         return flag
+
+    def mean(self, values):  # on_nonfinite="stop": the read-back of the pending step losses
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "flush" and not self.fired:
+            steps = [s for s, _ in caller.f_locals["self"]._pending] or caller.f_locals["steps"]
+            if 3 in steps:
+                self.fired.append(3)
+                values = values.clone()
+                values[steps.index(3), 0] = float("nan")  # the mean with the other rank's NaN
+        return values
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
@@ -494,7 +505,7 @@ def test_nonfinite_loss_on_another_rank_is_acted_on_by_every_rank(tmp_path, stor
     if mode == "stop":
         with pytest.raises(NonFiniteLossError, match="step 3: on another rank"):
             tr.fit()
-        assert tr.step == 2
+        assert tr.step == 3  # found at the read-back before step 3's checkpoint (none written)
     else:
         assert tr.fit()["step"] == 4 and tr.skipped == 1
 
@@ -504,9 +515,9 @@ def test_nonfinite_loss_on_another_rank_is_acted_on_by_every_rank(tmp_path, stor
 DDP_DRIVER = textwrap.dedent("""
     import json, os, sys
     import torch
-    from selfflow_core import checkpoint
-    from selfflow_core.cli import resolve_config
-    from selfflow_core.plugins import Components, make_plugin_manager
+    from selfflow_core.runtime import checkpoint
+    from selfflow_core.cli.main import resolve_config
+    from selfflow_core.plugins.manager import Components, make_plugin_manager
     from selfflow_core.trainer import Trainer
 
     out, overrides = sys.argv[1], json.loads(sys.argv[2])
@@ -622,8 +633,8 @@ def test_label_dropout(tmp_path, store, dropout):
 
 
 def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, store):
-    from selfflow_core.trackers import JsonlTracker
-    from selfflow_core.trainer_config import DiagnosticsConfig
+    from selfflow_core.builtin.trackers import JsonlTracker
+    from selfflow_core.config.run import DiagnosticsConfig
 
     plain = Trainer(tiny(tmp_path / "plain", store, steps=4), progress=False)
     plain.fit()
@@ -644,8 +655,8 @@ def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, store):
         assert final[f"diag/toy/erank/layer{i}"] > 1
     assert {"diag/toy/flow_t/0.0-0.5", "diag/toy/flow_t/0.5-1.0"} <= set(final)
     # the same numbers as the offline functions on the same fixed set
-    from selfflow_core.diagnostics import probe_layers, stored_batch
-    from selfflow_core.store import open_store
+    from selfflow_core.data.store import open_store
+    from selfflow_core.eval.diagnostics import probe_layers, stored_batch
 
     batch = stored_batch(open_store(store), TOY.build(), 32)
     assert batch.tokens.shape[0] == 32
@@ -654,8 +665,8 @@ def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, store):
 
 
 def test_diagnostics_config_errors_name_the_field():
-    from selfflow_core.config import ConfigError, apply_overrides, structure
-    from selfflow_core.trainer_config import TrainerConfig
+    from selfflow_core.config.converter import ConfigError, apply_overrides, structure
+    from selfflow_core.config.run import TrainerConfig
 
     conv = make_converter(Components(make_plugin_manager([], entry_points=False)))
     data = to_data(conv, toy())
@@ -666,7 +677,7 @@ def test_diagnostics_config_errors_name_the_field():
 
 
 def test_two_trainers_on_one_run_dir_are_refused(tmp_path, store):
-    from selfflow_core.run_control import RunDirInUse
+    from selfflow_core.runtime.guard import RunDirInUse
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,6 +1,7 @@
 """The five extension interfaces of selfflow and the config base of each category."""
 
 from selfflow_core.interfaces.backbone import Backbone, BackboneConfig
+from selfflow_core.interfaces.base import ComponentConfig
 from selfflow_core.interfaces.modality import FieldSpec, ModalityAdapter, ModalityConfig, Source
 from selfflow_core.interfaces.teacher import TeacherConfig, TeacherStrategy
 from selfflow_core.interfaces.timesteps import (
@@ -12,7 +13,7 @@ from selfflow_core.interfaces.timesteps import (
 from selfflow_core.interfaces.tracker import Tracker, TrackerConfig
 
 __all__ = [
-    "Backbone", "BackboneConfig", "FieldSpec", "ModalityAdapter", "ModalityConfig",
+    "Backbone", "BackboneConfig", "ComponentConfig", "FieldSpec", "ModalityAdapter", "ModalityConfig",
     "SchedulerConfig", "Source", "TeacherConfig", "TeacherStrategy", "TimeDistribution",
     "TimeDistributionConfig", "TimestepScheduler", "Tracker", "TrackerConfig",
 ]

@@ -17,12 +17,10 @@ class BackboneConfig(ComponentConfig):
     """Base config of backbones. ``build(token_dims=..., num_classes=...)`` -> :class:`Backbone`."""
 
     @property
-    def depth(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def width(self) -> int:
-        raise NotImplementedError
+    def depth(self) -> int | None:
+        """Number of blocks, when the config knows it before building (used to check the
+        objective's layers early); None otherwise (checked when built)."""
+        return None
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -35,6 +33,7 @@ class Backbone(nn.Module, abc.ABC):
       state after each requested block (blocks are 1-indexed, 1..depth).
     """
 
+    #: number of blocks (the representation layers are 1..depth) and hidden width
     depth: int
     width: int
 
@@ -42,3 +41,9 @@ class Backbone(nn.Module, abc.ABC):
     def forward(self, x: Tensor, t: Tensor, batch: TokenBatch, *,
                 feature_layers: Sequence[int] = (), stop_after: int | None = None
                 ) -> BackboneOutput: ...
+
+    def repeated_blocks(self) -> Sequence[nn.Module]:
+        """The repeated blocks, in order: what per-block ``torch.compile``, activation
+        checkpointing (a block with an ``activation_checkpointing`` attribute) and FSDP2 units
+        wrap. None by default (the backbone is then compiled and sharded as a whole)."""
+        return ()

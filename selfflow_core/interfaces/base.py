@@ -22,3 +22,9 @@ class ComponentConfig:
         """Construct the component this config describes. ``runtime`` carries what only the
         trainer knows (e.g. token widths for a backbone)."""
         raise NotImplementedError(f"{type(self).__qualname__}.build()")
+
+    def problems(self) -> list[str]:
+        """What this config's fields together get wrong that their own validators cannot see
+        (e.g. a file that does not exist): each ``"field: message"``. Checked with the run's
+        other cross-field rules before anything is built."""
+        return []

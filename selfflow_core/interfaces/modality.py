@@ -63,6 +63,13 @@ class ModalityAdapter(abc.ABC):
         """Channels per token (``C``)."""
 
     @property
+    def token_dims(self) -> tuple[int, ...]:
+        """Channels per token of each token kind, for sequences mixing several kinds (audio +
+        video): one input/output projection each, kind ``i`` having modality id ``offset + i``.
+        One kind by default."""
+        return (self.token_dim,)
+
+    @property
     def num_classes(self) -> int:
         """Number of class labels (0: unconditional). Label ``num_classes`` is the null class."""
         return 0

@@ -23,6 +23,9 @@ class TeacherStrategy(abc.ABC):
 
     #: False for strategies that give no target (the representation loss is then skipped)
     provides_targets: bool = True
+    #: width of the target features when it differs from the student's (an external encoder);
+    #: None: the student's width
+    feature_dim: int | None = None
 
     def attach(self, student: Backbone) -> None:
         """Called once with the student before training (e.g. to copy it)."""

@@ -8,9 +8,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from selfflow_core.config import make_converter, structure, to_data
+from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.interfaces.base import ComponentConfig
-from selfflow_core.plugins import Components, make_plugin_manager
+from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.types import TokenBatch
 
 #: ``Components`` attribute -> the base config class of that category

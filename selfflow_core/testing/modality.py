@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from selfflow_core.backbone import MAX_POSITION_AXES, DiT
+from selfflow_core.builtin.dit import MAX_POSITION_AXES, DiT
 from selfflow_core.interfaces import BackboneConfig, ModalityAdapter, ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher

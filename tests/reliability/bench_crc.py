@@ -25,9 +25,9 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from selfflow_core import checkpoint
+from selfflow_core.data.store import chunk_samples
 from selfflow_core.interfaces import FieldSpec
-from selfflow_core.store import chunk_samples
+from selfflow_core.runtime import checkpoint
 
 
 def best(fn, repeats=5) -> float:

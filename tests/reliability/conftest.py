@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow_core import checkpoint, cli
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.store import encode_store
-from selfflow_core.toy import ToyModality
+import selfflow_core.cli.main as cli
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.data.store import encode_store
+from selfflow_core.runtime import checkpoint
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "crash_driver.py"

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+import selfflow_core.cli.main as cli
+
 # imported once here, not in every child
-import selfflow_core.store
+import selfflow_core.data.store
 import selfflow_core.trainer  # noqa: F401
-from selfflow_core import checkpoint, cli
+from selfflow_core.runtime import checkpoint
 
 torch.set_num_threads(1)
 
@@ -146,9 +148,9 @@ def mode_encode(spec: dict, out: Path) -> dict:
 
 
 def mode_memory(spec: dict, out: Path) -> dict:
-    from selfflow_core.cli import resolve_config
-    from selfflow_core.hookspecs import hookimpl
-    from selfflow_core.plugins import Components, make_plugin_manager
+    from selfflow_core.cli.main import resolve_config
+    from selfflow_core.plugins.hookspecs import hookimpl
+    from selfflow_core.plugins.manager import Components, make_plugin_manager
     from selfflow_core.trainer import Trainer
 
     def rss_mb() -> float:

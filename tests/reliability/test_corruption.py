@@ -19,9 +19,10 @@ import pytest
 import torch
 import zarr
 
-from selfflow_core import checkpoint, cli
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.store import (
+import selfflow_core.cli.main as cli
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.data.store import (
     StoreError,
     StoreWriter,
     check_store,
@@ -29,7 +30,7 @@ from selfflow_core.store import (
     open_store,
     store_schema,
 )
-from selfflow_core.toy import ToyModality
+from selfflow_core.runtime import checkpoint
 
 COUNT, CHUNK = 256, 32
 TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=COUNT)

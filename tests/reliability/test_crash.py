@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow_core import checkpoint, cli
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.store import check_store, encode_store, open_store
-from selfflow_core.toy import ToyModality
+import selfflow_core.cli.main as cli
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.data.store import check_store, encode_store, open_store
+from selfflow_core.runtime import checkpoint
 
 CHECKPOINT_TRIALS = 60
 STEPS = 10

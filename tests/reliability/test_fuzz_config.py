@@ -14,8 +14,9 @@ import tomli_w
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from selfflow_core import build, cli
-from selfflow_core.config import (
+import selfflow_core.cli.main as cli
+from selfflow_core.builtin.presets import toy
+from selfflow_core.config.converter import (
     ConfigError,
     apply_overrides,
     make_converter,
@@ -23,9 +24,9 @@ from selfflow_core.config import (
     structure,
     to_data,
 )
-from selfflow_core.plugins import Components, make_plugin_manager
-from selfflow_core.presets import toy
-from selfflow_core.trainer_config import TrainerConfig
+from selfflow_core.config.run import TrainerConfig
+from selfflow_core.config.validate import validate
+from selfflow_core.plugins.manager import Components, make_plugin_manager
 
 COMPONENTS = Components(make_plugin_manager(entry_points=False))
 CONV = make_converter(COMPONENTS)
@@ -125,7 +126,7 @@ def outcome(data) -> ConfigError | None:
         exc.phase = "structure"
         return exc
     try:
-        build.check(config, COMPONENTS)
+        validate(config, COMPONENTS)
     except ConfigError as exc:
         exc.phase = "check"
         return exc
@@ -221,7 +222,7 @@ def test_fuzzed_toml_file_is_valid_or_one_clear_error_naming_it(scratch, ops, fl
             raw[at % len(raw)] ^= mask
     path.write_bytes(bytes(raw))
     try:  # what cli.resolve_config does with a file, with one converter for all examples
-        build.check(structure(CONV, read_file(path), TrainerConfig, source=str(path)),
+        validate(structure(CONV, read_file(path), TrainerConfig, source=str(path)),
                     COMPONENTS, source=str(path))
         event("valid")
     except ConfigError as exc:
@@ -245,7 +246,7 @@ def test_fuzzed_overrides_are_valid_or_one_clear_error(items):
     overrides = [f"{k}{sep}{v}" for k, sep, v in items]
     try:  # what cli.resolve_config does with a preset, with one converter for all examples
         data = apply_overrides(BASE, overrides)
-        build.check(structure(CONV, data, TrainerConfig, source="preset 'toy'"), COMPONENTS)
+        validate(structure(CONV, data, TrainerConfig, source="preset 'toy'"), COMPONENTS)
         event("valid")
     except ConfigError as exc:
         event("ConfigError")

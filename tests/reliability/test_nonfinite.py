@@ -13,11 +13,12 @@ import pytest
 import torch
 import zarr
 
-from selfflow_core import checkpoint, cli
-from selfflow_core.cli import resolve_config
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.plugins import Components, make_plugin_manager
-from selfflow_core.store import StoreError, encode_store, open_store
+import selfflow_core.cli.main as cli
+from selfflow_core.cli.main import resolve_config
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.data.store import StoreError, encode_store, open_store
+from selfflow_core.plugins.manager import Components, make_plugin_manager
+from selfflow_core.runtime import checkpoint
 from selfflow_core.trainer import NonFiniteLossError, Trainer
 
 BAD = {7: np.nan, 41: np.inf, 42: -np.inf}

@@ -10,13 +10,14 @@ import sys
 import pytest
 import tomli_w
 
-from selfflow_core import cli
-from selfflow_core.config import ConfigError, make_converter, to_data
-from selfflow_core.plugins import Components, make_plugin_manager
-from selfflow_core.presets import toy
+import selfflow_core.cli.main as cli
+from selfflow_core.builtin.presets import toy
+from selfflow_core.config.converter import ConfigError, make_converter, to_data
+from selfflow_core.plugins.manager import Components, make_plugin_manager
 
 IMPORT_PATHS = ["os.system", "subprocess:Popen", "builtins.eval", "posix:system",
-                "selfflow_core.toy:ToyModality", "selfflow_core.toy.ToyModality.Config",
+                "selfflow_core.builtin.toy:ToyModality",
+                "selfflow_core.builtin.toy.ToyModality.Config",
                 "reliability_evil_module", "reliability_evil_module:run", "__import__",
                 "torch.load", "../../etc/passwd"]
 KIND_PATHS = ["backbone", "teacher", "tracker", "modalities.toy.modality",

@@ -30,10 +30,10 @@ from selfflow_audio.features import stft
 from selfflow_audio.presets import debug_tiny, default
 
 from selfflow_core import Components
-from selfflow_core.config import ConfigError, make_converter, structure, to_data
+from selfflow_core.builtin.trackers import JsonlTracker
+from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.testing import ModalityContract
-from selfflow_core.trackers import JsonlTracker
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed "

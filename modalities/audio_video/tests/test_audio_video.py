@@ -17,16 +17,16 @@ from selfflow_audio_video.presets import debug_tiny, default
 from selfflow_video import VideoModality
 
 from selfflow_core import Components
-from selfflow_core.backbone import DiT
-from selfflow_core.build import token_dims
-from selfflow_core.config import ConfigError, make_converter, structure, to_data
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.trackers import JsonlTracker
+from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
+from selfflow_core.runtime.assembly import token_dims
 from selfflow_core.sampling import sample
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.testing import ModalityContract, randomize_parameters
 from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.trackers import JsonlTracker
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed "

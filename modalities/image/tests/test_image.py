@@ -21,7 +21,7 @@ from selfflow_image import (
 )
 
 from selfflow_core import Components
-from selfflow_core.config import ConfigError, make_converter, structure, to_data
+from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 
 try:

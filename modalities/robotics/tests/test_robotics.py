@@ -27,11 +27,11 @@ from selfflow_robotics.presets import MASK_RATIO, debug_tiny, default
 from selfflow_robotics.sim import run_expert_episode
 
 from selfflow_core import Components
-from selfflow_core.build import check
-from selfflow_core.config import ConfigError, make_converter, structure, to_data
+from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
+from selfflow_core.config.validate import validate as check
+from selfflow_core.data.store import encode_store
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
-from selfflow_core.store import encode_store
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.testing import ModalityContract, randomize_parameters
 from selfflow_core.timesteps import DualTimestep, Uniform
@@ -139,7 +139,7 @@ def _loss_parts(adapter):
 
 
 def DiT_tiny():
-    from selfflow_core.backbone import DiT
+    from selfflow_core.builtin.dit import DiT
     return DiT.Config(depth=2, width=24, heads=2)
 
 

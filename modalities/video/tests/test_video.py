@@ -15,13 +15,13 @@ from selfflow_video import MovingDigitsSource, VideoModality, tile, write_video_
 from selfflow_video.presets import debug_tiny, default
 
 from selfflow_core import Components
-from selfflow_core.backbone import DiT
-from selfflow_core.config import ConfigError, make_converter, structure, to_data
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.trackers import JsonlTracker
+from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.sampling import sample
 from selfflow_core.testing import ModalityContract, randomize_parameters
 from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.trackers import JsonlTracker
 
 HAS_GYM = (importlib.util.find_spec("gymnasium") is not None
            and importlib.util.find_spec("pygame") is not None)

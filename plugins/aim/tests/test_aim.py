@@ -14,7 +14,7 @@ from PIL import Image
 from selfflow_aim import AimTracker
 
 from selfflow_core import Components
-from selfflow_core.config import make_converter, structure, to_data
+from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.interfaces import Tracker, TrackerConfig
 
 try:

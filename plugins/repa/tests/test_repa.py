@@ -9,17 +9,17 @@ import torch
 from selfflow_repa import EncoderError, REPATeacher, file_sha256, save_encoder
 from torch import nn
 
-from selfflow_core.backbone import DiT
-from selfflow_core.cli import resolve_config
-from selfflow_core.config import ConfigError, make_converter, structure, to_data
-from selfflow_core.diagnostics import objective_metrics
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.presets import toy
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.builtin.trackers import NullTracker
+from selfflow_core.cli.main import resolve_config
+from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
+from selfflow_core.config.run import TrainerConfig
+from selfflow_core.eval.diagnostics import objective_metrics
 from selfflow_core.objective import ObjectiveConfig
-from selfflow_core.plugins import Components
-from selfflow_core.presets import toy
+from selfflow_core.plugins.manager import Components
 from selfflow_core.timesteps import SingleTimestep
-from selfflow_core.toy import ToyModality
-from selfflow_core.trackers import NullTracker
-from selfflow_core.trainer_config import TrainerConfig
 from selfflow_core.types import TokenBatch
 
 TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
@@ -140,7 +140,7 @@ def test_training_through_the_trainer_lowers_the_loss(encoder_file, tmp_path):
 
 
 def test_a_missing_encoder_path_is_a_clear_config_error(tmp_path):
-    from selfflow_core.build import check
+    from selfflow_core.config.validate import validate as check
     from selfflow_core.trainer import Trainer
 
     missing = tmp_path / "nope" / "encoder.pt"
@@ -157,7 +157,7 @@ def test_a_missing_encoder_path_is_a_clear_config_error(tmp_path):
 
 
 def test_cli_reports_a_missing_encoder_as_a_user_error(tmp_path, capsys):
-    from selfflow_core.cli import main as cli_main
+    from selfflow_core.cli.main import main as cli_main
 
     rc = cli_main(["config", "validate", "toy",
                    f'teacher={{kind="repa", encoder="{tmp_path}/missing.pt", feature_dim=8}}'])

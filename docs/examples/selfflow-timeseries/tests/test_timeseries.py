@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from selfflow_core import Components
-from selfflow_core.config import ConfigError, make_converter, structure
-from selfflow_core.generate import sample_checkpoint
+from selfflow_core.config.converter import ConfigError, make_converter, structure
+from selfflow_core.eval.samples import sample_checkpoint
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.testing import ModalityContract
 from selfflow_core.trainer import Trainer

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import attrs
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_core.sampling import SamplingConfig
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.trainer_config import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_image.adapter import ImageModality
 
 
@@ -31,7 +31,6 @@ def default() -> TrainerConfig:
         optim=OptimConfig(lr=1e-3, warmup_steps=200, schedule="cosine", min_lr_ratio=0.1),
         checkpoint=CheckpointConfig(every=500, keep=3),
         sampling=SamplingConfig(count=100, steps=50, method="heun", cfg_scale=2.0),
-        tracker=_aim_or_jsonl(),
         steps=2000, run_dir="runs/digits", log_every=50,
     )
 
@@ -47,11 +46,3 @@ def debug_tiny() -> TrainerConfig:
         checkpoint=CheckpointConfig(every=10, keep=2),
         sampling=SamplingConfig(count=20, steps=5), run_dir="runs/digits-tiny")
 
-
-def _aim_or_jsonl():
-    try:
-        from selfflow_aim.tracker import AimTracker
-    except ImportError:
-        from selfflow_core.trackers import JsonlTracker
-        return JsonlTracker.Config()
-    return AimTracker.Config()

@@ -2,7 +2,7 @@
 
 ``selfflow-robotics-eval CHECKPOINT`` (or :func:`evaluate`) loads the run's evaluation model
 (the evaluation EMA, else the EMA teacher, else the raw student, as
-:func:`selfflow_core.generate.load_for_sampling` picks) and reports, next to the scripted
+:func:`selfflow_core.eval.samples.load_for_sampling` picks) and reports, next to the scripted
 expert and a uniform random policy:
 
 1. **Action MSE on held-out states.** Expert episodes whose reset seeds are from the
@@ -32,12 +32,12 @@ import attrs
 import numpy as np
 import torch
 
-from selfflow_core import checkpoint
-from selfflow_core.config import make_converter, to_data
-from selfflow_core.generate import load_for_sampling
-from selfflow_core.plugins import Components
+from selfflow_core.config.converter import make_converter, to_data
+from selfflow_core.data.store import StoreError, open_store
+from selfflow_core.eval.samples import load_for_sampling
+from selfflow_core.plugins.manager import Components
+from selfflow_core.runtime import checkpoint
 from selfflow_core.sampling import sample
-from selfflow_core.store import StoreError, open_store
 from selfflow_robotics.adapter import RoboticsModality
 from selfflow_robotics.sim import collect, episode_seed, expert_policy, random_policy, rollout
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import attrs
 
-from selfflow_core.backbone import DiT
+from selfflow_core import JsonlTracker
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_core.sampling import SamplingConfig
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.trainer_config import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_robotics.adapter import RoboticsModality
 
 #: the paper gives no mask ratio for robotics; 0.25 (its image and audio value) is our choice
@@ -37,7 +38,7 @@ def default() -> TrainerConfig:
         optim=OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.05),
         checkpoint=CheckpointConfig(every=500, keep=2),
         sampling=SamplingConfig(count=16, steps=10, method="euler"),
-        tracker=_jsonl(),
+        tracker=JsonlTracker.Config(),  # aim is not a dependency of this plugin
         steps=2000, run_dir="runs/reacher", log_every=50,
     )
 
@@ -55,7 +56,3 @@ def debug_tiny() -> TrainerConfig:
         checkpoint=CheckpointConfig(every=20, keep=2),
         sampling=SamplingConfig(count=4, steps=4), run_dir="runs/reacher-tiny")
 
-
-def _jsonl():
-    from selfflow_core.trackers import JsonlTracker
-    return JsonlTracker.Config()

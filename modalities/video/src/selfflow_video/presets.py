@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import attrs
 
-from selfflow_core.backbone import DiT
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_core.sampling import SamplingConfig
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal
-from selfflow_core.trainer_config import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
 from selfflow_video.adapter import VideoModality
 
 
@@ -41,7 +41,6 @@ def default() -> TrainerConfig:
         optim=OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1),
         checkpoint=CheckpointConfig(every=500, keep=3),
         sampling=SamplingConfig(count=20, steps=40, method="heun", cfg_scale=2.0, shift=2.95),
-        tracker=_aim_or_jsonl(),
         steps=1000, run_dir="runs/video", log_every=50,
     )
 
@@ -59,11 +58,3 @@ def debug_tiny() -> TrainerConfig:
         checkpoint=CheckpointConfig(every=10, keep=2),
         sampling=SamplingConfig(count=10, steps=5, shift=2.95), run_dir="runs/video-tiny")
 
-
-def _aim_or_jsonl():
-    try:
-        from selfflow_aim.tracker import AimTracker
-    except ImportError:
-        from selfflow_core.trackers import JsonlTracker
-        return JsonlTracker.Config()
-    return AimTracker.Config()

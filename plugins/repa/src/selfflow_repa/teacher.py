@@ -29,14 +29,14 @@ import torch
 from attrs import validators as v
 from torch import Tensor, nn
 
-from selfflow_core.config import ConfigError
+from selfflow_core.config.converter import ConfigError
 from selfflow_core.interfaces import Backbone, TeacherConfig, TeacherStrategy
 
 
 class EncoderError(ConfigError):
     """The REPA encoder file is missing, is not a TorchScript archive, or gives wrong shapes (a
-    :class:`~selfflow_core.config.ConfigError` at ``$.teacher.encoder``, so ``selfflow`` reports
-    it as a user error)."""
+    :class:`~selfflow_core.ConfigError` at ``$.teacher.encoder``, so ``selfflow`` reports it as a
+    user error)."""
 
     def __init__(self, message: str) -> None:
         self.message = message

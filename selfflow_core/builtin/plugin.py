@@ -1,0 +1,46 @@
+"""The core's own components, registered through the same hooks a third-party plugin uses."""
+
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.presets import toy
+from selfflow_core.builtin.toy import ToyModality
+from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
+from selfflow_core.plugins.hookspecs import hookimpl
+from selfflow_core.teachers import EMATeacher, NoTeacher
+from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
+
+
+@hookimpl
+def selfflow_register_modalities(registry):
+    registry.add(ToyModality.Config)
+
+
+@hookimpl
+def selfflow_register_backbones(registry):
+    registry.add(DiT.Config)
+
+
+@hookimpl
+def selfflow_register_timestep_schedulers(registry, distributions):
+    registry.add(SingleTimestep.Config)
+    registry.add(DualTimestep.Config)
+    distributions.add(Uniform.Config)
+    distributions.add(LogitNormal.Config)
+
+
+@hookimpl
+def selfflow_register_teachers(registry):
+    registry.add(EMATeacher.Config)
+    registry.add(NoTeacher.Config)
+
+
+@hookimpl
+def selfflow_register_trackers(registry):
+    registry.add(JsonlTracker.Config)
+    registry.add(NullTracker.Config)
+    registry.set_default(JsonlTracker.Config.kind, fallback=True)  # a tracker plugin replaces it
+
+
+@hookimpl
+def selfflow_register_presets(registry):
+    registry.add("toy", toy)
+    registry.set_default("toy", fallback=True)  # a modality plugin's main job replaces it

@@ -1,0 +1,170 @@
+"""The ``selfflow`` command: a preset or a config file, plus ``dotted.key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import tomli_w
+
+from selfflow_core.config.converter import apply_overrides, make_converter, structure, to_data
+from selfflow_core.config.resolve import resolve_config
+from selfflow_core.errors import SelfFlowError
+from selfflow_core.plugins.manager import Components
+
+
+def _drop_none(data):
+    if isinstance(data, dict):
+        return {k: _drop_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_drop_none(v) for v in data]
+    return data
+
+
+def cmd_train(args, components):
+    from selfflow_core.trainer import Trainer
+
+    config = resolve_config(components, args.target, args.overrides)
+    summary = Trainer(config, components=components).fit()
+    print(f"trained {summary['step']} steps ({summary['reason']}) in {summary['seconds']:.0f}s; "
+          f"final loss {summary['final_loss']:.4f}; run: {config.run_dir}")
+
+
+def cmd_config(args, components):
+    config = resolve_config(components, args.target, args.overrides)
+    if args.action == "show":
+        print(tomli_w.dumps(_drop_none(to_data(make_converter(components), config))), end="")
+    else:
+        print(f"ok: {args.target or components.presets.default} is a valid config")
+
+
+def cmd_encode(args, components):
+    from selfflow_core.data.store import encode_store
+
+    conv = make_converter(components)
+    cls = components.modalities.get(args.modality)
+    data = apply_overrides({}, args.overrides)
+    mod_cfg = structure(conv, data, cls, source=f"modality {args.modality!r} options")
+    adapter = mod_cfg.build()
+    store = encode_store(adapter, args.source, args.store, batch_size=args.batch_size,
+                         adapter_config=to_data(conv, mod_cfg), progress=True)
+    print(f"store {args.store}: {len(store)} samples of {args.modality} from {args.source!r}")
+
+
+def cmd_store(args, components):
+    from selfflow_core.data.store import check_store
+
+    problems = check_store(args.store)
+    if problems:
+        print(f"store {args.store}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"store {args.store}: ok")
+
+
+def cmd_sample(args, components):
+    from selfflow_core.eval.samples import sample_checkpoint
+
+    paths = sample_checkpoint(args.checkpoint, components, out_dir=args.out, count=args.count,
+                              steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
+                              seed=args.seed)
+    for p in paths:
+        print(p)
+
+
+def cmd_plugins(args, components):
+    registered = components.by_plugin()
+    rows = []
+    for name, provider in components.pm.providers.items():
+        rows.append({"plugin": name, "distribution": provider.distribution,
+                     "version": provider.version, "components": registered.get(name, [])})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        print(f"{row['plugin']}  ({row['distribution']} {row['version']})")
+        for c in row["components"]:
+            print(f"    {c}")
+
+
+def cmd_new_modality(args: argparse.Namespace, components: Components | None = None) -> int | None:
+    """``selfflow new-modality NAME [--dir DIR]`` (needs no plugins loaded)."""
+    from selfflow_core.cli.scaffold import names, new_modality
+
+    dest = new_modality(args.name, args.dir)
+    n = names(args.name)
+    print(f"wrote {n['dist']} (modality {args.name!r}, package {n['package']}) to {dest}\n"
+          f"next:\n  pip install -e {dest}\n  python -m pytest {dest / 'tests'} -q\n"
+          f"  selfflow train {args.name}_debug_tiny")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfflow", description=(
+        "Train generative models with Self-Flow (self-supervised flow matching)."))
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a preset or a config file", description=(
+        "Train from a preset (default: the installed main job, e.g. image) or a TOML/JSON "
+        "config, then apply "
+        "dotted.key=value overrides, e.g. `selfflow train image steps=500 optim.lr=3e-4`. "
+        "Re-running resumes from the run's latest checkpoint."))
+    t.add_argument("target", nargs="?", help="preset name or path to a .toml/.json config")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value (values are TOML literals)")
+    c = sub.add_parser("config", help="show or validate a resolved config")
+    c.add_argument("action", choices=["show", "validate"])
+    c.add_argument("target", nargs="?", help="preset name or path to a .toml/.json config")
+    c.add_argument("overrides", nargs="*", help="dotted.key=value")
+    e = sub.add_parser("encode", help="encode raw data of a modality into a zarr latent store",
+                       description="Encode <source> with <modality>'s encoder into <store>; an "
+                       "interrupted encode resumes where it stopped.")
+    e.add_argument("modality")
+    e.add_argument("source", help="a built-in source name of the modality or a path")
+    e.add_argument("store", help="path (or zarr store URL) of the store to write")
+    e.add_argument("overrides", nargs="*", help="modality config key=value")
+    e.add_argument("--batch-size", type=int, default=256)
+    s = sub.add_parser("store", help="inspect latent stores")
+    s.add_argument("action", choices=["check"])
+    s.add_argument("store")
+    sm = sub.add_parser("sample", help="generate samples from a checkpoint")
+    sm.add_argument("checkpoint")
+    sm.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    sm.add_argument("--count", type=int, default=None)
+    sm.add_argument("--steps", type=int, default=None)
+    sm.add_argument("--method", choices=["euler", "heun"], default=None)
+    sm.add_argument("--cfg-scale", type=float, default=None)
+    sm.add_argument("--seed", type=int, default=None)
+    pl = sub.add_parser("plugins", help="list plugins and the components each registered")
+    pl.add_argument("--json", action="store_true")
+    nm = sub.add_parser(
+        "new-modality", help="write a new modality plugin package from the template",
+        description="Write a complete, installable modality plugin (pyproject with the entry "
+        "point, adapter, plugin, presets, contract tests, README) for modality NAME into DIR "
+        "(default ./selfflow-NAME, with - for _). It trains as it is, on synthetic "
+        "multichannel signals; edit it for your data. See docs/writing-a-modality.md.")
+    nm.add_argument("name", help="the modality kind: lowercase snake_case, e.g. eeg")
+    nm.add_argument("--dir", default=None,
+                    help="package directory to create (must not exist or be empty)")
+    return p
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "encode": cmd_encode, "store": cmd_store,
+            "sample": cmd_sample, "plugins": cmd_plugins, "new-modality": cmd_new_modality}
+#: commands that need no plugins loaded (they work even when an installed plugin is broken)
+NO_PLUGINS = {"new-modality"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``selfflow`` command; a user's mistake (any :class:`SelfFlowError`) is one
+    ``error:`` line on stderr and exit status 2, never a traceback."""
+    args = parser().parse_args(argv)
+    try:
+        components = None if args.command in NO_PLUGINS else Components()
+        return COMMANDS[args.command](args, components) or 0
+    except SelfFlowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

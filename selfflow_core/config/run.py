@@ -1,0 +1,117 @@
+"""``TrainerConfig``: one run, composed from component configs (Python first, TOML second)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from attrs import validators as v
+
+from selfflow_core.builtin.dit import DiT
+from selfflow_core.interfaces import (
+    BackboneConfig,
+    ModalityConfig,
+    SchedulerConfig,
+    TeacherConfig,
+    TrackerConfig,
+)
+from selfflow_core.objective import ObjectiveConfig
+from selfflow_core.sampling import SamplingConfig
+from selfflow_core.teachers import EMATeacher
+from selfflow_core.timesteps import DualTimestep
+
+
+@attrs.frozen(kw_only=True)
+class ModalitySpec:
+    """One modality of a run: its adapter, its zarr store, its timestep plan and its share.
+
+    ``source``: raw data to encode into ``store`` when the store does not exist yet (e.g.
+    ``"digits"``); empty means the store must exist. ``probability``: share of batches (paper
+    App. D: each batch holds one modality). ``weight``: loss weight. ``batch_size``: samples per
+    optimizer step across all ranks and accumulation steps.
+    """
+
+    modality: ModalityConfig
+    store: str
+    source: str = ""
+    scheduler: SchedulerConfig = attrs.field(factory=DualTimestep.Config)
+    batch_size: int = attrs.field(default=64, validator=v.ge(1))
+    probability: float = attrs.field(default=1.0, validator=v.gt(0))
+    weight: float = attrs.field(default=1.0, validator=v.ge(0))
+
+
+@attrs.frozen(kw_only=True)
+class OptimConfig:
+    """AdamW with grad-norm clipping, linear warm-up, then a constant or cosine schedule."""
+
+    lr: float = attrs.field(default=1e-4, validator=v.gt(0))
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = attrs.field(default=0.0, validator=v.ge(0))
+    eps: float = attrs.field(default=1e-8, validator=v.gt(0))
+    grad_clip: float = attrs.field(default=1.0, validator=v.gt(0))
+    warmup_steps: int = attrs.field(default=0, validator=v.ge(0))
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    """Write a checkpoint every ``every`` steps (and at the end); keep the last ``keep``."""
+
+    every: int = attrs.field(default=500, validator=v.ge(1))
+    keep: int = attrs.field(default=3, validator=v.ge(1))
+
+
+@attrs.frozen(kw_only=True)
+class DiagnosticsConfig:
+    """Representation diagnostics logged to the tracker while training
+    (:mod:`selfflow_core.eval.diagnostics`), on the raw student, on a fixed set of the first
+    ``samples`` stored samples of each modality: per block ``probe_acc`` (linear probe, where the
+    data has class labels), ``erank`` and ``feat_std`` (collapse monitors), and the flow loss in
+    ``timestep_buckets`` buckets of t. Metric names: ``diag/<modality>/<name>``. They only read
+    the model (no grad, their own RNG): training is unchanged. ``every = 0`` turns them off."""
+
+    every: int = attrs.field(default=0, validator=v.ge(0))
+    samples: int = attrs.field(default=512, validator=v.ge(4))
+    #: the noise level the features are read at (0: clean data)
+    t: float = attrs.field(default=0.25, validator=[v.ge(0), v.le(1)])
+    timestep_buckets: int = attrs.field(default=5, validator=v.ge(0))
+
+
+@attrs.frozen(kw_only=True)
+class TrainerConfig:
+    """A whole run. ``modalities`` maps a name to its :class:`ModalitySpec`; one entry is a
+    single-modality run, several make a composite trainer over one shared backbone."""
+
+    modalities: dict[str, ModalitySpec] = attrs.field(validator=v.min_len(1))
+    backbone: BackboneConfig = attrs.field(factory=DiT.Config)
+    teacher: TeacherConfig = attrs.field(factory=EMATeacher.Config)
+    objective: ObjectiveConfig = attrs.field(factory=ObjectiveConfig)
+    optim: OptimConfig = attrs.field(factory=OptimConfig)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    diagnostics: DiagnosticsConfig = attrs.field(factory=DiagnosticsConfig)
+    #: None: the installed default tracker (aim with ``selfflow-aim``, else jsonl lines)
+    tracker: TrackerConfig | None = None
+    steps: int = attrs.field(default=1000, validator=v.ge(1))
+    grad_accum: int = attrs.field(default=1, validator=v.ge(1))
+    label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
+    eval_ema_decay: float | None = None
+    #: 0 <= seed < 2**32: data order and noise are seeded by ``(seed, step)`` pairs
+    seed: int = attrs.field(default=0, validator=[v.ge(0), v.lt(2**32)])
+    run_dir: str = "runs/selfflow"
+    log_every: int = attrs.field(default=25, validator=v.ge(1))
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped: int = attrs.field(default=10, validator=v.ge(0))
+    num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    #: scan every stored value (NaN/Inf, damaged chunks) before training; off for huge stores
+    verify_stores: bool = True
+    device: str = "auto"
+    #: ``torch.compile`` each backbone block (``block.compile()``: parameter names unchanged)
+    compile: bool = False
+    #: how the model is spread over ``torchrun`` processes: ``"ddp"`` replicates it, ``"fsdp"``
+    #: shards it (FSDP2, per block; the EMA teacher sharded alike; DCP checkpoint directories).
+    #: One process ignores it. See docs/scale.md.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    #: recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False

@@ -1,0 +1,254 @@
+"""Schema and validation of latent stores: what the group attributes hold, the problems
+:func:`~selfflow_core.data.store.open_store` refuses and :func:`check_store` lists.
+
+Every problem is one line naming the field and, where it applies, the sample index, so that a
+:class:`StoreError` tells exactly what is wrong with which store. See ``docs/store.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+
+from selfflow_core.errors import StoreError
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter
+
+#: the newest layout this selfflow reads and the one it writes
+FORMAT_VERSION = 1
+#: group attributes every store carries
+REQUIRED_KEYS = ("format_version", "modality", "fields", "config_hash", "committed", "complete")
+StoreLike = str | os.PathLike | Store
+#: the schema keys that identify what a store holds; their hash must match to resume or re-run
+HASHED_KEYS = ("format_version", "modality", "fields", "num_classes", "encoder", "normalization",
+               "adapter_config", "source")
+_MAX_LISTED = 10
+
+
+def store_name(path: StoreLike) -> str:
+    """How a store is named in messages: the local path, the URL, or the in-memory store's URL."""
+    return str(path) if isinstance(path, Store) else os.fspath(path)
+
+
+def is_local(path: StoreLike) -> bool:
+    """Whether ``path`` is a local filesystem path (not a store object or a URL)."""
+    return not isinstance(path, Store) and "://" not in os.fspath(path)
+
+
+def open_group(path: StoreLike, mode: str = "r") -> zarr.Group:
+    """Open the store's zarr group; a missing path or a non-group is a :class:`StoreError`."""
+    name = store_name(path)
+    if is_local(path) and mode == "r" and not os.path.exists(path):
+        raise StoreError(name, [f"no such store: {name} does not exist"])
+    try:
+        return zarr.open_group(os.fspath(path) if is_local(path) else path, mode=mode)
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError, zarr.errors.ContainsArrayError) as e:
+        raise StoreError(name, [f"not a zarr group ({type(e).__name__}: {e})"]) from None
+
+
+def _plain(value: Any, where: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"store schema: {where} is not plain JSON data ({e})") from None
+
+
+def config_hash(schema: Mapping[str, Any]) -> str:
+    """Hash of what the store holds (:data:`HASHED_KEYS`): equal hashes mean the same encoding."""
+    data = json.dumps({k: schema.get(k) for k in HASHED_KEYS}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def store_schema(adapter: ModalityAdapter, *, source: str, source_description: str,
+                 adapter_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The group attributes describing a store of ``adapter``'s fields encoded from ``source``."""
+    schema = {
+        "format_version": FORMAT_VERSION, "modality": adapter.name,
+        "fields": {k: {"shape": list(s.shape), "dtype": np.dtype(s.dtype).name}
+                   for k, s in adapter.fields().items()},
+        "num_classes": int(adapter.num_classes),
+        "encoder": _plain(dict(adapter.encoder_info()), "encoder_info()"),
+        "normalization": _plain(dict(adapter.normalization()), "normalization()"),
+        "adapter_config": _plain(dict(adapter_config), "adapter_config"),
+        "source": {"name": source, "description": source_description},
+    }
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return {**schema, "config_hash": config_hash(schema), "created_at": created}
+
+
+def field_specs(schema: Mapping[str, Any]) -> dict[str, FieldSpec]:
+    """The schema's fields as :class:`FieldSpec` by name."""
+    return {k: FieldSpec(shape=tuple(v["shape"]), dtype=str(v["dtype"]))
+            for k, v in schema["fields"].items()}
+
+
+def schema_problems(group: zarr.Group, *, require_complete: bool = True) -> list[str]:
+    """Cheap checks (metadata only): format version, schema keys, arrays, dtypes, shapes, lengths,
+    completeness."""
+    attrs = dict(group.attrs)
+    version = attrs.get("format_version")
+    if version is None:
+        return ["not a selfflow latent store (no 'format_version' in the group attributes)"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        return [f"format_version {version!r} is not an integer"]
+    if version > FORMAT_VERSION:
+        return [f"written by a newer selfflow (format {version} > {FORMAT_VERSION}); "
+                "upgrade selfflow to read it"]
+    missing = [k for k in REQUIRED_KEYS if k not in attrs]
+    if missing:
+        return [f"schema key(s) missing from the group attributes: {missing}"]
+    try:
+        specs = field_specs(attrs)
+    except (AttributeError, KeyError, TypeError) as e:
+        return [f"malformed 'fields' in the schema: {type(e).__name__}: {e}"]
+    problems = []
+    committed, complete, count = attrs["committed"], attrs["complete"], attrs.get("count")
+    if complete and count != committed:
+        problems.append(f"completeness marker says {count} samples but {committed} are committed")
+    arrays = dict(group.arrays())
+    for name, spec in specs.items():
+        arr = arrays.get(name)
+        if arr is None:
+            problems.append(f"field {name!r}: array missing")
+            continue
+        if np.dtype(arr.dtype) != np.dtype(spec.dtype):
+            problems.append(f"field {name!r}: dtype {arr.dtype} but the schema says {spec.dtype}")
+        if tuple(arr.shape[1:]) != spec.shape:
+            problems.append(f"field {name!r}: per-sample shape {tuple(arr.shape[1:])} but the "
+                            f"schema says {spec.shape}")
+        if arr.shape[0] < committed:
+            problems.append(f"field {name!r}: {arr.shape[0]} samples, fewer than the {committed} "
+                            "committed (samples were lost)")
+        elif complete and arr.shape[0] != committed:
+            problems.append(f"field {name!r}: {arr.shape[0]} samples but the store is complete "
+                            f"with {committed}")
+    problems += [f"unknown array {name!r} (not a field of the schema)"
+                 for name in sorted(set(arrays) - set(specs))]
+    if require_complete and not complete:
+        problems.append(f"incomplete: {committed} samples committed and no completeness marker "
+                        "(the encode was interrupted; run it again to resume)")
+    return problems
+
+
+def adapter_problems(schema: Mapping[str, Any], adapter: ModalityAdapter) -> list[str]:
+    """Whether a store was written for ``adapter``: same modality and fields."""
+    if schema.get("modality") != adapter.name:
+        return [f"modality {schema.get('modality')!r}, but the adapter is {adapter.name!r}"]
+    stored, wanted = field_specs(schema), {k: FieldSpec(shape=tuple(s.shape), dtype=str(s.dtype))
+                                           for k, s in adapter.fields().items()}
+    return [f"field {k!r}: store has {stored.get(k)}, the adapter expects {wanted.get(k)}"
+            for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+
+
+def _chunks_present(arr: zarr.Array) -> set[int] | None:
+    """Indices (along the sample axis) of the chunks stored for ``arr``; None if not listable."""
+    prefix = f"{arr.store_path.path}/c/" if arr.store_path.path else "c/"
+
+    async def keys() -> list[str]:
+        return [k async for k in arr.store_path.store.list_prefix(prefix)]
+
+    try:
+        found = sync(keys())
+    except Exception:  # noqa: BLE001 - some stores cannot list; then this check is skipped
+        return None
+    return {int(k[len(prefix):].split("/")[0]) for k in found
+            if k[len(prefix):].split("/")[0].isdigit()}
+
+
+def _listed(indices: list[int]) -> str:
+    more = f" and {len(indices) - _MAX_LISTED} more" if len(indices) > _MAX_LISTED else ""
+    return ", ".join(map(str, indices[:_MAX_LISTED])) + more
+
+
+def _chunk_file(arr: zarr.Array, k: int, store: str | None) -> str:
+    """Where chunk ``k`` (along the sample axis) of ``arr`` lives: its path or key."""
+    key = arr.metadata.encode_chunk_key((k, *([0] * (arr.ndim - 1))))
+    key = f"{arr.path}/{key}" if arr.path else key
+    return os.path.join(store, key) if store is not None and "://" not in store else key
+
+
+def nonfinite_problem(name: str, values: np.ndarray, samples: np.ndarray) -> str | None:
+    """The problem line for NaN/Inf in ``values`` (rows are the samples ``samples``), if any."""
+    if values.dtype.kind not in "fc" or not len(values):
+        return None
+    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if finite.all():
+        return None
+    bad = np.asarray(samples)[~finite].tolist()
+    return (f"field {name!r}: NaN/Inf at sample index {_listed(bad)} ({len(bad)} sample(s)); "
+            "`selfflow store check` lists every damaged sample")
+
+
+def _read_chunk(arr: zarr.Array, name: str, k: int, count: int, present: set[int] | None,
+                store: str | None) -> tuple[np.ndarray | None, str | None]:
+    """Chunk ``k`` of ``arr`` (its samples below ``count``), or the problem that it is missing
+    or cannot be decoded (truncated, corrupt, checksum mismatch), naming its file."""
+    step = arr.chunks[0]
+    start, stop = k * step, min((k + 1) * step, count)
+    where = f"field {name!r}: chunk {k} (samples {start}..{stop - 1})"
+    if present is not None and k not in present:
+        return None, (f"{where} is missing (it would read as fill values): "
+                      f"{_chunk_file(arr, k, store)}")
+    try:
+        return np.asarray(arr[start:stop]), None
+    except Exception as e:  # noqa: BLE001 - any decode error means a damaged chunk
+        return None, (f"{where} is unreadable (truncated or corrupt: "
+                      f"{_chunk_file(arr, k, store)}): {type(e).__name__}: {e}")
+
+
+def chunk_problems(arr: zarr.Array, name: str, chunks: list[int], count: int,
+                   store: str | None = None) -> list[str]:
+    """Missing or undecodable chunks among ``chunks`` (indices along the sample axis)."""
+    present = _chunks_present(arr)
+    found = (_read_chunk(arr, name, k, count, present, store)[1] for k in chunks)
+    return [p for p in found if p]
+
+
+def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
+                  store: str | None = None) -> list[str]:
+    """Full scan of samples ``0..count``: missing or unreadable chunks (a checksum mismatch
+    included), NaN/Inf per sample."""
+    problems = []
+    for name in specs:
+        arr = group[name]
+        step, n = arr.chunks[0], min(count, arr.shape[0])
+        present = _chunks_present(arr)
+        bad: list[int] = []
+        for k in range(-(-n // step)):
+            block, problem = _read_chunk(arr, name, k, n, present, store)
+            if problem:
+                problems.append(problem)
+            elif block.dtype.kind in "fc":
+                finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                bad += (np.flatnonzero(~finite) + k * step).tolist()
+        if bad:
+            problems.append(f"field {name!r}: NaN/Inf at sample index {_listed(bad)} "
+                            f"({len(bad)} sample(s))")
+    return problems
+
+
+def check_store(path: StoreLike, *, require_complete: bool = True) -> list[str]:
+    """Every problem of the store at ``path`` (empty: usable): schema, arrays, dtypes, shapes,
+    completeness, then a full read finding damaged chunks and NaN/Inf per field and sample index."""
+    try:
+        group = open_group(path, "r")
+    except StoreError as e:
+        return e.problems
+    problems = schema_problems(group, require_complete=require_complete)
+    attrs = dict(group.attrs)
+    if any(k not in attrs for k in REQUIRED_KEYS) or attrs["format_version"] != FORMAT_VERSION:
+        return problems
+    try:
+        specs = {k: s for k, s in field_specs(attrs).items() if k in set(group.array_keys())}
+    except (AttributeError, KeyError, TypeError):
+        return problems
+    return problems + data_problems(group, specs, int(attrs["committed"]), store_name(path))

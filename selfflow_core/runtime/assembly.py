@@ -1,0 +1,57 @@
+"""Turning a validated ``TrainerConfig`` into live objects: the modalities (adapter, scheduler,
+id offset) and the trainable model (backbone + projection head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+from torch import nn
+
+from selfflow_core.config.run import TrainerConfig
+from selfflow_core.interfaces import ModalityAdapter, TimestepScheduler
+from selfflow_core.objective import SelfFlowObjective
+
+
+@attrs.define
+class ModalityRuntime:
+    name: str
+    spec: Any
+    adapter: ModalityAdapter
+    scheduler: TimestepScheduler
+    id_offset: int
+
+
+def build_modalities(config: TrainerConfig) -> list[ModalityRuntime]:
+    out, offset = [], 0
+    for name, spec in config.modalities.items():
+        adapter = spec.modality.build()
+        out.append(ModalityRuntime(name, spec, adapter, spec.scheduler.build(), offset))
+        offset += len(adapter.token_dims)
+    return out
+
+
+class StudentWithHead(nn.Module):
+    """The trainable part (backbone + projection head) as one module, so DDP sees one forward."""
+
+    def __init__(self, backbone: nn.Module, objective: SelfFlowObjective) -> None:
+        super().__init__()
+        self.backbone, self.objective = backbone, objective
+
+    def forward(self, teacher, batch, plan, noise):
+        return self.objective(self.backbone, teacher, batch, plan, noise)
+
+
+def build_model(config: TrainerConfig, modalities: list[ModalityRuntime],
+                teacher) -> StudentWithHead:
+    dims = [d for m in modalities for d in m.adapter.token_dims]
+    classes = max(m.adapter.num_classes for m in modalities)
+    backbone = config.backbone.build(token_dims=dims, num_classes=classes)
+    objective = SelfFlowObjective(config.objective, depth=backbone.depth, width=backbone.width,
+                                  target_width=teacher.feature_dim)
+    return StudentWithHead(backbone, objective)
+
+
+def store_path(spec) -> str:
+    return str(Path(spec.store).expanduser()) if "://" not in spec.store else spec.store
