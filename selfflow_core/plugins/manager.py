@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
+import types
 from collections.abc import Iterable, Iterator
 
 import pluggy
@@ -39,6 +40,21 @@ class PluginManager(pluggy.PluginManager):
 
     def provider(self, plugin: object) -> Provider:
         return self.providers.get(self.get_name(plugin) or "", Provider("?", "?", ""))
+
+    def credit(self, component: object) -> Provider:
+        """The provider of a registered component: the plugin whose module shares the longest
+        dotted prefix with the module defining ``component`` (``selfflow_image.adapter`` ->
+        plugin ``selfflow_image.plugin``)."""
+        where = (getattr(component, "__module__", None) or "").split(".")
+        best, best_len = None, 0
+        for name, plugin in self.list_name_plugin():
+            home = (plugin.__name__ if isinstance(plugin, types.ModuleType)
+                    else type(plugin).__module__).split(".")
+            shared = next((i for i, (a, b) in enumerate(zip(home, where)) if a != b),
+                          min(len(home), len(where)))
+            if shared > best_len:
+                best, best_len = plugin, shared
+        return self.provider(best) if best is not None else Provider("?", ".".join(where), "")
 
 
 def _core_version() -> str:
@@ -94,28 +110,25 @@ class Components:
 
     def __init__(self, pm: PluginManager | None = None) -> None:
         self.pm = pm if pm is not None else make_plugin_manager()
-        self.modalities: Registry = Registry("modality", ModalityConfig)
-        self.backbones: Registry = Registry("backbone", BackboneConfig)
-        self.schedulers: Registry = Registry("timestep scheduler", SchedulerConfig)
-        self.distributions: Registry = Registry("time distribution", TimeDistributionConfig)
-        self.teachers: Registry = Registry("teacher", TeacherConfig)
-        self.trackers: Registry = Registry("tracker", TrackerConfig)
-        self.presets = PresetRegistry()
+        credit = self.pm.credit
+        self.modalities: Registry = Registry("modality", ModalityConfig, credit)
+        self.backbones: Registry = Registry("backbone", BackboneConfig, credit)
+        self.schedulers: Registry = Registry("timestep scheduler", SchedulerConfig, credit)
+        self.distributions: Registry = Registry("time distribution", TimeDistributionConfig,
+                                                credit)
+        self.teachers: Registry = Registry("teacher", TeacherConfig, credit)
+        self.trackers: Registry = Registry("tracker", TrackerConfig, credit)
+        self.presets = PresetRegistry(credit)
+        # ordinary pluggy hook calls (all plugins at once: wrappers and tracing apply); pluggy
+        # calls the last registered first, so the core's fallbacks are set after the plugins'
         hooks = self.pm.hook
-        self._collect(hooks.selfflow_register_modalities, registry=self.modalities)
-        self._collect(hooks.selfflow_register_backbones, registry=self.backbones)
-        self._collect(hooks.selfflow_register_timestep_schedulers, registry=self.schedulers,
-                      distributions=self.distributions)
-        self._collect(hooks.selfflow_register_teachers, registry=self.teachers)
-        self._collect(hooks.selfflow_register_trackers, registry=self.trackers)
-        self._collect(hooks.selfflow_register_presets, registry=self.presets)
-
-    def _collect(self, caller: pluggy.HookCaller, **registries) -> None:
-        # one call per plugin, in registration order, so each component records its provider
-        for impl in caller.get_hookimpls():
-            provider = self.pm.provider(impl.plugin)
-            kwargs = {k: r._as(provider) for k, r in registries.items()}
-            impl.function(*(kwargs[a] for a in impl.argnames))
+        hooks.selfflow_register_modalities(registry=self.modalities)
+        hooks.selfflow_register_backbones(registry=self.backbones)
+        hooks.selfflow_register_timestep_schedulers(registry=self.schedulers,
+                                                    distributions=self.distributions)
+        hooks.selfflow_register_teachers(registry=self.teachers)
+        hooks.selfflow_register_trackers(registry=self.trackers)
+        hooks.selfflow_register_presets(registry=self.presets)
 
     def registries(self) -> Iterator[Registry]:
         yield from (self.modalities, self.backbones, self.schedulers, self.distributions,

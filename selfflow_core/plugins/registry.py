@@ -1,12 +1,14 @@
 """Typed component registries handed to the ``selfflow_register_*`` hooks.
 
 A registry maps a ``kind`` (the config's tag) to a config class, and remembers which plugin and
-distribution provided it, so that errors can say where things come from.
+distribution provided it, so that errors can say where things come from. The provider is found
+from the component itself (``credit``: the plugin whose package defines it), so the hooks are
+called the ordinary pluggy way: once, for all plugins, with wrappers and tracing working.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 import attrs
@@ -29,24 +31,31 @@ class Provider:
             "" if self.plugin == self.distribution else f", plugin {self.plugin!r}")
 
 
+def _direct(component: object) -> Provider:
+    return Provider("<direct>", "<direct>", "")
+
+
 class _Defaults:
     """A registry's default entry: what a config gets that names none. The core declares a
     fallback; an installed plugin's declaration replaces it; two plugins declaring different
     defaults of one category conflict (the error names both)."""
 
-    _default: tuple[str, Provider, bool] | None = None
+    _default: tuple[str, bool] | None = None
 
     def set_default(self, name: str, *, fallback: bool = False) -> None:
-        """Declare ``name`` (registered now or later) the default; ``fallback``: only until a
+        """Declare ``name`` (already registered) the default; ``fallback``: only until a
         plugin declares another."""
+        if name not in self:
+            raise UnknownComponentError(f"cannot make {self.category} {name!r} the default: it is "
+                                        f"not registered; installed: {self.describe()}")
         current = self._default
-        if current is not None and not current[2] and not fallback and current[0] != name:
+        if current is not None and not current[1] and not fallback and current[0] != name:
             raise DuplicateComponentError(
-                f"default {self.category} declared twice: {current[0]!r} by {current[1]} and "
-                f"{name!r} by {self._provider}; uninstall or block one "
-                f"(SELFFLOW_BLOCK_PLUGINS=<plugin name>)")
-        if current is None or current[2] or not fallback:
-            self._default = (name, self._provider, fallback)
+                f"default {self.category} declared twice: {current[0]!r} by "
+                f"{self.provider(current[0])} and {name!r} by {self.provider(name)}; uninstall or "
+                f"block one (SELFFLOW_BLOCK_PLUGINS=<plugin name>)")
+        if current is None or current[1] or not fallback:
+            self._default = (name, fallback)
 
     @property
     def default(self) -> str:
@@ -60,30 +69,32 @@ class _Defaults:
 class Registry(_Defaults, Generic[C]):
     """Config classes of one category (modalities, backbones, ...), keyed by their ``kind``."""
 
-    def __init__(self, category: str, base: type) -> None:
+    def __init__(self, category: str, base: type, credit: Callable[[object], Provider] = _direct
+                 ) -> None:
         self.category = category
         self.base = base
         self._entries: dict[str, tuple[type, Provider]] = {}
-        self._provider = Provider("<direct>", "<direct>", "")
+        self._credit = credit
 
     def add(self, config_cls: C) -> C:
         """Register ``config_cls`` (a subclass of this category's base with a ``kind``)."""
+        provider = self._credit(config_cls)
         if not (isinstance(config_cls, type) and issubclass(config_cls, self.base)):
-            raise TypeError(f"{self._provider}: {self.category} registry takes subclasses of "
+            raise TypeError(f"{provider}: {self.category} registry takes subclasses of "
                             f"{self.base.__qualname__}, got {config_cls!r}")
         kind = getattr(config_cls, "kind", None)
         if not isinstance(kind, str) or not kind:
-            raise TypeError(f"{self._provider}: {config_cls.__qualname__} has no `kind` string")
+            raise TypeError(f"{provider}: {config_cls.__qualname__} has no `kind` string")
         if kind in self._entries:
             other_cls, other = self._entries[kind]
             if other_cls is not config_cls:
                 raise DuplicateComponentError(
                     f"{self.category} {kind!r} is registered twice: by {other} "
-                    f"({other_cls.__module__}.{other_cls.__qualname__}) and by {self._provider} "
+                    f"({other_cls.__module__}.{other_cls.__qualname__}) and by {provider} "
                     f"({config_cls.__module__}.{config_cls.__qualname__}); uninstall or block one "
                     f"(SELFFLOW_BLOCK_PLUGINS=<plugin name>)")
             return config_cls
-        self._entries[kind] = (config_cls, self._provider)
+        self._entries[kind] = (config_cls, provider)
         return config_cls
 
     def get(self, kind: str) -> type:
@@ -111,13 +122,6 @@ class Registry(_Defaults, Generic[C]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _as(self, provider: Provider) -> Registry[C]:
-        """A view of this registry that records ``provider`` as the registrant."""
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view._provider = provider
-        return view
-
 
 class PresetRegistry(_Defaults):
     """Named preset functions (``() -> TrainerConfig``) registered by plugins; the default is
@@ -125,19 +129,20 @@ class PresetRegistry(_Defaults):
 
     category = "preset"
 
-    def __init__(self) -> None:
+    def __init__(self, credit: Callable[[object], Provider] = _direct) -> None:
         self._entries: dict[str, tuple[object, Provider]] = {}
-        self._provider = Provider("<direct>", "<direct>", "")
+        self._credit = credit
 
     def add(self, name: str, fn) -> None:
         """Register ``fn`` (a function returning a ``TrainerConfig``) as preset ``name``."""
+        provider = self._credit(fn)
         if not callable(fn):
-            raise TypeError(f"{self._provider}: preset {name!r} must be a function, got {fn!r}")
+            raise TypeError(f"{provider}: preset {name!r} must be a function, got {fn!r}")
         if name in self._entries and self._entries[name][0] is not fn:
             raise DuplicateComponentError(
                 f"preset {name!r} is registered twice: by {self._entries[name][1]} and by "
-                f"{self._provider}")
-        self._entries[name] = (fn, self._provider)
+                f"{provider}")
+        self._entries[name] = (fn, provider)
 
     def get(self, name: str):
         if name not in self._entries:
@@ -155,5 +160,3 @@ class PresetRegistry(_Defaults):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))
-
-    _as = Registry._as

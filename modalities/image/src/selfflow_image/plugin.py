@@ -15,3 +15,4 @@ def selfflow_register_presets(registry):
 
     registry.add("image", default)
     registry.add("image_debug_tiny", debug_tiny)
+    registry.set_default("image")  # the main job: what `selfflow train` runs without a target

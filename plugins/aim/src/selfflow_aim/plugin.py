@@ -10,3 +10,4 @@ from selfflow_core import hookimpl
 @hookimpl
 def selfflow_register_trackers(registry):
     registry.add(AimTracker.Config)
+    registry.set_default(AimTracker.Config.kind)  # installed, it is every run's tracker by default
