@@ -87,8 +87,7 @@ def _distribution_field():
 
 
 def _hold_conditioning(plan: TimestepPlan, batch: TokenBatch) -> TimestepPlan:
-    if not bool(batch.condition.any()):
-        return plan
+    # unconditionally (no branch on the data: that would read the mask back from the device)
     zero = torch.zeros((), dtype=plan.student_t.dtype, device=plan.student_t.device)
     return TimestepPlan(student_t=torch.where(batch.condition, zero, plan.student_t),
                         teacher_t=torch.where(batch.condition, zero, plan.teacher_t),

@@ -27,6 +27,10 @@ class TokenBatch:
     - ``channel_valid`` [B, N, C] bool or None: for sequences mixing token widths, marks the
       channels that carry data; padded channels do not count in the flow loss.
     - ``labels`` [B] long or None: class labels (the null class is ``num_classes``).
+    - ``padded`` bool or None: a host-side hint, whether any token is padding, set by
+      :meth:`with_padding_hint` where the batch is made on the host (the loader does); None:
+      unknown, and a backbone that needs it reads ``valid`` back from the device (one sync).
+      Replacing ``valid`` (``attrs.evolve``) must drop the hint (``padded=None``).
     """
 
     tokens: Tensor
@@ -36,6 +40,7 @@ class TokenBatch:
     condition: Tensor
     labels: Tensor | None = None
     channel_valid: Tensor | None = None
+    padded: bool | None = None
 
     @classmethod
     def single(cls, tokens: Tensor, positions: Tensor, *, labels: Tensor | None = None,
@@ -86,12 +91,18 @@ class TokenBatch:
         out = {}
         for f in attrs.fields(TokenBatch):
             values = [getattr(b, f.name) for b in batches]
-            if all(v is None for v in values):
-                continue
-            if any(v is None for v in values):
+            if f.name == "padded":
+                out[f.name] = None if None in values else any(values)
+            elif any(v is None for v in values) and not all(v is None for v in values):
                 raise ValueError(f"TokenBatch.cat: field {f.name!r} is set in some batches only")
-            out[f.name] = torch.cat(values)
+            elif values[0] is not None:
+                out[f.name] = torch.cat(values)
         return attrs.evolve(first, **out)
+
+    def with_padding_hint(self) -> TokenBatch:
+        """The batch with :attr:`padded` set from ``valid`` (call it where ``valid`` is on the
+        host: it reads the mask)."""
+        return attrs.evolve(self, padded=not bool(self.valid.all()))
 
 
 @attrs.frozen(kw_only=True)

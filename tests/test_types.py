@@ -24,11 +24,16 @@ def full_batch(b=3, n=5, c=4) -> TokenBatch:
 
 
 def fields(batch: TokenBatch) -> dict:
-    return {f.name: getattr(batch, f.name) for f in attrs.fields(TokenBatch)}
+    return {f.name: getattr(batch, f.name) for f in attrs.fields(TokenBatch)
+            if f.name != "padded"}
 
 
-def test_every_field_is_a_tensor_the_methods_cover():
+def test_every_field_but_the_host_hint_is_a_tensor_the_methods_cover():
     assert all(isinstance(v, torch.Tensor) for v in fields(full_batch()).values())
+    hinted = full_batch().with_padding_hint()
+    assert hinted.padded is True and hinted.repeat_samples(2).padded is True
+    assert TokenBatch.cat([hinted, hinted]).padded
+    assert TokenBatch.cat([hinted, full_batch()]).padded is None
 
 
 def test_repeat_rows_and_cat_keep_every_field():

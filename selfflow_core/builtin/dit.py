@@ -179,7 +179,8 @@ class DiT(Backbone):
         h = h + self.modality_embed(ids)
         c, index = self._conditioning(t, batch.labels, h.dtype)
         valid = batch.valid
-        attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        padded = batch.padded if batch.padded is not None else not bool(valid.all())
+        attn_mask = valid[:, None, None, :] if padded else None
         wanted = set(feature_layers)
         features: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks, start=1):

@@ -179,7 +179,7 @@ class LatentLoader:
                 seed = np.random.SeedSequence([self.seed, _POSTERIOR, self.rank, step])
                 gen = torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
                 fields = sample_posterior(fields, gen)
-            return s, source.tokenize(fields), state
+            return s, source.tokenize(fields).with_padding_hint(), state
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there as is
             return s, _Failure(exc), state
 

@@ -47,7 +47,7 @@ class PluginManager(pluggy.PluginManager):
         plugin ``selfflow_image.plugin``)."""
         where = (getattr(component, "__module__", None) or "").split(".")
         best, best_len = None, 0
-        for name, plugin in self.list_name_plugin():
+        for _, plugin in self.list_name_plugin():
             home = (plugin.__name__ if isinstance(plugin, types.ModuleType)
                     else type(plugin).__module__).split(".")
             shared = next((i for i, (a, b) in enumerate(zip(home, where)) if a != b),
