@@ -9,6 +9,7 @@ Plugins import only from here, :mod:`selfflow_core.tokens` and :mod:`selfflow_co
 from __future__ import annotations
 
 from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
 from selfflow_core.config.converter import make_converter, read_file, structure, to_data
 from selfflow_core.config.presets import shrink
@@ -39,6 +40,7 @@ from selfflow_core.errors import (
     UnknownComponentError,
 )
 from selfflow_core.eval.samples import load_for_sampling, sample_checkpoint
+from selfflow_core.runtime.checkpoint import latest as latest_checkpoint
 
 # compose: the method's pieces and the run configs
 from selfflow_core.flow import interpolate, velocity_target
@@ -81,12 +83,12 @@ __all__ = [
     # compose
     "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher",
     "JsonlTracker", "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig",
-    "OptimConfig", "SamplingConfig", "SelfFlowObjective", "SingleTimestep", "TrainerConfig",
+    "OptimConfig", "SamplingConfig", "SelfFlowObjective", "SingleTimestep", "ToyModality", "TrainerConfig",
     "Uniform", "interpolate", "make_converter", "read_file", "resolve_config", "shrink",
     "structure", "to_data", "validate", "velocity_target",
     # run
-    "Trainer", "build_loader", "encode_store", "load_for_sampling", "open_store", "sample",
-    "sample_checkpoint",
+    "Trainer", "build_loader", "encode_store", "latest_checkpoint", "load_for_sampling",
+    "open_store", "sample", "sample_checkpoint",
     # errors
     "CheckpointError", "ConfigError", "DuplicateComponentError", "NonFiniteLossError",
     "PluginLoadError", "RunDirInUse", "SelfFlowError", "StoreError", "UnknownComponentError",

@@ -1,12 +1,20 @@
-"""The core's own components, registered through the same hooks a third-party plugin uses."""
+"""The core's own components, registered through the same hooks (and the same public API) a
+third-party plugin uses. Loaded by the plugin manager after :mod:`selfflow_core` is imported."""
 
-from selfflow_core.builtin.dit import DiT
+from selfflow_core import (
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    JsonlTracker,
+    LogitNormal,
+    NoTeacher,
+    NullTracker,
+    SingleTimestep,
+    ToyModality,
+    Uniform,
+    hookimpl,
+)
 from selfflow_core.builtin.presets import toy
-from selfflow_core.builtin.toy import ToyModality
-from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
-from selfflow_core.plugins.hookspecs import hookimpl
-from selfflow_core.teachers import EMATeacher, NoTeacher
-from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
 
 
 @hookimpl

@@ -1,11 +1,16 @@
 """The core's preset: a toy run that needs no modality plugin."""
 
 
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.builtin.toy import ToyModality
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    EMATeacher,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    ToyModality,
+    TrainerConfig,
+)
 
 
 def toy() -> TrainerConfig:

@@ -1,1 +1,1 @@
-"""cli"""
+"""The ``selfflow`` command (:mod:`.main`) and the modality scaffold (:mod:`.scaffold`)."""

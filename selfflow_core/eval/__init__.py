@@ -1,1 +1,1 @@
-"""eval"""
+"""Evaluation while and after training: representation diagnostics and samples."""

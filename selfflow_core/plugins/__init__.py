@@ -1,1 +1,1 @@
-"""plugins"""
+"""The plugin system: the hook specifications, the typed registries and the plugin manager."""

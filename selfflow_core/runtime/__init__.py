@@ -1,1 +1,2 @@
-"""runtime"""
+"""How a run executes: processes and parallel strategies, optimizer, assembly of the live
+objects, run-directory guard and signals, progress, step losses and checkpoints."""

@@ -32,12 +32,17 @@ import attrs
 import numpy as np
 import torch
 
-from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.data.store import StoreError, open_store
-from selfflow_core.eval.samples import load_for_sampling
-from selfflow_core.plugins.manager import Components
-from selfflow_core.runtime import checkpoint
-from selfflow_core.sampling import sample
+from selfflow_core import (
+    CheckpointError,
+    Components,
+    StoreError,
+    latest_checkpoint,
+    load_for_sampling,
+    make_converter,
+    open_store,
+    sample,
+    to_data,
+)
 from selfflow_robotics.adapter import RoboticsModality
 from selfflow_robotics.sim import collect, episode_seed, expert_policy, random_policy, rollout
 
@@ -48,7 +53,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file():
         return p
     for folder in (p / "checkpoints", p):
-        if folder.is_dir() and (found := checkpoint.latest(folder)) is not None:
+        if folder.is_dir() and (found := latest_checkpoint(folder)) is not None:
             return found
     raise FileNotFoundError(f"no checkpoint at {path} (give a checkpoint file or a run directory)")
 
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                            mse_episodes=args.mse_episodes, execute=args.execute,
                            steps=args.steps, method=args.method, seed=args.seed,
                            device=args.device, store=args.store)
-    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as exc:
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from selfflow_core.interfaces import Tracker, TrackerConfig
+from selfflow_core import Tracker, TrackerConfig
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"})
 AUDIO_SUFFIXES = {".wav": "wav", ".mp3": "mp3", ".flac": "flac"}

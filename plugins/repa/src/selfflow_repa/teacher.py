@@ -29,8 +29,7 @@ import torch
 from attrs import validators as v
 from torch import Tensor, nn
 
-from selfflow_core.config.converter import ConfigError
-from selfflow_core.interfaces import Backbone, TeacherConfig, TeacherStrategy
+from selfflow_core import Backbone, ConfigError, TeacherConfig, TeacherStrategy
 
 
 class EncoderError(ConfigError):
