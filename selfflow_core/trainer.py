@@ -19,7 +19,8 @@ from selfflow_core.data.loader import LoaderSource, build_loader
 from selfflow_core.data.store import encode_store, open_store
 from selfflow_core.errors import CheckpointError, NonFiniteLossError
 from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
-from selfflow_core.eval.samples import write_samples
+from selfflow_core.eval.samples import generate
+from selfflow_core.eval.samples import save as save_samples
 from selfflow_core.plugins.manager import Components
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import (
@@ -121,21 +122,30 @@ class Trainer:
                 drop[rows] < self.config.label_dropout, null, batch.labels))
         return batch, plan, noise[rows]
 
+    def _next_batch(self) -> tuple[ModalityRuntime, TokenBatch]:
+        """The next batch (of one modality) on the device, its modality ids offset into the
+        backbone's table."""
+        source, batch = next(self.batches)
+        m = self.modalities[source]
+        self.current_modality = m.name
+        batch = batch.to(self.device)
+        return m, attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
+
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed((self.config.seed << 32) + step)
 
     # -- the algorithm -------------------------------------------------------------------------
     def train_step(self) -> LossTerms:
+        """One optimizer step of Self-Flow over ``grad_accum`` micro-batches: per micro-batch the
+        timestep plan (t, s, mask) and one noise draw, then the objective (student at the mixed
+        times, EMA teacher at the cleaner ``min(t, s)``, flow + gamma * representation loss);
+        then clip, AdamW, and the teacher's EMA update."""
         step = self.step + 1
         gen = self._generator(step)
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.config.grad_accum
         for micro in range(accum):
-            source, batch = next(self.batches)
-            m = self.modalities[source]
-            self.current_modality = m.name
-            batch = batch.to(self.device)
-            batch = attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
+            m, batch = self._next_batch()
             batch, plan, noise = self._draw(batch, m, gen)
             sync = nullcontext() if micro == accum - 1 else self.parallel.no_sync(self.trained)
             with sync, self._autocast():
@@ -367,8 +377,9 @@ class Trainer:
         paths = []
         for m in self.modalities:
             out = self.run_dir / "samples" / f"step-{self.step:08d}" / m.name
-            paths += write_samples(self.eval_model(), m, self.config.sampling, out,
-                                   null_label=self.backbone.num_classes, device=self.device,
-                                   save=self.dist.is_main)
+            tokens, labels = generate(self.eval_model(), m, self.config.sampling,
+                                      null_label=self.backbone.num_classes, device=self.device)
+            if self.dist.is_main:
+                paths += save_samples(m, tokens, labels, out)
         self.tracker.log_images("samples", paths, step=self.step)
         return paths

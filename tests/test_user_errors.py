@@ -89,6 +89,12 @@ def test_a_misspelled_source_is_a_config_error_listing_the_sources(capsys, tmp_p
     assert "unknown source 'wavez'" in err
 
 
+def test_encoding_a_misspelled_source_is_one_line(capsys, tmp_path):
+    err = one_line_error(capsys, ["encode", "toy", "wavez", str(tmp_path / "s.zarr")])
+    assert "unknown source 'wavez'" in err and "waves" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_an_existing_path_is_accepted_as_a_source(tmp_path):
     from selfflow_core.builtin.toy import ToyModality
     from selfflow_core.config.validate import source_problems

@@ -10,7 +10,8 @@ import tomli_w
 
 from selfflow_core.config.converter import apply_overrides, make_converter, structure, to_data
 from selfflow_core.config.resolve import resolve_config
-from selfflow_core.errors import SelfFlowError
+from selfflow_core.config.validate import source_problems
+from selfflow_core.errors import ConfigError, SelfFlowError
 from selfflow_core.plugins.manager import Components
 
 
@@ -45,7 +46,11 @@ def cmd_encode(args, components):
     conv = make_converter(components)
     cls = components.modalities.get(args.modality)
     data = apply_overrides({}, args.overrides)
-    mod_cfg = structure(conv, data, cls, source=f"modality {args.modality!r} options")
+    where = f"modality {args.modality!r} options"
+    mod_cfg = structure(conv, data, cls, source=where)
+    problems = mod_cfg.problems() or source_problems(mod_cfg, args.source)
+    if problems:
+        raise ConfigError(problems, where)
     adapter = mod_cfg.build()
     store = encode_store(adapter, args.source, args.store, batch_size=args.batch_size,
                          adapter_config=to_data(conv, mod_cfg), progress=True)

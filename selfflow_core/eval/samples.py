@@ -53,11 +53,11 @@ def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str 
     return paths
 
 
-def write_samples(model, m: ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
-                  device: torch.device, labels: torch.Tensor | None = None,
-                  save: bool = True) -> list[Path]:
-    """Sample ``cfg.count`` items of one modality (classes cycled) and save them via its adapter
-    (``save=False``: only sample, as the other ranks of a sharded model must)."""
+def generate(model, m: ModalityRuntime, cfg, *, null_label: int, device: torch.device,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``cfg.count`` generated token sequences of one modality (classes cycled unless
+    ``labels`` are given) and their labels. Under FSDP2 every rank must call it (the model is
+    sharded); only one saves."""
     gen = torch.Generator(device).manual_seed(cfg.seed)
     prompt = m.adapter.prompt(cfg.count).to(device)
     prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
@@ -70,7 +70,18 @@ def write_samples(model, m: ModalityRuntime, cfg, out_dir: Path, *, null_label: 
     tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
                     cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen)
     model.train(was_training)
-    if not save:
-        return []
+    return tokens, labels
+
+
+def save(m: ModalityRuntime, tokens: torch.Tensor, labels: torch.Tensor | None,
+         out_dir: Path) -> list[Path]:
+    """Decode generated tokens and write them with the modality's adapter; the files written."""
     return m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
                                   None if labels is None else labels.cpu(), out_dir)
+
+
+def write_samples(model, m: ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
+                  device: torch.device, labels: torch.Tensor | None = None) -> list[Path]:
+    """:func:`generate` then :func:`save`."""
+    tokens, labels = generate(model, m, cfg, null_label=null_label, device=device, labels=labels)
+    return save(m, tokens, labels, out_dir)

@@ -59,7 +59,7 @@ def test_kill9_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path, refer
         if not d.exists():  # killed before its first save made the directory
             none_complete += 1
             continue
-        leftovers = [p for p in d.iterdir() if checkpoint.TEMP_PATTERN.match(p.name)]
+        leftovers = [p for p in d.iterdir() if checkpoint.files.TEMP_PATTERN.match(p.name)]
         killed_mid_write += bool(leftovers)
         temps += len(leftovers)
         assert len(leftovers) <= 1, leftovers
@@ -123,7 +123,7 @@ def test_kill9_during_training_resumes_to_the_uninterrupted_run(tmp_path, toy_st
         assert latest is not None and checkpoint.load(latest)["step"] >= trial["target"] - 1
         assert_resumes_to_reference(rel, toy_store, run, reference[1])
         assert not [p for p in (run / "checkpoints").iterdir()
-                    if checkpoint.TEMP_PATTERN.match(p.name)]  # the resume removed them
+                    if checkpoint.files.TEMP_PATTERN.match(p.name)]  # the resume removed them
     print("\ntraining kill -9 after steps", [t["sent_after_step"] for t in summary["trials"]])
 
 
