@@ -11,7 +11,13 @@ from __future__ import annotations
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
-from selfflow_core.config.converter import make_converter, read_file, structure, to_data
+from selfflow_core.config.converter import (
+    apply_overrides,
+    make_converter,
+    read_file,
+    structure,
+    to_data,
+)
 from selfflow_core.config.presets import shrink
 from selfflow_core.config.resolve import resolve_config
 from selfflow_core.config.run import (
@@ -22,12 +28,9 @@ from selfflow_core.config.run import (
     TrainerConfig,
 )
 from selfflow_core.config.validate import validate
-from selfflow_core.data.loader import build_loader
-
-# run
+from selfflow_core.data.check import check_store
+from selfflow_core.data.loader import LoaderSource, build_loader
 from selfflow_core.data.store import encode_store, open_store
-
-# errors
 from selfflow_core.errors import (
     CheckpointError,
     ConfigError,
@@ -40,12 +43,7 @@ from selfflow_core.errors import (
     UnknownComponentError,
 )
 from selfflow_core.eval.samples import load_for_sampling, sample_checkpoint
-from selfflow_core.runtime.checkpoint import latest as latest_checkpoint
-
-# compose: the method's pieces and the run configs
 from selfflow_core.flow import interpolate, velocity_target
-
-# extend: the contracts, data passed between components, hooks and registries
 from selfflow_core.interfaces import (
     Backbone,
     BackboneConfig,
@@ -67,6 +65,7 @@ from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.plugins.registry import PresetRegistry, Registry
+from selfflow_core.runtime.checkpoint import latest as latest_checkpoint
 from selfflow_core.sampling import SamplingConfig, sample
 from selfflow_core.teachers import EMATeacher, NoTeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
@@ -76,19 +75,19 @@ from selfflow_core.types import BackboneOutput, LossTerms, TimestepPlan, TokenBa
 __all__ = [
     # extend
     "Backbone", "BackboneConfig", "BackboneOutput", "ComponentConfig", "FieldSpec", "LossTerms",
-    "ModalityAdapter", "ModalityConfig", "PresetRegistry", "Registry", "SchedulerConfig",
-    "Source", "TeacherConfig", "TeacherStrategy", "TimeDistribution", "TimeDistributionConfig",
-    "TimestepPlan", "TimestepScheduler", "TokenBatch", "Tracker", "TrackerConfig",
-    "Components", "hookimpl", "make_plugin_manager",
+    "ModalityAdapter", "ModalityConfig", "PresetRegistry", "Registry", "SchedulerConfig", "Source",
+    "TeacherConfig", "TeacherStrategy", "TimeDistribution", "TimeDistributionConfig",
+    "TimestepPlan", "TimestepScheduler", "TokenBatch", "Tracker", "TrackerConfig", "Components",
+    "hookimpl", "make_plugin_manager",
     # compose
-    "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher",
-    "JsonlTracker", "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig",
-    "OptimConfig", "SamplingConfig", "SelfFlowObjective", "SingleTimestep", "ToyModality", "TrainerConfig",
-    "Uniform", "interpolate", "make_converter", "read_file", "resolve_config", "shrink",
-    "structure", "to_data", "validate", "velocity_target",
+    "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher", "JsonlTracker",
+    "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig", "OptimConfig",
+    "SamplingConfig", "SelfFlowObjective", "SingleTimestep", "ToyModality", "TrainerConfig",
+    "Uniform", "apply_overrides", "interpolate", "make_converter", "read_file", "resolve_config",
+    "shrink", "structure", "to_data", "validate", "velocity_target",
     # run
-    "Trainer", "build_loader", "encode_store", "latest_checkpoint", "load_for_sampling",
-    "open_store", "sample", "sample_checkpoint",
+    "LoaderSource", "Trainer", "build_loader", "check_store", "encode_store", "latest_checkpoint",
+    "load_for_sampling", "open_store", "sample", "sample_checkpoint",
     # errors
     "CheckpointError", "ConfigError", "DuplicateComponentError", "NonFiniteLossError",
     "PluginLoadError", "RunDirInUse", "SelfFlowError", "StoreError", "UnknownComponentError",

@@ -1,6 +1,6 @@
 """``selfflow new-modality NAME``: write a new, working modality plugin package from a template.
 
-The template (``selfflow_core/templates/modality``, shipped with the core) is a complete
+The template (``selfflow_core/cli/templates/modality``, shipped with the core) is a complete
 third-party plugin — pyproject with the entry point, adapter, plugin module, presets, contract
 tests and README — for multichannel 1-D signals. ``docs/examples/selfflow-timeseries`` is exactly
 what it renders for ``NAME = timeseries``. Rendering is :class:`string.Template` substitution of

@@ -12,12 +12,16 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from selfflow_core import Components
-from selfflow_core.config.converter import ConfigError, make_converter, structure
-from selfflow_core.eval.samples import sample_checkpoint
-from selfflow_core.interfaces import ModalityConfig
+from selfflow_core import (
+    Components,
+    ConfigError,
+    ModalityConfig,
+    Trainer,
+    make_converter,
+    sample_checkpoint,
+    structure,
+)
 from selfflow_core.testing import ModalityContract
-from selfflow_core.trainer import Trainer
 
 from selfflow_timeseries.adapter import TimeseriesModality
 

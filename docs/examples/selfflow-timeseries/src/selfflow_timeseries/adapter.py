@@ -1,12 +1,12 @@
 """The timeseries modality: multichannel 1-D signals ``[C, L]`` -> patch tokens along time.
 
-Offline, a :class:`~selfflow_core.interfaces.Source` yields signals ``[n, C, L]`` and labels
+Offline, a :class:`~selfflow_core.Source` yields signals ``[n, C, L]`` and labels
 (the built-in ``sensors`` source makes them up deterministically; a ``.npy``/``.npz`` path reads
 your own) and :meth:`TimeseriesModality.encode` scales them into the ``latents`` field. Online,
 :meth:`TimeseriesModality.tokenize` cuts every signal into ``patch`` consecutive time steps per
 token (all channels of a patch in one token) with the token's index as its 1-D position, and
-:meth:`TimeseriesModality.detokenize` puts them back. Samples are written as ``samples.npz`` and
-an SVG plot.
+:meth:`TimeseriesModality.detokenize` puts them back (both with the helpers of
+:mod:`selfflow_core.tokens`). Samples are written as ``samples.npz`` and an SVG plot.
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ import attrs
 import numpy as np
 import torch
 from attrs import validators as v
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
-from selfflow_core.types import TokenBatch
+from selfflow_core import FieldSpec, ModalityAdapter, ModalityConfig, Source, TokenBatch
+from selfflow_core.tokens import (
+    class_labels,
+    expand_batch,
+    grid_positions,
+    latent_fields,
+    patchify,
+    unpatchify,
+)
 from torch import Tensor
 
 #: line colours of the SVG plot, one per channel (cycled)
@@ -177,9 +184,8 @@ class TimeseriesModality(ModalityAdapter):
         return self.config.classes
 
     def fields(self) -> Mapping[str, FieldSpec]:
-        c = self.config
-        return {"latents": FieldSpec(shape=(c.channels, c.length), dtype="float32"),
-                "labels": FieldSpec(shape=(), dtype="int64")}
+        # float32 latents [channels, length] and int64 labels (all 0 when unconditional)
+        return latent_fields((self.config.channels, self.config.length))
 
     def encoder_info(self) -> Mapping[str, Any]:
         return {"name": "scale", "version": "1", "settings": {"scale": self.config.scale}}
@@ -209,22 +215,20 @@ class TimeseriesModality(ModalityAdapter):
     # ---- online -------------------------------------------------------------------------------
 
     def _positions(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        pos = torch.arange(self.num_tokens, dtype=torch.float32, device=device)
-        return pos[None, :, None].expand(n, -1, 1)
+        # [B, N, 1]: each token's index along time
+        return expand_batch(grid_positions(self.num_tokens, device=device), n)
 
     def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
         x = fields["latents"].float()  # [B, C, L]
-        b, c = x.shape[:2]
-        tokens = x.reshape(b, c, self.num_tokens, self.config.patch).permute(0, 2, 1, 3)
-        tokens = tokens.reshape(b, self.num_tokens, self.token_dim)
-        labels = fields.get("labels") if self.num_classes else None
-        return TokenBatch.single(tokens, self._positions(b, x.device),
-                                 labels=None if labels is None else labels.long())
+        # one token per `patch` time steps, all channels: [B, L / patch, C * patch], the values
+        # of a token channel by channel
+        tokens = patchify(x, (self.config.patch,))
+        return TokenBatch.single(tokens, self._positions(x.shape[0], x.device),
+                                 labels=class_labels(fields, self.num_classes))
 
     def detokenize(self, tokens: Tensor) -> Tensor:
-        b, c = tokens.shape[0], self.config.channels
-        x = tokens.reshape(b, self.num_tokens, c, self.config.patch).permute(0, 2, 1, 3)
-        return x.reshape(b, c, self.config.length)
+        c = self.config
+        return unpatchify(tokens, (c.patch,), (c.channels, c.length))  # exact inverse
 
     def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
         return TokenBatch.single(torch.zeros(n, self.num_tokens, self.token_dim),

@@ -6,8 +6,7 @@ This module is the plugin: ``pyproject.toml`` names it as entry point ``timeseri
 
 from __future__ import annotations
 
-from selfflow_core import hookimpl
-from selfflow_core.plugins.registry import PresetRegistry, Registry
+from selfflow_core import PresetRegistry, Registry, hookimpl
 
 from selfflow_timeseries.adapter import TimeseriesModality
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import attrs
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
-from selfflow_core.timesteps import DualTimestep, Uniform
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    TrainerConfig,
+    Uniform,
+)
 
 from selfflow_timeseries.adapter import TimeseriesModality
 
