@@ -101,6 +101,9 @@ class TrainerConfig:
     seed: int = attrs.field(default=0, validator=[v.ge(0), v.lt(2**32)])
     run_dir: str = "runs/selfflow"
     log_every: int = attrs.field(default=25, validator=v.ge(1))
+    #: a NaN/Inf loss: ``"stop"`` at the next read-back of the step losses (log, checkpoint,
+    #: sample or stop steps; no host sync in between) before any checkpoint of its weights, or
+    #: ``"skip"`` the batch (checked before every optimizer step: a host sync per step)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped: int = attrs.field(default=10, validator=v.ge(0))
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
