@@ -42,6 +42,8 @@ from selfflow_core.errors import (
     StoreError,
     UnknownComponentError,
 )
+from selfflow_core.eval.media import SEPARATOR as TILE_SEPARATOR
+from selfflow_core.eval.media import tile_images, to_uint8, upscale
 from selfflow_core.eval.samples import load_for_sampling, sample_checkpoint
 from selfflow_core.flow import interpolate, velocity_target
 from selfflow_core.interfaces import (
@@ -87,7 +89,8 @@ __all__ = [
     "shrink", "structure", "to_data", "validate", "velocity_target",
     # run
     "LoaderSource", "Trainer", "build_loader", "check_store", "encode_store", "latest_checkpoint",
-    "load_for_sampling", "open_store", "sample", "sample_checkpoint",
+    "load_for_sampling", "open_store", "sample", "sample_checkpoint", "TILE_SEPARATOR",
+    "tile_images", "to_uint8", "upscale",
     # errors
     "CheckpointError", "ConfigError", "DuplicateComponentError", "NonFiniteLossError",
     "PluginLoadError", "RunDirInUse", "SelfFlowError", "StoreError", "UnknownComponentError",

@@ -45,7 +45,8 @@ def test_example_is_what_the_scaffold_renders():
     assert not stale, (
         f"{stale} differ from selfflow_core/cli/templates/modality; edit the template, then "
         f"regenerate: rm -r {EXAMPLE.relative_to(ROOT)} && python -c "
-        f"\"from selfflow_core.cli.scaffold import render; render('timeseries', '{EXAMPLE.relative_to(ROOT)}')\"")
+        f"\"from selfflow_core.cli.scaffold import render; "
+        f"render('timeseries', '{EXAMPLE.relative_to(ROOT)}')\"")
 
 
 def test_example_package_metadata():

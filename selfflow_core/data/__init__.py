@@ -1,1 +1,2 @@
-"""The latent store on zarr (writer, reader, checks) and the resumable ``torchdata.nodes`` loader."""
+"""The latent store on zarr (writer, reader, checks) and the resumable ``torchdata.nodes``
+loader."""

@@ -19,8 +19,6 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, ZstdCodec
 
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter
-from selfflow_core.runtime.locking import LockHeld, PidLock
 from selfflow_core.data.check import (
     FORMAT_VERSION,
     HASHED_KEYS,
@@ -38,6 +36,8 @@ from selfflow_core.data.check import (
     store_name,
     store_schema,
 )
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter
+from selfflow_core.runtime.locking import LockHeld, PidLock
 
 __all__ = ["FORMAT_VERSION", "LatentStore", "StoreError", "StoreWriter", "check_store",
            "encode_store", "open_store", "store_schema"]
@@ -70,8 +70,8 @@ def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 class _WriteLock:
-    """One writer per store. Local paths: a ``<path>.lock`` :class:`~selfflow_core.runtime.locking.PidLock`
-    (a lock left by a dead process on this host is taken over). Other stores: a lock within this
+    """One writer per store. Local paths: a ``<path>.lock``
+    :class:`~selfflow_core.runtime.locking.PidLock` (a lock left by a dead process on this host is taken over). Other stores: a lock within this
     process only."""
 
     _held: set[str] = set()

@@ -13,7 +13,8 @@ from selfflow_core.interfaces.timesteps import (
 from selfflow_core.interfaces.tracker import Tracker, TrackerConfig
 
 __all__ = [
-    "Backbone", "BackboneConfig", "ComponentConfig", "FieldSpec", "ModalityAdapter", "ModalityConfig",
+    "Backbone", "BackboneConfig", "ComponentConfig", "FieldSpec", "ModalityAdapter",
+    "ModalityConfig",
     "SchedulerConfig", "Source", "TeacherConfig", "TeacherStrategy", "TimeDistribution",
     "TimeDistributionConfig", "TimestepScheduler", "Tracker", "TrackerConfig",
 ]

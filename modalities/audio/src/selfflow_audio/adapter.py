@@ -29,8 +29,22 @@ from selfflow_audio.sources import (
     SpokenDigitsSource,
     TonesSource,
 )
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
-from selfflow_core.types import TokenBatch
+from selfflow_core import (
+    FieldSpec,
+    ModalityAdapter,
+    ModalityConfig,
+    Source,
+    TokenBatch,
+    tile_images,
+)
+from selfflow_core.tokens import (
+    class_labels,
+    expand_batch,
+    grid_positions,
+    latent_fields,
+    patchify,
+    unpatchify,
+)
 
 SOURCES = ("spoken_digits", "tones")
 
@@ -52,17 +66,14 @@ def write_spectrogram_png(latents: Tensor, path: Path, *, min_height: int = 64,
     b, t, d = x.shape
     sy, sx = max(1, min_height // max(d, 1)), max(1, min_width // max(t, 1))
     h, w = d * sy, t * sx
-    ncol = max(1, math.ceil(math.sqrt(max(b, 1) * h / w)))
-    nrow = max(1, math.ceil(b / ncol))
-    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1), 128, np.uint8)
+    cells = np.empty((b, h, w, 1), np.uint8)
     for i, clip in enumerate(x):
         lo, hi = value_range or (float(clip.min()), float(clip.max()))
         clip = clip.clamp(lo, hi)
         img = ((clip - lo) / max(hi - lo, 1e-6) * 255).round().to(torch.uint8).T.flip(0).numpy()
-        r, q = divmod(i, ncol)
-        y0, x0 = 1 + r * (h + 1), 1 + q * (w + 1)
-        grid[y0:y0 + h, x0:x0 + w] = img.repeat(sy, axis=0).repeat(sx, axis=1)
-    Image.fromarray(grid).save(path)
+        cells[i, ..., 0] = img.repeat(sy, axis=0).repeat(sx, axis=1)
+    ncol = max(1, math.ceil(math.sqrt(max(b, 1) * h / w)))
+    Image.fromarray(tile_images(cells, ncol)[..., 0]).save(path)
     return path
 
 
@@ -201,8 +212,7 @@ class AudioModality(ModalityAdapter):
         return self.config.classes
 
     def fields(self) -> Mapping[str, FieldSpec]:
-        return {"latents": FieldSpec(shape=self.latent_shape, dtype="float32"),
-                "labels": FieldSpec(shape=(), dtype="int64")}
+        return latent_fields(self.latent_shape)
 
     def encoder_info(self) -> Mapping[str, Any]:
         info = dict(self.encoder.info())
@@ -251,21 +261,16 @@ class AudioModality(ModalityAdapter):
 
     def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``[n, N, 1]`` float token index along time."""
-        pos = torch.arange(self.num_tokens, dtype=torch.float32, device=device)
-        return pos[None, :, None].expand(n, -1, -1).contiguous()
+        return expand_batch(grid_positions(self.num_tokens), n, device)
 
     def patchify(self, latents: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, T / f, f D]`` (consecutive frames, frame-major inside)."""
-        b, t, _ = latents.shape
-        return latents.reshape(b, t // self.config.frames_per_token, -1)
+        return patchify(latents, (self.config.frames_per_token, latents.shape[-1]))
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
-        return tokens.reshape(tokens.shape[0], *self.latent_shape)
-
-    def _labels(self, fields: Mapping[str, Tensor] | None) -> Tensor | None:
-        if not self.num_classes or fields is None or fields.get("labels") is None:
-            return None
-        return fields["labels"].long().reshape(-1)
+        """Exact inverse of :meth:`patchify`."""
+        frames, d = self.latent_shape
+        return unpatchify(tokens, (self.config.frames_per_token, d), (frames, d))
 
     def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
         x = fields[self.latent_field].float()
@@ -273,14 +278,15 @@ class AudioModality(ModalityAdapter):
             raise ValueError(f"audio: latents have shape {tuple(x.shape[1:])}, the config wants "
                              f"{self.latent_shape}")
         return TokenBatch.single(self.patchify(x), self.positions(x.shape[0], x.device),
-                                 labels=self._labels(fields))
+                                 labels=class_labels(fields, self.num_classes))
 
     def detokenize(self, tokens: Tensor) -> Tensor:
         return self.unpatchify(tokens)
 
     def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
         tokens = torch.zeros(n, self.num_tokens, self.token_dim)
-        return TokenBatch.single(tokens, self.positions(n), labels=self._labels(fields))
+        return TokenBatch.single(tokens, self.positions(n),
+                                 labels=class_labels(fields, self.num_classes))
 
     # ---- samples ------------------------------------------------------------------------------
 

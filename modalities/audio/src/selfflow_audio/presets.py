@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import attrs
-
 from selfflow_audio.adapter import AudioModality
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
-from selfflow_core.timesteps import DualTimestep, LogitNormal
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    LogitNormal,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    TrainerConfig,
+    shrink,
+)
+
+#: the spoken-digit variants of the tiny presets: 2 voices x 1 speed x 1 pitch (20 clips)
+TINY_VOICES = {"voices": ("en-us", "en+f2"), "speeds": (175,), "pitches": (50,)}
 
 
 def default() -> TrainerConfig:
@@ -48,15 +56,6 @@ def default() -> TrainerConfig:
 def debug_tiny() -> TrainerConfig:
     """A few-second run of the same recipe (tests, smoke checks): 20 clips (2 voices), a 4x32
     DiT."""
-    base = default()
-    modality = attrs.evolve(base.modalities["audio"].modality, voices=("en-us", "en+f2"),
-                            speeds=(175,), pitches=(50,))
-    spec = attrs.evolve(base.modalities["audio"], batch_size=16, modality=modality,
-                        store="data/spoken-digits-tiny.zarr")
-    return attrs.evolve(
-        base, modalities={"audio": spec}, backbone=DiT.Config(depth=4, width=32, heads=4),
-        teacher=EMATeacher.Config(decay=0.9, warmup=True),
-        optim=OptimConfig(lr=1e-3, warmup_steps=5), steps=20, log_every=5,
-        checkpoint=CheckpointConfig(every=10, keep=2),
-        sampling=SamplingConfig(count=10, steps=5), run_dir="runs/audio-tiny")
-
+    return shrink(default(), run_dir="runs/audio-tiny",
+                  stores={"audio": "data/spoken-digits-tiny.zarr"},
+                  modality={"audio": TINY_VOICES})

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from selfflow_audio.features import read_wav, resample
-from selfflow_core.interfaces import Source
+from selfflow_core import Source
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_VOICES = ("en-us", "en-gb-x-rp", "en+f2", "en-us+m3", "en+klatt", "en+f4",

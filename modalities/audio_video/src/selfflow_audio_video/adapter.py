@@ -23,15 +23,14 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-import torch.nn.functional as F
 from attrs import validators as v
 from selfflow_audio import AudioModality
 from selfflow_audio.sources import SpokenDigitsSource, TonesSource
 from selfflow_video import MovingDigitsSource, VideoModality, write_video_files
 from torch import Tensor
 
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
-from selfflow_core.types import TokenBatch
+from selfflow_core import FieldSpec, ModalityAdapter, ModalityConfig, Source, TokenBatch
+from selfflow_core.tokens import Packed, class_labels, expand_batch, pack, split
 
 SOURCES = ("moving_spoken_digits", "moving_tones")
 CLASSES = 10
@@ -208,55 +207,39 @@ class AudioVideoModality(ModalityAdapter):
         per_token = self.audio.token_seconds * vc.fps / vc.temporal_patch
         t = torch.arange(self.num_audio_tokens, dtype=torch.float32) * per_token
         audio = torch.stack([t, torch.full_like(t, -1.0), torch.full_like(t, -1.0)], dim=-1)
-        pos = torch.cat([self.video.positions(1)[0], audio])
-        return pos.to(device)[None].expand(n, -1, -1).contiguous()
+        return expand_batch(torch.cat([self.video.positions(1)[0], audio]), n, device)
 
-    def modality_ids(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        ids = torch.cat([torch.zeros(self.num_video_tokens, dtype=torch.long),
-                         torch.ones(self.num_audio_tokens, dtype=torch.long)])
-        return ids.to(device)[None].expand(n, -1).contiguous()
-
-    def channel_valid(self, n: int, device: torch.device | str | None = None) -> Tensor:
+    @property
+    def layout(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(tokens, channels)`` of the video part and of the audio part, in sequence order."""
         cv, ca = self.token_dims
-        mask = torch.zeros(self.num_tokens, self.token_dim, dtype=torch.bool)
-        mask[: self.num_video_tokens, :cv] = True
-        mask[self.num_video_tokens:, :ca] = True
-        return mask.to(device)[None].expand(n, -1, -1).contiguous()
+        return ((self.num_video_tokens, cv), (self.num_audio_tokens, ca))
 
-    def pack(self, video: Tensor, audio: Tensor) -> Tensor:
-        """Video ``[B, T, C, H, W]`` and audio ``[B, frames, D]`` -> packed tokens ``[B, N, C]``."""
-        c = self.token_dim
-        v_tok = self.video.patchify(video.float())
-        a_tok = self.audio.patchify(audio.float())
-        return torch.cat([F.pad(v_tok, (0, c - v_tok.shape[-1])),
-                          F.pad(a_tok, (0, c - a_tok.shape[-1]))], dim=1)
+    def pack(self, video: Tensor, audio: Tensor) -> Packed:
+        """Video ``[B, T, C, H, W]`` and audio ``[B, frames, D]`` -> the packed sequence: tokens
+        ``[B, N, C]``, ``channel_valid`` and modality ids (0 video, 1 audio)."""
+        return pack([self.video.patchify(video.float()), self.audio.patchify(audio.float())])
 
     def split(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Packed tokens ``[B, N, C]`` -> ``(video [B, T, C, H, W], audio [B, frames, D])``;
         padded channels are dropped."""
-        cv, ca = self.token_dims
-        nv = self.num_video_tokens
-        return (self.video.unpatchify(tokens[:, :nv, :cv].contiguous()),
-                self.audio.unpatchify(tokens[:, nv:, :ca].contiguous()))
+        v_tok, a_tok = split(tokens, self.layout)
+        return self.video.unpatchify(v_tok), self.audio.unpatchify(a_tok)
 
-    def _batch(self, tokens: Tensor, labels: Tensor | None) -> TokenBatch:
-        n, dev = tokens.shape[0], tokens.device
+    def _batch(self, packed: Packed, labels: Tensor | None) -> TokenBatch:
+        n, dev = packed.tokens.shape[0], packed.tokens.device
         condition = torch.cat([self.video.condition_mask(n, dev),
                                torch.zeros(n, self.num_audio_tokens, dtype=torch.bool,
                                            device=dev)], dim=1)
-        return TokenBatch(tokens=tokens, positions=self.positions(n, dev),
-                          modality_ids=self.modality_ids(n, dev),
+        return TokenBatch(tokens=packed.tokens, positions=self.positions(n, dev),
+                          modality_ids=packed.modality_ids,
                           valid=torch.ones(n, self.num_tokens, dtype=torch.bool, device=dev),
                           condition=condition, labels=labels,
-                          channel_valid=self.channel_valid(n, dev))
-
-    def _labels(self, fields: Mapping[str, Tensor] | None) -> Tensor | None:
-        if not self.num_classes or fields is None or fields.get("labels") is None:
-            return None
-        return fields["labels"].long().reshape(-1)
+                          channel_valid=packed.channel_valid)
 
     def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
-        return self._batch(self.pack(fields["video"], fields["audio"]), self._labels(fields))
+        return self._batch(self.pack(fields["video"], fields["audio"]),
+                           class_labels(fields, self.num_classes))
 
     def detokenize(self, tokens: Tensor) -> Tensor:
         """The packed tokens themselves (``save_samples`` and :meth:`split` unpack them)."""
@@ -277,7 +260,7 @@ class AudioVideoModality(ModalityAdapter):
                 given["latents"] = self._source_clips(n)
             video = self.video.conditioning_clips(n, given)
         audio = torch.zeros(n, *self.audio.latent_shape)
-        return self._batch(self.pack(video, audio), self._labels(fields))
+        return self._batch(self.pack(video, audio), class_labels(fields, self.num_classes))
 
     def _source_clips(self, n: int) -> Tensor:
         if n not in self._first_frames:

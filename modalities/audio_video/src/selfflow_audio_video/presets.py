@@ -3,16 +3,23 @@ spoken digit (the default run) and a tiny one for tests."""
 
 from __future__ import annotations
 
-import attrs
 from selfflow_audio import AudioModality
+from selfflow_audio.presets import TINY_VOICES
 from selfflow_video import VideoModality
 
 from selfflow_audio_video.adapter import AudioVideoModality
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
-from selfflow_core.timesteps import DualTimestep, LogitNormal
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    LogitNormal,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    TrainerConfig,
+    shrink,
+)
 
 
 def default() -> TrainerConfig:
@@ -56,18 +63,8 @@ def default() -> TrainerConfig:
 def debug_tiny() -> TrainerConfig:
     """A few-second run of the same recipe (tests, smoke checks): 100 pairs, 2 voices, 4
     frames, a 4x32 DiT."""
-    base = default()
-    spec = base.modalities["audio_video"]
-    modality = attrs.evolve(
-        spec.modality, count=100, video=attrs.evolve(spec.modality.video, frames=4),
-        audio=attrs.evolve(spec.modality.audio, voices=("en-us", "en+f2"), speeds=(175,),
-                           pitches=(50,)))
-    spec = attrs.evolve(spec, batch_size=16, modality=modality,
-                        store="data/moving-spoken-digits-tiny.zarr")
-    return attrs.evolve(
-        base, modalities={"audio_video": spec}, backbone=DiT.Config(depth=4, width=32, heads=4),
-        teacher=EMATeacher.Config(decay=0.9, warmup=True),
-        optim=OptimConfig(lr=1e-3, warmup_steps=5), steps=20, log_every=5,
-        checkpoint=CheckpointConfig(every=10, keep=2),
-        sampling=SamplingConfig(count=4, steps=5, shift=2.95), run_dir="runs/audio-video-tiny")
-
+    return shrink(default(), run_dir="runs/audio-video-tiny",
+                  stores={"audio_video": "data/moving-spoken-digits-tiny.zarr"},
+                  modality={"audio_video": {"count": 100, "video": {"frames": 4},
+                                            "audio": TINY_VOICES}},
+                  samples=4)

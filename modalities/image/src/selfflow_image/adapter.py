@@ -22,12 +22,28 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import Tensor
 
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
-from selfflow_core.types import TokenBatch
+from selfflow_core import (
+    TILE_SEPARATOR,
+    FieldSpec,
+    ModalityAdapter,
+    ModalityConfig,
+    Source,
+    TokenBatch,
+    tile_images,
+    to_uint8,
+    upscale,
+)
+from selfflow_core.tokens import (
+    class_labels,
+    expand_batch,
+    grid_positions,
+    latent_fields,
+    patchify,
+    unpatchify,
+)
 from selfflow_image.encoders import EncoderConfig, ImageEncoder, build_encoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SEPARATOR = 128  # grey 1-px lines between cells of a sample grid
 
 
 def _to_channels(x: Tensor, channels: int) -> Tensor:
@@ -116,29 +132,8 @@ class FolderSource(Source):
         return {"images": out, "labels": self.labels[start:stop].copy()}
 
 
-def make_grid(images: np.ndarray, nrow: int, *, pad: int = 1,
-              pad_value: int = SEPARATOR) -> np.ndarray:
-    """Tile uint8 images ``[B, H, W, C]`` into one ``[H', W', C]`` array, ``nrow`` images per
-    row, with ``pad``-pixel lines of ``pad_value`` between and around the cells."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"make_grid takes [B, H, W, C] images, got shape {images.shape}")
-    b, h, w, c = images.shape
-    ncol = max(1, min(nrow, b))
-    rows = max(1, math.ceil(b / ncol))
-    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value,
-                   dtype=images.dtype)
-    for i in range(b):
-        r, k = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + k * (w + pad)
-        grid[y:y + h, x:x + w] = images[i]
-    return grid
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """Float images ``[B, C, H, W]`` in ``[-1, 1]`` -> uint8 ``[B, H, W, C]``."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+#: tile uint8 images ``[B, H, W, C]`` into one grid, ``nrow`` per row (the core's helper)
+make_grid = tile_images
 
 
 class ImageModality(ModalityAdapter):
@@ -228,8 +223,7 @@ class ImageModality(ModalityAdapter):
         return self.config.classes
 
     def fields(self) -> Mapping[str, FieldSpec]:
-        return {"latents": FieldSpec(shape=self.latent_shape, dtype="float32"),
-                "labels": FieldSpec(shape=(), dtype="int64")}
+        return latent_fields(self.latent_shape)
 
     def encoder_info(self) -> Mapping[str, Any]:
         info = dict(self.encoder.info())
@@ -269,26 +263,17 @@ class ImageModality(ModalityAdapter):
 
     def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``[n, N, 2]`` float ``(row, col)`` of each token, row-major."""
-        gh, gw = self.grid
-        rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float32),
-                                    torch.arange(gw, dtype=torch.float32), indexing="ij")
-        pos = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
-        return pos.to(device)[None].expand(n, -1, -1).contiguous()
+        return expand_batch(grid_positions(*self.grid), n, device)
 
     def patchify(self, x: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]`` (row-major tokens)."""
         p = self.config.patch
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // p) * (w // p), c * p * p)
+        return patchify(x, (p, p))
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """Exact inverse of :meth:`patchify`."""
         p = self.config.patch
-        c, h, w = self.latent_shape
-        b = tokens.shape[0]
-        x = tokens.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, c, h, w)
+        return unpatchify(tokens, (p, p), self.latent_shape)
 
     def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
         x = fields["latents"].float()
@@ -296,21 +281,16 @@ class ImageModality(ModalityAdapter):
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"image: latents of shape {tuple(x.shape[1:])} per sample, "
                              f"expected {expected}")
-        labels = fields.get("labels") if self.num_classes else None
-        if labels is not None:
-            labels = labels.long()
-        tokens = self.patchify(x)
-        return TokenBatch.single(tokens, self.positions(x.shape[0], x.device), labels=labels)
+        return TokenBatch.single(self.patchify(x), self.positions(x.shape[0], x.device),
+                                 labels=class_labels(fields, self.num_classes))
 
     def detokenize(self, tokens: Tensor) -> Tensor:
         return self.unpatchify(tokens)
 
     def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
-        labels = None
-        if fields is not None and self.num_classes and fields.get("labels") is not None:
-            labels = fields["labels"].long()
         tokens = torch.zeros(n, self.num_tokens, self.token_dim)
-        return TokenBatch.single(tokens, self.positions(n), labels=labels)
+        return TokenBatch.single(tokens, self.positions(n),
+                                 labels=class_labels(fields, self.num_classes))
 
     # ---- samples ------------------------------------------------------------------------------
 
@@ -325,22 +305,19 @@ class ImageModality(ModalityAdapter):
         separated by 1-px grey lines."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        images = self.decode_images(latents)
-        b, h, w, c = images.shape
-        scale = max(1, 64 // max(h, w))
-        if scale > 1:
-            images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        images = upscale(self.decode_images(latents), 64)
+        b, c = images.shape[0], images.shape[-1]
         if labels is not None and b:
             lab = labels.detach().cpu().reshape(-1).numpy()
             classes = np.unique(lab)
             groups = [images[lab == k] for k in classes]  # boolean masks keep order: stable
             ncol = max(len(g) for g in groups)
-            blank = np.full(images.shape[1:], SEPARATOR, dtype=np.uint8)
+            blank = np.full(images.shape[1:], TILE_SEPARATOR, dtype=np.uint8)
             cells = [np.concatenate([g, np.repeat(blank[None], ncol - len(g), axis=0)])
                      for g in groups]
-            grid = make_grid(np.concatenate(cells), nrow=ncol)
+            grid = tile_images(np.concatenate(cells), nrow=ncol)
         else:
-            grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(max(b, 1)))))
+            grid = tile_images(images, nrow=max(1, math.ceil(math.sqrt(max(b, 1)))))
         from PIL import Image
 
         path = out_dir / "samples.png"

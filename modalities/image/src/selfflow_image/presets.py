@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import attrs
-
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
-from selfflow_core.timesteps import DualTimestep, Uniform
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    TrainerConfig,
+    Uniform,
+    shrink,
+)
 from selfflow_image.adapter import ImageModality
 
 
@@ -37,12 +42,5 @@ def default() -> TrainerConfig:
 
 def debug_tiny() -> TrainerConfig:
     """A few-second run of the same recipe (tests, smoke checks)."""
-    base = default()
-    spec = attrs.evolve(base.modalities["image"], batch_size=16, store="data/digits-tiny.zarr")
-    return attrs.evolve(
-        base, modalities={"image": spec}, backbone=DiT.Config(depth=4, width=32, heads=4),
-        teacher=EMATeacher.Config(decay=0.9, warmup=True),
-        optim=OptimConfig(lr=1e-3, warmup_steps=5), steps=20, log_every=5,
-        checkpoint=CheckpointConfig(every=10, keep=2),
-        sampling=SamplingConfig(count=20, steps=5), run_dir="runs/digits-tiny")
-
+    return shrink(default(), run_dir="runs/digits-tiny", stores={"image": "data/digits-tiny.zarr"},
+                  samples=20)

@@ -37,8 +37,8 @@ import torch
 from attrs import validators as v
 from torch import Tensor
 
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
-from selfflow_core.types import TokenBatch
+from selfflow_core import FieldSpec, ModalityAdapter, ModalityConfig, Source, TokenBatch
+from selfflow_core.tokens import chunk, expand_batch, pack
 from selfflow_robotics.sim import TASKS, Demonstrations, Task, collect, episode_seed, make_task
 
 NORMALIZATION_VERSION = 1
@@ -273,30 +273,17 @@ class RoboticsModality(ModalityAdapter):
 
     # ---- online --------------------------------------------------------------------------------
 
-    def _layout(self, b: int, device) -> dict[str, Tensor]:
-        ns, h, c = self.state_tokens, self.horizon, self.token_dim
-        s, a = self.task.state_dim, self.task.action_dim
-        pos = torch.cat([torch.arange(-(ns - 1), 1), torch.arange(1, h + 1)]).float()
-        ids = torch.cat([torch.zeros(ns, dtype=torch.long), torch.ones(h, dtype=torch.long)])
-        cond = torch.cat([torch.ones(ns, dtype=torch.bool), torch.zeros(h, dtype=torch.bool)])
-        widths = [min(self.state_width, s - j * self.state_width) for j in range(ns)] + [a] * h
-        chan = torch.arange(c)[None, :] < torch.tensor(widths)[:, None]
-        return {"positions": pos[None, :, None].expand(b, -1, 1).to(device),
-                "modality_ids": ids[None].expand(b, -1).to(device),
-                "condition": cond[None].expand(b, -1).to(device),
-                "channel_valid": chan[None].expand(b, -1, -1).to(device)}
-
     def _batch(self, state: Tensor, actions: Tensor) -> TokenBatch:
         b, dev = state.shape[0], state.device
-        c, w, ns = self.token_dim, self.state_width, self.state_tokens
-        s = torch.nn.functional.pad(state.float(), (0, ns * w - state.shape[-1]))
-        s = torch.nn.functional.pad(s.view(b, ns, w), (0, c - w))
-        act = torch.nn.functional.pad(actions.float(), (0, c - actions.shape[-1]))
-        lay = self._layout(b, dev)
-        return TokenBatch(tokens=torch.cat([s, act], dim=1), positions=lay["positions"],
-                          modality_ids=lay["modality_ids"],
+        state_tokens, widths = chunk(state.float(), self.state_width)
+        packed = pack([state_tokens, actions.float()], real_widths=[widths, None])
+        # 1-D time: the state chunks at -(n_s - 1) .. 0, the actions at 1 .. H
+        pos = torch.arange(1 - self.state_tokens, self.horizon + 1, dtype=torch.float32)
+        return TokenBatch(tokens=packed.tokens, positions=expand_batch(pos[:, None], b, dev),
+                          modality_ids=packed.modality_ids,
                           valid=torch.ones(b, self.num_tokens, dtype=torch.bool, device=dev),
-                          condition=lay["condition"], channel_valid=lay["channel_valid"])
+                          condition=packed.modality_ids == 0,  # the state is conditioning
+                          channel_valid=packed.channel_valid)
 
     def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
         """``state`` [B, S] and ``actions`` [B, H, A] (normalised) -> [B, n_s + H, C] tokens."""
@@ -351,8 +338,8 @@ class RoboticsModality(ModalityAdapter):
         csv = out_dir / "actions.csv"
         a = actions.shape[-1]
         rows = [",".join(["sample", "step", *(f"a{j}" for j in range(a))])]
-        for i, chunk in enumerate(actions):
+        for i, planned in enumerate(actions):
             rows += [",".join([str(i), str(k), *(f"{x:.6f}" for x in step)])
-                     for k, step in enumerate(chunk)]
+                     for k, step in enumerate(planned)]
         csv.write_text("\n".join(rows) + "\n")
         return [npy, csv]

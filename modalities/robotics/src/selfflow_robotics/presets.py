@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import attrs
-
-from selfflow_core import JsonlTracker
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
-from selfflow_core.timesteps import DualTimestep, Uniform
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    JsonlTracker,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    TrainerConfig,
+    Uniform,
+    shrink,
+)
 from selfflow_robotics.adapter import RoboticsModality
 
 #: the paper gives no mask ratio for robotics; 0.25 (its image and audio value) is our choice
@@ -45,14 +50,7 @@ def default() -> TrainerConfig:
 
 def debug_tiny() -> TrainerConfig:
     """A few-second run of the same recipe on 6 episodes (tests, smoke checks)."""
-    base = default()
-    spec = attrs.evolve(
-        base.modalities["robotics"], batch_size=32, store="data/reacher-tiny.zarr",
-        modality=RoboticsModality.Config(task="reacher", episodes=6, horizon=4, state_chunk=4))
-    return attrs.evolve(
-        base, modalities={"robotics": spec}, backbone=DiT.Config(depth=4, width=32, heads=4),
-        teacher=EMATeacher.Config(decay=0.9, warmup=True),
-        optim=OptimConfig(lr=2e-3, warmup_steps=5), steps=40, log_every=10,
-        checkpoint=CheckpointConfig(every=20, keep=2),
-        sampling=SamplingConfig(count=4, steps=4), run_dir="runs/reacher-tiny")
-
+    return shrink(default(), run_dir="runs/reacher-tiny",
+                  stores={"robotics": "data/reacher-tiny.zarr"},
+                  modality={"robotics": {"episodes": 6, "horizon": 4, "state_chunk": 4}},
+                  batch_size=32, steps=40, lr=2e-3, samples=4, sample_steps=4)

@@ -21,8 +21,24 @@ import torch
 from attrs import validators as v
 from torch import Tensor
 
-from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
-from selfflow_core.types import TokenBatch
+from selfflow_core import (
+    FieldSpec,
+    ModalityAdapter,
+    ModalityConfig,
+    Source,
+    TokenBatch,
+    tile_images,
+    to_uint8,
+    upscale,
+)
+from selfflow_core.tokens import (
+    class_labels,
+    expand_batch,
+    grid_positions,
+    latent_fields,
+    patchify,
+    unpatchify,
+)
 from selfflow_video.sources import (
     CARTPOLE_CLASSES,
     MOVING_DIGITS_CLASSES,
@@ -30,29 +46,10 @@ from selfflow_video.sources import (
     MovingDigitsSource,
 )
 
-SEPARATOR = 128  # grey lines between the cells of a sample grid
 SOURCES = ("moving_digits", "cartpole")
 
-
-def to_uint8(videos: Tensor | np.ndarray) -> np.ndarray:
-    """Float clips ``[B, T, C, H, W]`` in ``[-1, 1]`` -> uint8 ``[B, T, H, W, C]``."""
-    x = torch.as_tensor(videos).detach().float().cpu().clamp(-1, 1)
-    x = ((x + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 1, 3, 4, 2).numpy()
-
-
-def tile(cells: np.ndarray, ncol: int, *, pad: int = 1, pad_value: int = SEPARATOR) -> np.ndarray:
-    """Tile uint8 images ``[K, H, W, C]`` into ``[H', W', C]``, ``ncol`` per row, separated and
-    framed by ``pad``-pixel lines of ``pad_value``."""
-    k, h, w, c = cells.shape
-    ncol = max(1, min(ncol, k))
-    rows = max(1, math.ceil(k / ncol))
-    out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, np.uint8)
-    for i in range(k):
-        r, q = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        out[y:y + h, x:x + w] = cells[i]
-    return out
+#: tile uint8 images ``[K, H, W, C]`` into one grid, ``nrow`` per row (the core's helper)
+tile = tile_images
 
 
 def write_video_files(videos: Tensor | np.ndarray, out_dir: Path, *, fps: float,
@@ -69,10 +66,8 @@ def write_video_files(videos: Tensor | np.ndarray, out_dir: Path, *, fps: float,
     frames = to_uint8(videos)
     if labels is not None and len(frames):
         frames = frames[np.argsort(labels.detach().cpu().reshape(-1).numpy(), kind="stable")]
-    b, t, h, w, c = frames.shape
-    scale = max(1, min_cell // max(h, w, 1))
-    if scale > 1:
-        frames = frames.repeat(scale, axis=2).repeat(scale, axis=3)
+    frames = upscale(frames, min_cell)
+    b, t, c = frames.shape[0], frames.shape[1], frames.shape[-1]
     mode = "L" if c == 1 else "RGB"
 
     def image(a: np.ndarray):
@@ -81,13 +76,13 @@ def write_video_files(videos: Tensor | np.ndarray, out_dir: Path, *, fps: float,
     paths = []
     if gif:
         ncol = max(1, math.ceil(math.sqrt(max(b, 1))))
-        grids = [image(tile(frames[:, k], ncol)) for k in range(t)]
+        grids = [image(tile_images(frames[:, k], ncol)) for k in range(t)]
         paths.append(out_dir / f"{stem}.gif")
         grids[0].save(paths[-1], save_all=True, append_images=grids[1:], loop=0,
                       duration=max(20, round(1000 / fps)))
     if strip:
         paths.append(out_dir / f"{stem}_frames.png")
-        image(tile(frames.reshape(b * t, *frames.shape[2:]), t)).save(paths[-1])
+        image(tile_images(frames.reshape(b * t, *frames.shape[2:]), t)).save(paths[-1])
     return paths
 
 
@@ -202,8 +197,7 @@ class VideoModality(ModalityAdapter):
         return self.config.classes
 
     def fields(self) -> Mapping[str, FieldSpec]:
-        return {"latents": FieldSpec(shape=self.latent_shape, dtype="float32"),
-                "labels": FieldSpec(shape=(), dtype="int64")}
+        return latent_fields(self.latent_shape)
 
     def encoder_info(self) -> Mapping[str, Any]:
         c = self.config
@@ -248,28 +242,21 @@ class VideoModality(ModalityAdapter):
 
     def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``[n, N, 3]`` float ``(t, row, col)`` of each token in patch units, time-major."""
-        gt, gh, gw = self.grid
-        t, r, c = torch.meshgrid(torch.arange(gt, dtype=torch.float32),
-                                 torch.arange(gh, dtype=torch.float32),
-                                 torch.arange(gw, dtype=torch.float32), indexing="ij")
-        pos = torch.stack([t.reshape(-1), r.reshape(-1), c.reshape(-1)], dim=-1)
-        return pos.to(device)[None].expand(n, -1, -1).contiguous()
+        return expand_batch(grid_positions(*self.grid), n, device)
+
+    @property
+    def tube(self) -> tuple[int, int, int, int]:
+        """The tube of one token over ``(T, C, H, W)``: ``(temporal_patch, C, patch, patch)``."""
+        c = self.config
+        return (c.temporal_patch, c.channels, c.patch, c.patch)
 
     def patchify(self, x: Tensor) -> Tensor:
         """``[B, T, C, H, W]`` -> ``[B, N, pt C p p]`` (time-major, then row-major tubes)."""
-        c, pt, p = self.config, self.config.temporal_patch, self.config.patch
-        b = x.shape[0]
-        gt, gh, gw = self.grid
-        x = x.reshape(b, gt, pt, c.channels, gh, p, gw, p).permute(0, 1, 4, 6, 2, 3, 5, 7)
-        return x.reshape(b, gt * gh * gw, self.token_dim)
+        return patchify(x, self.tube)
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """Exact inverse of :meth:`patchify`."""
-        c, pt, p = self.config, self.config.temporal_patch, self.config.patch
-        b = tokens.shape[0]
-        gt, gh, gw = self.grid
-        x = tokens.reshape(b, gt, gh, gw, pt, c.channels, p, p).permute(0, 1, 4, 5, 2, 6, 3, 7)
-        return x.reshape(b, *self.latent_shape)
+        return unpatchify(tokens, self.tube, self.latent_shape)
 
     def condition_mask(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``[n, N]`` bool: the conditioning tokens (the first temporal patch, when on)."""
@@ -278,11 +265,6 @@ class VideoModality(ModalityAdapter):
             mask[:, : self.tokens_per_frame_patch] = True
         return mask
 
-    def _labels(self, fields: Mapping[str, Tensor] | None) -> Tensor | None:
-        if not self.num_classes or fields is None or fields.get("labels") is None:
-            return None
-        return fields["labels"].long().reshape(-1)
-
     def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
         x = fields[self.latent_field].float()
         if tuple(x.shape[1:]) != self.latent_shape:
@@ -290,7 +272,7 @@ class VideoModality(ModalityAdapter):
                              f"{self.latent_shape}")
         n = x.shape[0]
         return TokenBatch.single(self.patchify(x), self.positions(n, x.device),
-                                 labels=self._labels(fields),
+                                 labels=class_labels(fields, self.num_classes),
                                  condition=self.condition_mask(n, x.device))
 
     def detokenize(self, tokens: Tensor) -> Tensor:
@@ -339,7 +321,8 @@ class VideoModality(ModalityAdapter):
             tokens = self.patchify(self.conditioning_clips(n, fields))
         else:
             tokens = torch.zeros(n, self.num_tokens, self.token_dim)
-        return TokenBatch.single(tokens, self.positions(n), labels=self._labels(fields),
+        return TokenBatch.single(tokens, self.positions(n),
+                                 labels=class_labels(fields, self.num_classes),
                                  condition=self.condition_mask(n))
 
     # ---- samples ------------------------------------------------------------------------------

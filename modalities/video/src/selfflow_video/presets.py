@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import attrs
-
-from selfflow_core.builtin.dit import DiT
-from selfflow_core.config.run import CheckpointConfig, ModalitySpec, OptimConfig, TrainerConfig
-from selfflow_core.sampling import SamplingConfig
-from selfflow_core.teachers import EMATeacher
-from selfflow_core.timesteps import DualTimestep, LogitNormal
+from selfflow_core import (
+    CheckpointConfig,
+    DiT,
+    DualTimestep,
+    EMATeacher,
+    LogitNormal,
+    ModalitySpec,
+    OptimConfig,
+    SamplingConfig,
+    TrainerConfig,
+    shrink,
+)
 from selfflow_video.adapter import VideoModality
 
 
@@ -47,14 +52,6 @@ def default() -> TrainerConfig:
 
 def debug_tiny() -> TrainerConfig:
     """A few-second run of the same recipe (tests, smoke checks): 256 clips, a 4x32 DiT."""
-    base = default()
-    spec = attrs.evolve(base.modalities["video"], batch_size=16,
-                        store="data/moving-digits-tiny.zarr",
-                        modality=attrs.evolve(base.modalities["video"].modality, count=256))
-    return attrs.evolve(
-        base, modalities={"video": spec}, backbone=DiT.Config(depth=4, width=32, heads=4),
-        teacher=EMATeacher.Config(decay=0.9, warmup=True),
-        optim=OptimConfig(lr=1e-3, warmup_steps=5), steps=20, log_every=5,
-        checkpoint=CheckpointConfig(every=10, keep=2),
-        sampling=SamplingConfig(count=10, steps=5, shift=2.95), run_dir="runs/video-tiny")
-
+    return shrink(default(), run_dir="runs/video-tiny",
+                  stores={"video": "data/moving-digits-tiny.zarr"},
+                  modality={"video": {"count": 256}})

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfflow_core.interfaces import Source
+from selfflow_core import Source
 
 #: classes of the built-in sources
 MOVING_DIGITS_CLASSES = 10
