@@ -71,8 +71,8 @@ def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 class _WriteLock:
     """One writer per store. Local paths: a ``<path>.lock``
-    :class:`~selfflow_core.runtime.locking.PidLock` (a lock left by a dead process on this host is taken over). Other stores: a lock within this
-    process only."""
+    :class:`~selfflow_core.runtime.locking.PidLock` (a lock left by a dead process on this host
+    is taken over). Other stores: a lock within this process only."""
 
     _held: set[str] = set()
 
