@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import selfflow_core.cli.main as cli
 from selfflow_core.builtin.presets import toy
@@ -25,16 +24,12 @@ TINY = ["modalities.toy.batch_size=8", "modalities.toy.modality.tokens=8",
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
+def isolated(one_thread, tmp_path, monkeypatch):
     """One thread; cwd in tmp_path (the toy preset writes data/ and runs/ there); only the core's
     plugin unless a test turns entry points back on."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SELFFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.delenv("SELFFLOW_BLOCK_PLUGINS", raising=False)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -27,14 +27,10 @@ from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
 
 
-@pytest.fixture(scope="module")
-def components():
-    return Components(make_plugin_manager(entry_points=False))
-
-
-@pytest.fixture(scope="module")
-def conv(components):
-    return make_converter(components)
+@pytest.fixture
+def conv(core_components):
+    """The strict converter of the core's built-ins (installed plugins not loaded)."""
+    return make_converter(core_components)
 
 
 @attrs.frozen(kw_only=True)
@@ -143,8 +139,8 @@ def builtin_configs():
 
 
 @pytest.mark.parametrize("cfg", builtin_configs(), ids=lambda c: repr(c)[:60])
-def test_builtin_configs_round_trip(conv, components, cfg):
-    base = next(r.base for r in components.registries() if isinstance(cfg, r.base))
+def test_builtin_configs_round_trip(conv, core_components, cfg):
+    base = next(r.base for r in core_components.registries() if isinstance(cfg, r.base))
     data = to_data(conv, cfg)
     assert data["kind"] == type(cfg).kind
     assert structure(conv, data, base) == cfg

@@ -11,7 +11,6 @@ from torch import nn
 
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.builtin.presets import toy
-from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.eval.diagnostics import (
     DiagnosticsHook,
@@ -26,17 +25,11 @@ from selfflow_core.eval.diagnostics import (
     probe_layers,
 )
 from selfflow_core.plugins.manager import Components, make_plugin_manager
-from selfflow_core.testing import randomize_parameters
+from selfflow_core.testing import TINY_TOY, randomize_parameters
 from selfflow_core.timesteps import SingleTimestep
 from selfflow_core.types import BackboneOutput, TokenBatch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch_of(tokens, labels=None):
@@ -187,28 +180,28 @@ def test_loss_by_timestep_matches_the_closed_form():
 
 # ---- during training --------------------------------------------------------------------------
 
-def toy_config(tmp_path, **changes):
+def toy_config(tmp_path, store, **changes):
+    """A tiny toy run on ``store`` (the kit's ``toy_store``, read-only: no source)."""
     base = toy()
-    spec = attrs.evolve(base.modalities["toy"], batch_size=8,
-                        modality=ToyModality.Config(tokens=8, channels=4, classes=4, count=64),
-                        store=str(tmp_path / "toy.zarr"))
+    spec = attrs.evolve(base.modalities["toy"], batch_size=8, modality=TINY_TOY, store=store,
+                        source="")
     return attrs.evolve(base, modalities={"toy": spec}, backbone=DiT.Config(depth=3, width=32,
                         heads=4), tracker=NullTracker.Config(), steps=4, log_every=2,
                         sampling=attrs.evolve(base.sampling, count=2, steps=1),
                         run_dir=str(tmp_path / "run"), **changes)
 
 
-def test_hook_logs_reports_and_does_not_change_training(tmp_path):
+def test_hook_logs_reports_and_does_not_change_training(tmp_path, toy_store, core_components):
     from selfflow_core.trainer import Trainer
 
-    adapter = ToyModality.Config(tokens=8, channels=4, classes=4, count=64).build()
+    adapter = TINY_TOY.build()
     arrays = adapter.encode(adapter.open_source("waves").read(0, 40))
     probe_batch = adapter.tokenize({k: torch.from_numpy(v) for k, v in arrays.items()})
     hook = DiagnosticsHook(probe_batch, every=2, layers=[1, 2, 3])
-    plain = Trainer(toy_config(tmp_path / "a"), progress=False,
-                    components=Components(make_plugin_manager([], entry_points=False)))
+    plain = Trainer(toy_config(tmp_path / "a", toy_store), progress=False,
+                    components=core_components)
     plain.fit()
-    watched = Trainer(toy_config(tmp_path / "b"), progress=False,
+    watched = Trainer(toy_config(tmp_path / "b", toy_store), progress=False,
                       components=Components(make_plugin_manager([hook], entry_points=False)))
     watched.fit()
     assert plain.losses == watched.losses

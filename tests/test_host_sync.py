@@ -14,22 +14,11 @@ import pytest
 import torch
 
 import selfflow_core
-from selfflow_core import (
-    CheckpointConfig,
-    Components,
-    DiT,
-    NullTracker,
-    Trainer,
-    encode_store,
-    make_converter,
-    make_plugin_manager,
-    to_data,
-)
+from selfflow_core import CheckpointConfig, DiT, NullTracker, Trainer
 from selfflow_core.builtin.presets import toy
-from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.runtime import metrics
+from selfflow_core.testing import TINY_TOY as TOY  # the modality of the kit's `toy_store`
 
-TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
 CORE = Path(selfflow_core.__file__).parent
 #: the input pipeline works on host tensors by design (it reads, tokenizes and collates there)
@@ -69,19 +58,14 @@ def counting_host_reads():
 
 
 @pytest.fixture
-def trainer(tmp_path):
-    torch.set_num_threads(1)
-    store = tmp_path / "toy.zarr"
-    encode_store(TOY.build(), "waves", store, adapter_config=to_data(make_converter(), TOY),
-                 progress=False)
+def trainer(tmp_path, toy_store, core_components, one_thread):
     base = toy()
-    spec = attrs.evolve(base.modalities["toy"], modality=TOY, store=str(store), source="",
+    spec = attrs.evolve(base.modalities["toy"], modality=TOY, store=toy_store, source="",
                         batch_size=8)
     config = attrs.evolve(base, modalities={"toy": spec}, backbone=DiT.Config(depth=3, width=32),
                           checkpoint=CheckpointConfig(every=1000), tracker=NullTracker.Config(),
                           steps=12, log_every=6, run_dir=str(tmp_path / "run"))
-    comps = Components(make_plugin_manager(entry_points=False))
-    return Trainer(config, components=comps, progress=False)
+    return Trainer(config, components=core_components, progress=False)
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(trainer):

@@ -20,40 +20,17 @@ import torch
 
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.builtin.presets import toy
-from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import NullTracker
-from selfflow_core.config.converter import make_converter, to_data
 from selfflow_core.config.run import CheckpointConfig
-from selfflow_core.data.store import encode_store
-from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.checkpoint import dcp as sharded
+from selfflow_core.testing import TINY_TOY as TOY  # the modality of the kit's `toy_store`
 from selfflow_core.trainer import Trainer
 from selfflow_core.types import TokenBatch
 
-TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
              "SELFFLOW_DISABLE_PLUGIN_AUTOLOAD": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("store") / "toy.zarr"
-    encode_store(TOY.build(), "waves", path, adapter_config=to_data(make_converter(), TOY),
-                 progress=False)
-    return str(path)
-
-
-def components() -> Components:
-    return Components(make_plugin_manager([], entry_points=False))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(run_dir, store, **changes):
@@ -143,13 +120,13 @@ def torchrun(tmp_path, runs: dict) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, store):
+def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, toy_store, core_components):
     # "a": 6 steps straight; "b": a new torchrun (a restart) from a's step-4 checkpoint to step 6.
     # With gradient accumulation, an evaluation EMA (sharded too) and activation checkpointing,
     # which must compose with FSDP2 and change no number.
     fsdp = ["parallel=fsdp", "activation_checkpointing=true", "grad_accum=2",
             "eval_ema_decay=0.9"]
-    for rank in torchrun(tmp_path, {"a": overrides(tmp_path / "a", store, 6, *fsdp)}):
+    for rank in torchrun(tmp_path, {"a": overrides(tmp_path / "a", toy_store, 6, *fsdp)}):
         a = rank["a"]
         assert (a["world"], a["trained"], a["teacher"]) == (2, "FSDPStudentWithHead", "FSDPDiT")
         # every parameter sharded, the EMA teacher alike: a rank holds about half of each
@@ -160,7 +137,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, store):
 
     name = checkpoint.path_for(tmp_path / "a" / "checkpoints", 4, sharded=True).name
     shutil.copytree(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
-    ranks = torchrun(tmp_path, {"b": overrides(tmp_path / "b", store, 6, *fsdp)})
+    ranks = torchrun(tmp_path, {"b": overrides(tmp_path / "b", toy_store, 6, *fsdp)})
     assert [r["b"]["start"] for r in ranks] == [4, 4] and ranks[0]["b"]["step"] == 6
     assert ranks[0]["b"]["losses"] == ranks[1]["b"]["losses"]
     assert steps_of(tmp_path / "b") == [(4, ".dcp"), (6, ".dcp")]
@@ -175,10 +152,10 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, store):
     assert a6["losses"] == b6["losses"] == ranks[0]["b"]["losses"]
     assert a6["loader"] == b6["loader"] and a6["teacher"]["updates"] == 6
 
-    one = Trainer(attrs.evolve(tiny(tmp_path / "one", store), steps=6, label_dropout=0.5,
+    one = Trainer(attrs.evolve(tiny(tmp_path / "one", toy_store), steps=6, label_dropout=0.5,
                                grad_accum=2, eval_ema_decay=0.9,
                                checkpoint=CheckpointConfig(every=2, keep=3)),
-                  components=components(), progress=False)
+                  components=core_components, progress=False)
     one.fit()
     for step in (4, 6):
         f = checkpoint.load(checkpoint.path_for(tmp_path / "a" / "checkpoints", step, sharded=True))
@@ -290,10 +267,10 @@ def count_block_forwards(tr: Trainer) -> list[int]:
     return calls
 
 
-def test_activation_checkpointing_same_loss_and_grads(tmp_path, store):
-    plain = Trainer(tiny(tmp_path / "a", store), components=components(), progress=False)
-    ac = Trainer(tiny(tmp_path / "b", store, activation_checkpointing=True),
-                 components=components(), progress=False)
+def test_activation_checkpointing_same_loss_and_grads(tmp_path, toy_store, core_components):
+    plain = Trainer(tiny(tmp_path / "a", toy_store), components=core_components, progress=False)
+    ac = Trainer(tiny(tmp_path / "b", toy_store, activation_checkpointing=True),
+                 components=core_components, progress=False)
     assert all(b.activation_checkpointing for b in ac.backbone.blocks)
     assert not any(b.activation_checkpointing for b in ac.teacher.model.blocks)  # no grad there
     calls_plain, calls_ac = count_block_forwards(plain), count_block_forwards(ac)
@@ -313,10 +290,11 @@ def test_activation_checkpointing_same_loss_and_grads(tmp_path, store):
     assert calls_ac == [1, 1, 1]
 
 
-def test_state_dict_names_do_not_depend_on_compile_or_checkpointing(tmp_path, store):
-    plain = Trainer(tiny(tmp_path / "a", store), components=components(), progress=False)
-    other = Trainer(tiny(tmp_path / "b", store, compile=True, activation_checkpointing=True),
-                    components=components(), progress=False)
+def test_state_dict_names_do_not_depend_on_compile_or_checkpointing(tmp_path, toy_store,
+                                                                     core_components):
+    plain = Trainer(tiny(tmp_path / "a", toy_store), components=core_components, progress=False)
+    other = Trainer(tiny(tmp_path / "b", toy_store, compile=True, activation_checkpointing=True),
+                    components=core_components, progress=False)
     sp, so = plain.state_dict(), other.state_dict()
     for part in ("model", "head"):
         assert list(sp[part]) == list(so[part])
@@ -336,15 +314,15 @@ def inductor_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not inductor_available(), reason="torch inductor or a C compiler unavailable")
-def test_compile_same_loss_as_eager(tmp_path, store, monkeypatch):
+def test_compile_same_loss_as_eager(tmp_path, toy_store, monkeypatch, core_components):
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool
     # inductor's C++ build imports distutils; once another test imported the stdlib copy,
     # setuptools' override would assert: keep the stdlib one for this process
     monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
-    eager = Trainer(tiny(tmp_path / "a", store), components=components(), progress=False)
-    compiled = Trainer(tiny(tmp_path / "b", store, compile=True), components=components(),
+    eager = Trainer(tiny(tmp_path / "a", toy_store), components=core_components, progress=False)
+    compiled = Trainer(tiny(tmp_path / "b", toy_store, compile=True), components=core_components,
                        progress=False)
     losses_e = [float(eager.train_step().total.detach())]  # one step: one compile (fwd + bwd)
     try:
@@ -397,10 +375,11 @@ def test_padding_gives_the_same_outputs_on_valid_tokens():
     assert padded.velocity[0, :5].abs().mean() > 1e-3  # not a vacuous comparison
 
 
-def test_teacher_forward_is_no_grad_and_inside_the_autocast(tmp_path, store, monkeypatch):
+def test_teacher_forward_is_no_grad_and_inside_the_autocast(tmp_path, toy_store, monkeypatch,
+                                                            core_components):
     """On CUDA the step runs under bf16 autocast; the EMA teacher's forward (inside the student's
     forward) must run in it, without grad. CPU bf16 autocast stands in for CUDA here."""
-    tr = Trainer(tiny(tmp_path, store), components=components(), progress=False)
+    tr = Trainer(tiny(tmp_path, toy_store), components=core_components, progress=False)
     monkeypatch.setattr(tr, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     seen = []
     features = tr.teacher.features

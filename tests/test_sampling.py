@@ -10,18 +10,11 @@ from selfflow_core.builtin.dit import DiT
 from selfflow_core.flow import shift_time
 from selfflow_core.interfaces import Backbone
 from selfflow_core.sampling import sample, time_grid
-from selfflow_core.testing.checks import randomize_parameters
+from selfflow_core.testing import randomize_parameters, torch_threads
 from selfflow_core.types import BackboneOutput, TokenBatch
 
 B, N, C, CLASSES = 3, 5, 4, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Field(Backbone):
@@ -156,9 +149,9 @@ def test_guidance_formula(scale, method):
 
 @pytest.fixture(scope="module")
 def dit() -> DiT:
-    torch.set_num_threads(1)
-    model = DiT.Config(depth=2, width=32, heads=4).build(token_dims=(C,), num_classes=CLASSES)
-    return randomize_parameters(model, seed=0, std=0.2).eval()
+    with torch_threads(1):
+        model = DiT.Config(depth=2, width=32, heads=4).build(token_dims=(C,), num_classes=CLASSES)
+        return randomize_parameters(model, seed=0, std=0.2).eval()
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])

@@ -1,6 +1,5 @@
 """A few Self-Flow steps of a tiny DiT on the toy modality lower the flow loss."""
 
-import pytest
 import torch
 
 from selfflow_core.builtin.dit import DiT
@@ -10,16 +9,7 @@ from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_self_flow_steps_lower_the_flow_loss(one_thread):
+def test_self_flow_steps_lower_the_flow_loss(one_thread):  # tiny tensors: threads only add overhead
     torch.manual_seed(0)
     adapter = ToyModality.Config().build()
     arrays = adapter.encode(adapter.open_source("waves").read(0, 64))

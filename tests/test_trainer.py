@@ -21,44 +21,28 @@ import torch
 
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.builtin.presets import toy
-from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.cli.main import main as cli_main
 from selfflow_core.config.converter import make_converter, to_data
 from selfflow_core.config.run import CheckpointConfig
-from selfflow_core.data.store import encode_store
 from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.dist import Dist
+from selfflow_core.testing import TINY_TOY as TOY  # the modality of the kit's `toy_store`
+from selfflow_core.testing import torch_threads
 from selfflow_core.trainer import NonFiniteLossError, Trainer
 
-TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
 NULL_CLASS = TOY.classes
 #: environment of child processes: one thread each (2 shared cores), no output buffering
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
              "SELFFLOW_DISABLE_PLUGIN_AUTOLOAD": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """A toy store shared by the module's runs (read-only: the runs' specs have no source)."""
-    path = tmp_path_factory.mktemp("store") / "toy.zarr"
-    encode_store(TOY.build(), "waves", path, adapter_config=to_data(make_converter(), TOY),
-                 progress=False)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(run_dir, store, **changes):
-    """The toy preset shrunk: depth 3, width 32, batch 8, 7 steps, checkpoints every 3."""
+    """The toy preset shrunk: depth 3, width 32, batch 8, 7 steps, checkpoints every 3 (on
+    ``store``, the kit's ``toy_store``: the spec has no source, so nothing writes to it)."""
     base = toy()
     spec = attrs.evolve(base.modalities["toy"], modality=TOY, store=store, source="",
                         batch_size=8)
@@ -151,15 +135,15 @@ class Recorder:
 
 @pytest.mark.parametrize("changes", [{}, {"grad_accum": 2}, {"eval_ema_decay": 0.9}],
                          ids=["plain", "grad_accum2", "eval_ema"])
-def test_resume_is_bit_exact(tmp_path, store, changes):
+def test_resume_is_bit_exact(tmp_path, toy_store, changes):
     steps, k = 7, 4  # k: not a multiple of checkpoint.every (3)
-    straight = Trainer(tiny(tmp_path / "a", store, **changes), components=components(),
+    straight = Trainer(tiny(tmp_path / "a", toy_store, **changes), components=components(),
                        progress=False)
     assert straight.fit()["reason"] == "done"
     assert len(straight.losses) == steps and ckpt_steps(tmp_path / "a") == [3, 6, 7]
 
-    stopped = Trainer(tiny(tmp_path / "b", store, **changes), components=components(SigtermAt(k)),
-                      progress=False)
+    stopped = Trainer(tiny(tmp_path / "b", toy_store, **changes),
+                      components=components(SigtermAt(k)), progress=False)
     handler = signal.getsignal(signal.SIGTERM)
     summary = stopped.fit()
     assert summary["reason"] == "signal" and summary["step"] == k
@@ -169,7 +153,7 @@ def test_resume_is_bit_exact(tmp_path, store, changes):
     del stopped
 
     rec = Recorder()
-    resumed = Trainer(tiny(tmp_path / "b", store, **changes), components=components(rec),
+    resumed = Trainer(tiny(tmp_path / "b", toy_store, **changes), components=components(rec),
                       progress=False)
     assert resumed.fit()["reason"] == "done"
     assert rec.of("start") == [(k,)] and [s[0] for s in rec.of("step")] == list(range(k + 1, 8))
@@ -179,17 +163,17 @@ def test_resume_is_bit_exact(tmp_path, store, changes):
         (tmp_path / "c" / "checkpoints").mkdir(parents=True)
         shutil.copy(checkpoint.path_for(tmp_path / "a" / "checkpoints", 3),
                     tmp_path / "c" / "checkpoints")
-        again = Trainer(tiny(tmp_path / "c", store), components=components(), progress=False)
+        again = Trainer(tiny(tmp_path / "c", toy_store), components=components(), progress=False)
         again.fit()
         assert_same_state(straight, again)
 
 
-def test_same_config_same_initial_weights(tmp_path, store):
+def test_same_config_same_initial_weights(tmp_path, toy_store):
     torch.manual_seed(123)  # the global RNG must not matter
-    a = Trainer(tiny(tmp_path / "a", store), components=components(), progress=False)
+    a = Trainer(tiny(tmp_path / "a", toy_store), components=components(), progress=False)
     torch.rand(5)
-    b = Trainer(tiny(tmp_path / "b", store), components=components(), progress=False)
-    c = Trainer(tiny(tmp_path / "c", store, seed=1), components=components(), progress=False)
+    b = Trainer(tiny(tmp_path / "b", toy_store), components=components(), progress=False)
+    c = Trainer(tiny(tmp_path / "c", toy_store, seed=1), components=components(), progress=False)
     sa, sb, sc = a.backbone.state_dict(), b.backbone.state_dict(), c.backbone.state_dict()
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
     assert any(not torch.equal(sa[n], sc[n]) for n in sa)
@@ -198,12 +182,12 @@ def test_same_config_same_initial_weights(tmp_path, store):
 # -- checkpoint files ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, store):
+def trained(tmp_path_factory, toy_store):
     """A 3-step run (checkpoint at step 3), as a template for the checkpoint tests."""
-    torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("trained")
-    tr = Trainer(tiny(run, store, steps=3), components=components(), progress=False)
-    tr.fit()
+    with torch_threads(1):
+        tr = Trainer(tiny(run, toy_store, steps=3), components=components(), progress=False)
+        tr.fit()
     return run, list(tr.losses)
 
 
@@ -234,9 +218,9 @@ def test_keep_last_n_and_temp_files_are_ignored(tmp_path):
     assert checkpoint.latest(tmp_path / "missing") is None
 
 
-def test_trainer_keeps_last_n(tmp_path, trained, store):
+def test_trainer_keeps_last_n(tmp_path, trained, toy_store):
     run = copy_run(trained[0], tmp_path / "run")
-    tr = Trainer(tiny(run, store, steps=6, checkpoint=CheckpointConfig(every=1, keep=2)),
+    tr = Trainer(tiny(run, toy_store, steps=6, checkpoint=CheckpointConfig(every=1, keep=2)),
                  components=components(), progress=False)
     tr.fit()
     assert ckpt_steps(run) == [5, 6]
@@ -270,19 +254,19 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     assert marker_py.exists()
 
 
-def test_pickle_with_code_is_refused_on_resume(tmp_path, store):
+def test_pickle_with_code_is_refused_on_resume(tmp_path, toy_store):
     marker = tmp_path / "pwned"
     path = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
     path.parent.mkdir(parents=True)
     torch.save({"format": 1, "evil": Exploit((exec, (f"open({str(marker)!r}, 'w').close()",)))},
                path)
-    tr = Trainer(tiny(tmp_path / "run", store), components=components(), progress=False)
+    tr = Trainer(tiny(tmp_path / "run", toy_store), components=components(), progress=False)
     with pytest.raises(checkpoint.CheckpointError, match="step-00000002.pt"):
         tr.fit()
     assert not marker.exists()
 
 
-def test_truncated_checkpoint_names_the_file(tmp_path, trained, store):
+def test_truncated_checkpoint_names_the_file(tmp_path, trained, toy_store):
     run = copy_run(trained[0], tmp_path / "run")
     good = checkpoint.path_for(run / "checkpoints", 3)
     data = good.read_bytes()
@@ -292,7 +276,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path, trained, store):
         with pytest.raises(checkpoint.CheckpointError) as e:
             checkpoint.load(bad)
         assert str(bad) in str(e.value)
-    tr = Trainer(tiny(run, store), components=components(), progress=False)
+    tr = Trainer(tiny(run, toy_store), components=components(), progress=False)
     with pytest.raises(checkpoint.CheckpointError, match="step-00000004.pt"):
         tr.fit()
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
@@ -303,29 +287,29 @@ def test_truncated_checkpoint_names_the_file(tmp_path, trained, store):
         checkpoint.load(not_ours)
 
 
-def test_loader_state_of_another_setup_names_the_file(tmp_path, trained, store):
+def test_loader_state_of_another_setup_names_the_file(tmp_path, trained, toy_store):
     run = copy_run(trained[0], tmp_path / "run")
     path = checkpoint.path_for(run / "checkpoints", 3)
     state = checkpoint.load(path)
     state["loader"]["world_size"] = 4  # e.g. written by a 4-process run
     torch.save(state, path)
-    tr = Trainer(tiny(run, store), components=components(), progress=False)
+    tr = Trainer(tiny(run, toy_store), components=components(), progress=False)
     with pytest.raises(checkpoint.CheckpointError) as e:
         tr.fit()
     assert str(path) in str(e.value) and "world_size" in str(e.value)
 
 
-def test_resume_with_other_config_names_the_key_and_steps_may_change(tmp_path, trained, store):
+def test_resume_with_other_config_names_the_key_and_steps_may_change(tmp_path, trained, toy_store):
     template, losses = trained
     run = copy_run(template, tmp_path / "run")
     before = checkpoint.path_for(run / "checkpoints", 3).read_bytes()
-    wide = Trainer(tiny(run, store, backbone=DiT.Config(depth=3, width=64, heads=4)),
+    wide = Trainer(tiny(run, toy_store, backbone=DiT.Config(depth=3, width=64, heads=4)),
                    components=components(), progress=False)
     with pytest.raises(checkpoint.CheckpointError) as e:
         wide.fit()
     assert "backbone" in str(e.value) and "step-00000003.pt" in str(e.value)
     assert "steps" not in str(e.value).split("differs in:")[1]
-    other = Trainer(tiny(run, store, seed=5, label_dropout=0.5), components=components(),
+    other = Trainer(tiny(run, toy_store, seed=5, label_dropout=0.5), components=components(),
                     progress=False)
     with pytest.raises(checkpoint.CheckpointError) as e:
         other.fit()
@@ -333,7 +317,7 @@ def test_resume_with_other_config_names_the_key_and_steps_may_change(tmp_path, t
     assert checkpoint.path_for(run / "checkpoints", 3).read_bytes() == before
     assert ckpt_steps(run) == [3]
 
-    longer = Trainer(tiny(run, store, steps=5, log_every=2), components=components(),
+    longer = Trainer(tiny(run, toy_store, steps=5, log_every=2), components=components(),
                      progress=False)
     summary = longer.fit()
     assert summary["step"] == 5 and longer.losses[:3] == losses and len(longer.losses) == 5
@@ -351,9 +335,9 @@ def cli_overrides(run_dir, store, steps):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, store, capsys, monkeypatch):
+def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, toy_store, capsys, monkeypatch):
     cmd = [sys.executable, "-m", "selfflow_core.cli.main", "train", "toy",
-           *cli_overrides(tmp_path / "a", store, 100000)]
+           *cli_overrides(tmp_path / "a", toy_store, 100000)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(180, proc.kill)
@@ -380,10 +364,10 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, store, capsys
 
     n = k + 2  # the toy schedule is constant after warm-up: `steps` does not change the math
     monkeypatch.chdir(tmp_path)
-    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "a", store, n)]) == 0
+    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "a", toy_store, n)]) == 0
     assert f"resumed from {checkpoint.path_for(tmp_path / 'a' / 'checkpoints', k)}" in \
         capsys.readouterr().out
-    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "b", store, n)]) == 0
+    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "b", toy_store, n)]) == 0
     resumed = torch.load(checkpoint.path_for(tmp_path / "a" / "checkpoints", n),
                          weights_only=True)
     straight = torch.load(checkpoint.path_for(tmp_path / "b" / "checkpoints", n),
@@ -413,9 +397,9 @@ class PoisonAt:
 
 
 @pytest.mark.parametrize("term", ["flow", "rep"])
-def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, store, term):
+def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, toy_store, term):
     rec = Recorder()
-    tr = Trainer(tiny(tmp_path, store, checkpoint=CheckpointConfig(every=2, keep=3)),
+    tr = Trainer(tiny(tmp_path, toy_store, checkpoint=CheckpointConfig(every=2, keep=3)),
                  components=components(PoisonAt(3, term), rec), progress=False)
     with pytest.raises(NonFiniteLossError) as e:
         tr.fit()
@@ -452,8 +436,8 @@ def poison(tr: Trainer, bad) -> list[int]:
     return calls
 
 
-def test_skip_mode_skips_batches_then_raises(tmp_path, store):
-    cfg = tiny(tmp_path / "a", store, steps=5, on_nonfinite="skip", max_skipped=2)
+def test_skip_mode_skips_batches_then_raises(tmp_path, toy_store):
+    cfg = tiny(tmp_path / "a", toy_store, steps=5, on_nonfinite="skip", max_skipped=2)
     tr = Trainer(cfg, components=components(), progress=False)
     calls = poison(tr, lambda step, n: step == 3 and n < 2)  # two bad batches at step 3
     summary = tr.fit()
@@ -499,8 +483,8 @@ class OtherRankNaN(Dist):
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_nonfinite_loss_on_another_rank_is_acted_on_by_every_rank(tmp_path, store, mode):
-    tr = Trainer(tiny(tmp_path, store, steps=4, on_nonfinite=mode), components=components(),
+def test_nonfinite_loss_on_another_rank_is_acted_on_by_every_rank(tmp_path, toy_store, mode):
+    tr = Trainer(tiny(tmp_path, toy_store, steps=4, on_nonfinite=mode), components=components(),
                  dist=OtherRankNaN(), progress=False)
     if mode == "stop":
         with pytest.raises(NonFiniteLossError, match="step 3: on another rank"):
@@ -545,9 +529,9 @@ DDP_DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, store, monkeypatch):
+def test_ddp_two_processes_match_one(tmp_path, toy_store, monkeypatch):
     extra = ["checkpoint.every=2", "checkpoint.keep=3", "label_dropout=0.5"]
-    overrides = cli_overrides(tmp_path / "ddp", store, 4) + extra
+    overrides = cli_overrides(tmp_path / "ddp", toy_store, 4) + extra
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -563,7 +547,7 @@ def test_ddp_two_processes_match_one(tmp_path, store, monkeypatch):
     assert ckpt_steps(tmp_path / "ddp") == [2, 4, 6]
 
     monkeypatch.chdir(tmp_path)
-    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "one", store, 6), *extra]) == 0
+    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "one", toy_store, 6), *extra]) == 0
     for step in (4, 6):  # 4: straight DDP; 6: after every rank resumed from rank 0's file
         ddp = torch.load(checkpoint.path_for(tmp_path / "ddp" / "checkpoints", step),
                          weights_only=True)
@@ -584,9 +568,10 @@ def test_ddp_two_processes_match_one(tmp_path, store, monkeypatch):
 
 # -- hooks and label dropout --------------------------------------------------------------------
 
-def test_hooks_observe_the_run(tmp_path, store):
+def test_hooks_observe_the_run(tmp_path, toy_store):
     rec = Recorder()
-    summary = Trainer(tiny(tmp_path, store, steps=4, checkpoint=CheckpointConfig(every=2, keep=3)),
+    summary = Trainer(tiny(tmp_path, toy_store, steps=4,
+                           checkpoint=CheckpointConfig(every=2, keep=3)),
                       components=Components(make_plugin_manager([rec], entry_points=False)),
                       progress=False).fit()
     assert summary["reason"] == "done"
@@ -604,8 +589,8 @@ def test_hooks_observe_the_run(tmp_path, store):
 
 
 @pytest.mark.parametrize("dropout", [1.0, 0.0])
-def test_label_dropout(tmp_path, store, dropout):
-    tr = Trainer(tiny(tmp_path, store, label_dropout=dropout), components=components(),
+def test_label_dropout(tmp_path, toy_store, dropout):
+    tr = Trainer(tiny(tmp_path, toy_store, label_dropout=dropout), components=components(),
                  progress=False)
     seen, data = [], []
     forward = tr.backbone.forward
@@ -632,13 +617,13 @@ def test_label_dropout(tmp_path, store, dropout):
         assert torch.equal(labels, torch.cat(data[:3]))
 
 
-def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, store):
+def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, toy_store):
     from selfflow_core.builtin.trackers import JsonlTracker
     from selfflow_core.config.run import DiagnosticsConfig
 
-    plain = Trainer(tiny(tmp_path / "plain", store, steps=4), progress=False)
+    plain = Trainer(tiny(tmp_path / "plain", toy_store, steps=4), progress=False)
     plain.fit()
-    cfg = tiny(tmp_path / "diag", store, steps=4, tracker=JsonlTracker.Config(),
+    cfg = tiny(tmp_path / "diag", toy_store, steps=4, tracker=JsonlTracker.Config(),
                diagnostics=DiagnosticsConfig(every=2, samples=32, t=0.25, timestep_buckets=2))
     diag = Trainer(cfg, progress=False)
     diag.fit()
@@ -658,7 +643,7 @@ def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, store):
     from selfflow_core.data.store import open_store
     from selfflow_core.eval.diagnostics import probe_layers, stored_batch
 
-    batch = stored_batch(open_store(store), TOY.build(), 32)
+    batch = stored_batch(open_store(toy_store), TOY.build(), 32)
     assert batch.tokens.shape[0] == 32
     offline = probe_layers(diag.backbone, batch, t=0.25)
     assert final["diag/toy/probe_acc/layer2"] == pytest.approx(offline["probe_acc/layer2"])
@@ -676,7 +661,7 @@ def test_diagnostics_config_errors_name_the_field():
         structure(conv, apply_overrides(data, ["diagnostics.samples=1"]), TrainerConfig)
 
 
-def test_two_trainers_on_one_run_dir_are_refused(tmp_path, store):
+def test_two_trainers_on_one_run_dir_are_refused(tmp_path, toy_store):
     from selfflow_core.runtime.guard import RunDirInUse
 
     run = tmp_path / "run"
@@ -685,7 +670,7 @@ def test_two_trainers_on_one_run_dir_are_refused(tmp_path, store):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(f"{alive.pid} {__import__('socket').gethostname()}\n")
-        tr = Trainer(tiny(run, store, steps=2), progress=False)
+        tr = Trainer(tiny(run, toy_store, steps=2), progress=False)
         with pytest.raises(RunDirInUse, match=f"pid {alive.pid}.*delete .*train.lock"):
             tr.fit()
         assert tr.step == 0 and not (run / "checkpoints").exists()  # nothing was touched
@@ -694,5 +679,5 @@ def test_two_trainers_on_one_run_dir_are_refused(tmp_path, store):
         alive.kill()
         alive.wait()
     # the holder is gone (killed): its stale lock is taken over, and released at the end
-    assert Trainer(tiny(run, store, steps=2), progress=False).fit()["step"] == 2
+    assert Trainer(tiny(run, toy_store, steps=2), progress=False).fit()["step"] == 2
     assert not lock.exists()

@@ -18,12 +18,8 @@ CORE_ONLY = ["SELFFLOW_DISABLE_PLUGIN_AUTOLOAD"]
 
 
 @pytest.fixture(autouse=True)
-def core_only(monkeypatch):
+def core_only(one_thread, monkeypatch):
     monkeypatch.setenv("SELFFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def one_line_error(capsys, argv) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib.metadata as md
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
+import cattrs
 import torch
 from torch import Tensor, nn
 
 from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.interfaces.base import ComponentConfig
-from selfflow_core.plugins.manager import Components, make_plugin_manager
+from selfflow_core.plugins.manager import ENTRY_POINT_GROUP, Components, make_plugin_manager
 from selfflow_core.types import TokenBatch
 
 #: ``Components`` attribute -> the base config class of that category
@@ -155,6 +160,90 @@ def check_config_contract(cfg: ComponentConfig, category: str, *,
     assert data.get("kind") == kind, f"unstructured config lacks kind {kind!r}: {data}"
     again = structure(conv, data, registry.base)
     assert again == cfg, f"config changed in a round trip:\n  {cfg!r}\n  {again!r}"
+
+
+def installed_components() -> Components:
+    """Fresh components with every installed plugin loaded through its entry point (whatever
+    ``SELFFLOW_DISABLE_PLUGIN_AUTOLOAD`` says: the checks below are about installed plugins)."""
+    return Components(make_plugin_manager(entry_points=True))
+
+
+def check_discovered(category: str, kind: str, distribution: str, *,
+                     config_class: type | None = None, presets: Iterable[str] = ()
+                     ) -> Components:
+    """Assert that the installed distribution ``distribution`` declares a ``selfflow`` entry
+    point, and that ``Components()`` (entry points on) lists ``kind`` under ``category``
+    (``"modalities"``, ``"trackers"``, ...) as registered by that entry point's plugin, with the
+    distribution as its provider; likewise each of ``presets``. ``config_class``: the class
+    ``kind`` must map to. Returns the components."""
+    assert category in CATEGORIES, f"category must be one of {CATEGORIES}, got {category!r}"
+    eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)
+           if ep.dist is not None and _canonical(ep.dist.name) == _canonical(distribution)]
+    if not eps:
+        others = sorted({f"{ep.name} ({ep.dist.name if ep.dist else '?'})"
+                         for ep in md.entry_points(group=ENTRY_POINT_GROUP)})
+        raise AssertionError(
+            f"no installed distribution {distribution!r} with a {ENTRY_POINT_GROUP!r} entry point "
+            f"(install it, e.g. `pip install -e .`); entry points found: {others or 'none'}")
+    names = sorted(ep.name for ep in eps)
+    components = installed_components()
+    registry = getattr(components, category)
+    what = category[:-1]
+    assert kind in registry, (
+        f"{what} {kind!r} is not registered by the entry point(s) {names} of {distribution}; "
+        f"registered: {registry.describe()}")
+    provider = registry.provider(kind)
+    assert provider.distribution == distribution and provider.plugin in names, (
+        f"{what} {kind!r} is provided by {provider}, not by {distribution}'s entry point(s) "
+        f"{names}")
+    if config_class is not None:
+        assert registry.get(kind) is config_class, (
+            f"{what} {kind!r} is registered as {registry.get(kind)!r}, not {config_class!r}")
+    for name in presets:
+        assert name in components.presets, (
+            f"preset {name!r} is not registered; registered: {components.presets.describe()}")
+        provider = components.presets.provider(name)
+        assert provider.distribution == distribution, (
+            f"preset {name!r} is provided by {provider}, not by {distribution}")
+    return components
+
+
+def check_round_trip(conv: cattrs.Converter, cfg: Any, cls: type) -> None:
+    """Assert that ``cfg`` comes back equal from ``to_data`` (JSON-safe data, as a config file
+    holds it) and ``structure(conv, data, cls)``; ``cls`` may be the category's base class
+    (``ModalityConfig``: the ``kind`` tag picks the class) or ``TrainerConfig``."""
+    name = type(cfg).__qualname__
+    try:
+        data = to_data(conv, cfg)
+    except Exception as exc:
+        raise AssertionError(f"{name} does not unstructure: {type(exc).__name__}: {exc}") from exc
+    try:
+        again = structure(conv, data, cls)
+    except Exception as exc:
+        raise AssertionError(f"{name} does not structure back from its own data {data}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    assert again == cfg, (f"{name} changed in a round trip through the converter:\n  {cfg!r}\n"
+                          f"  {again!r}")
+
+
+def check_loss_lowered(losses: Sequence[float], *, window: int = 5, ratio: float = 0.9) -> None:
+    """Assert that every loss is finite and that the mean of the last ``window`` is below
+    ``ratio`` times the mean of the first ``window`` (means: robust to a noisy step)."""
+    losses = [float(x) for x in losses]
+    assert window >= 1 and len(losses) >= 2 * window, (
+        f"{len(losses)} losses are too few for two windows of {window}")
+    bad = [i for i, x in enumerate(losses) if not math.isfinite(x)]
+    assert not bad, f"non-finite losses at steps {[i + 1 for i in bad]}: {losses}"
+    first = sum(losses[:window]) / window
+    last = sum(losses[-window:]) / window
+    assert last < ratio * first, (
+        f"training did not lower the loss: mean of the last {window} steps {last:.4g} is not "
+        f"below {ratio} x the mean of the first {window} ({first:.4g}); losses: "
+        f"{[round(x, 4) for x in losses]}")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _shape(t: object) -> str:

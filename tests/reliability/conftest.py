@@ -20,17 +20,14 @@ import pytest
 import torch
 
 import selfflow_core.cli.main as cli
-from selfflow_core.builtin.toy import ToyModality
-from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.data.store import encode_store
 from selfflow_core.runtime import checkpoint
+from selfflow_core.testing import TINY_TOY as TOY  # the modality of the kit's `toy_store`
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "crash_driver.py"
 #: child processes: one thread each (2 shared cores), unbuffered, only the core's plugin
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
              "SELFFLOW_DISABLE_PLUGIN_AUTOLOAD": "1"}
-TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
 
 
 def tiny_overrides(store: str | Path, run_dir: str | Path, steps: int) -> list[str]:
@@ -84,22 +81,10 @@ def run_driver(mode: str, spec: dict, out: Path, timeout: float = 300) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def core_only(one_thread, monkeypatch):
+    """One torch thread and only the core's plugin (the runs read the kit's ``toy_store``)."""
     monkeypatch.setenv("SELFFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.delenv("SELFFLOW_BLOCK_PLUGINS", raising=False)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def toy_store(tmp_path_factory) -> Path:
-    """A complete tiny toy store (64 samples), shared read-only by the runs."""
-    path = tmp_path_factory.mktemp("store") / "toy.zarr"
-    encode_store(TOY.build(), "waves", path, adapter_config=to_data(make_converter(), TOY),
-                 progress=False)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from selfflow_core.data.store import (
     store_schema,
 )
 from selfflow_core.runtime import checkpoint
+from selfflow_core.testing import torch_threads
 
 COUNT, CHUNK = 256, 32
 TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=COUNT)
@@ -225,9 +226,9 @@ def test_store_of_another_schema_is_refused(tmp_path, store, rel, capsys, monkey
 @pytest.fixture(scope="module")
 def run_template(tmp_path_factory, toy_store, rel):
     run = tmp_path_factory.mktemp("run")
-    torch.set_num_threads(1)
-    assert cli.main(["train", "toy", *rel.tiny_overrides(toy_store, run, 4),
-                     "checkpoint.every=2", "checkpoint.keep=3", "log_every=1000"]) == 0
+    with torch_threads(1):
+        assert cli.main(["train", "toy", *rel.tiny_overrides(toy_store, run, 4),
+                         "checkpoint.every=2", "checkpoint.keep=3", "log_every=1000"]) == 0
     return run
 
 

@@ -13,7 +13,6 @@ import tomli_w
 import selfflow_core.cli.main as cli
 from selfflow_core.builtin.presets import toy
 from selfflow_core.config.converter import ConfigError, make_converter, to_data
-from selfflow_core.plugins.manager import Components, make_plugin_manager
 
 IMPORT_PATHS = ["os.system", "subprocess:Popen", "builtins.eval", "posix:system",
                 "selfflow_core.builtin.toy:ToyModality",
@@ -22,11 +21,6 @@ IMPORT_PATHS = ["os.system", "subprocess:Popen", "builtins.eval", "posix:system"
                 "torch.load", "../../etc/passwd"]
 KIND_PATHS = ["backbone", "teacher", "tracker", "modalities.toy.modality",
               "modalities.toy.scheduler", "modalities.toy.scheduler.distribution"]
-
-
-@pytest.fixture(scope="module")
-def components():
-    return Components(make_plugin_manager(entry_points=False))
 
 
 @pytest.fixture
@@ -42,11 +36,11 @@ def evil_module(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("where", KIND_PATHS)
-def test_a_kind_naming_an_import_path_is_an_unknown_kind(components, evil_module, where):
+def test_a_kind_naming_an_import_path_is_an_unknown_kind(core_components, evil_module, where):
     path = "$." + where.replace("modalities.toy", "modalities['toy']")
     for kind in IMPORT_PATHS:
         with pytest.raises(ConfigError) as e:
-            cli.resolve_config(components, "toy", [f'{where}.kind="{kind}"'])
+            cli.resolve_config(core_components, "toy", [f'{where}.kind="{kind}"'])
         assert len(e.value.problems) == 1, e.value.problems
         problem = e.value.problems[0]
         assert problem.startswith(f"{path}: ") and repr(kind) in problem, problem
@@ -69,13 +63,13 @@ TABLES = [(), ("backbone",), ("optim",), ("modalities", "toy"), ("modalities", "
 
 @pytest.mark.parametrize("key", ["__class__", "_target_", "__init__", "__reduce__", "__import__",
                                  "_partial_", "class_path", "module", "callable"])
-def test_target_style_keys_in_toml_are_unknown_keys(tmp_path, components, capsys, evil_module,
-                                                    key):
+def test_target_style_keys_in_toml_are_unknown_keys(tmp_path, core_components, capsys,
+                                                    evil_module, key):
     path = tmp_path / "run.toml"
     for table in TABLES:
-        path.write_text(toml_with(components, table, key))
+        path.write_text(toml_with(core_components, table, key))
         with pytest.raises(ConfigError) as e:
-            cli.resolve_config(components, str(path), [])
+            cli.resolve_config(core_components, str(path), [])
         where = "$" + "".join(f"['{t}']" if table[:i] == ("modalities",) else f".{t}"
                               for i, t in enumerate(table))
         assert e.value.problems == [f"{where}: unknown key(s) [{key!r}]"], e.value.problems
@@ -85,7 +79,7 @@ def test_target_style_keys_in_toml_are_unknown_keys(tmp_path, components, capsys
     assert rc == 2 and "unknown key" in err and key in err and "Traceback" not in err
 
 
-def test_overrides_cannot_smuggle_code(components, capsys, evil_module, monkeypatch):
+def test_overrides_cannot_smuggle_code(core_components, capsys, evil_module, monkeypatch):
     monkeypatch.setenv("SELFFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     for override in ['backbone._target_="reliability_evil_module:run"',
                      'backbone.kind="reliability_evil_module:run"',

@@ -1,33 +1,14 @@
 """Test setup: one intra-op torch thread (tiny models; on a small shared CPU two spinning OpenMP
 threads can be many times slower than one) and a fresh spoken-digits cache for the session
-(``SELFFLOW_CACHE``, unless the caller set one), so tests never touch ``~/.cache``."""
-
-import os
-import shutil
-import tempfile
+(``SELFFLOW_CACHE``, unless the caller set one), so tests never touch ``~/.cache``. (The kit's
+fixtures are imported: pytest refuses ``pytest_plugins`` in a conftest that is not top-level.)"""
 
 import pytest
-import torch
 
-_made: list[str] = []
-
-
-def pytest_configure(config):
-    if not os.environ.get("SELFFLOW_CACHE"):
-        _made.append(tempfile.mkdtemp(prefix="selfflow-test-cache-"))
-        os.environ["SELFFLOW_CACHE"] = _made[-1]
-
-
-def pytest_unconfigure(config):
-    for path in _made:
-        shutil.rmtree(path, ignore_errors=True)
-        if os.environ.get("SELFFLOW_CACHE") == path:
-            del os.environ["SELFFLOW_CACHE"]
+from selfflow_core.testing.fixtures import one_thread as one_thread
+from selfflow_core.testing.fixtures import selfflow_cache as selfflow_cache
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _isolated(selfflow_cache, one_thread):
+    """Every test here runs on one torch thread, with the session's cache."""

@@ -9,7 +9,6 @@ import warnings
 import wave
 from pathlib import Path
 
-import attrs
 import numpy as np
 import pytest
 import torch
@@ -30,10 +29,9 @@ from selfflow_audio.features import stft
 from selfflow_audio.presets import debug_tiny, default
 
 from selfflow_core import Components
-from selfflow_core.builtin.trackers import JsonlTracker
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
-from selfflow_core.testing import ModalityContract
+from selfflow_core.testing import ModalityContract, ModalityPluginContract
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed "
@@ -58,12 +56,22 @@ def adapter() -> AudioModality:
 
 # ---- config and registration ------------------------------------------------------------------
 
-def test_entry_point_and_presets():
-    components = Components()
-    assert components.modalities.get("audio") is AudioModality.Config
-    assert components.modalities.provider("audio").distribution == "selfflow-audio"
-    assert components.presets.get("audio") is default
-    assert components.presets.get("audio_debug_tiny") is debug_tiny
+class TestAudioPlugin(ModalityPluginContract):
+    """The kit's plugin checks (entry point, round trips, valid presets, debug_tiny lowers the
+    loss), and what the run writes."""
+
+    modality, distribution = "audio", "selfflow-audio"
+    config_class = AudioModality.Config
+    presets = ("audio",)
+    train_skip = None if HAS_ESPEAK else "espeak-ng is not installed"
+
+    def test_debug_tiny_writes_samples(self, debug_tiny_run):
+        step = debug_tiny_run.config.steps
+        samples = debug_tiny_run.run_dir / "samples" / f"step-{step:08d}" / "audio"
+        assert len(list(samples.glob("*.wav"))) == 10 and (samples / "spectrograms.png").is_file()
+
+
+def test_preset_schedules_and_widths():
     for preset in (default(), debug_tiny()):
         spec = preset.modalities["audio"]
         assert spec.scheduler.mask_ratio == AudioModality.default_mask_ratio == 0.5
@@ -274,24 +282,3 @@ def test_save_samples_writes_wavs_and_a_spectrogram(adapter: AudioModality, tmp_
         assert im.mode == "L" and im.size[0] >= 256
     unlabelled = adapter.save_samples(latents[:1], None, tmp_path / "u")
     assert unlabelled[0].name == "sample-000.wav"
-
-
-# ---- a few Self-Flow steps --------------------------------------------------------------------
-
-@needs_espeak
-def test_debug_tiny_training_lowers_the_loss(tmp_path: Path):
-    from selfflow_core.trainer import Trainer
-
-    base = debug_tiny()
-    spec = attrs.evolve(base.modalities["audio"], store=str(tmp_path / "store.zarr"))
-    cfg = attrs.evolve(base, modalities={"audio": spec}, run_dir=str(tmp_path / "run"),
-                       tracker=JsonlTracker.Config(), steps=30, seed=0)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, progress=False)
-    result = trainer.fit()
-    losses = trainer.losses
-    assert result["step"] == 30 and len(losses) == 30 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.9 * first, (first, last, losses)
-    samples = tmp_path / "run" / "samples" / "step-00000030" / "audio"
-    assert len(list(samples.glob("*.wav"))) == 10 and (samples / "spectrograms.png").is_file()

@@ -13,19 +13,17 @@ import torch
 from PIL import Image
 from selfflow_audio import AudioModality, read_wav
 from selfflow_audio_video import AudioVideoModality, PairSource
-from selfflow_audio_video.presets import debug_tiny, default
+from selfflow_audio_video.presets import default
 from selfflow_video import VideoModality
 
 from selfflow_core import Components
 from selfflow_core.builtin.dit import DiT
-from selfflow_core.builtin.trackers import JsonlTracker
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
-from selfflow_core.runtime.assembly import token_dims
 from selfflow_core.sampling import sample
 from selfflow_core.teachers import EMATeacher
-from selfflow_core.testing import ModalityContract, randomize_parameters
+from selfflow_core.testing import ModalityContract, ModalityPluginContract, randomize_parameters
 from selfflow_core.timesteps import DualTimestep, Uniform
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
@@ -70,12 +68,38 @@ def tone_fields(adapter) -> dict[str, torch.Tensor]:
 
 # ---- config and registration ------------------------------------------------------------------
 
-def test_entry_point_and_presets():
-    components = Components()
-    assert components.modalities.get("audio_video") is AudioVideoModality.Config
-    assert components.modalities.provider("audio_video").distribution == "selfflow-audio-video"
-    assert components.presets.get("audio_video") is default
-    assert components.presets.get("audio_video_debug_tiny") is debug_tiny
+class TestAudioVideoPlugin(ModalityPluginContract):
+    """The kit's plugin checks (entry point, round trips, valid presets, debug_tiny lowers the
+    loss), with 4-frame audio tokens: two token widths in one sequence, padded and masked per
+    channel; and what the run builds and writes."""
+
+    modality, distribution = "audio_video", "selfflow-audio-video"
+    config_class = AudioVideoModality.Config
+    presets = ("audio_video",)
+    train_skip = None if HAS_ESPEAK else "espeak-ng is not installed"
+
+    @classmethod
+    def debug_tiny_config(cls, components, root):
+        config = super().debug_tiny_config(components, root)
+        spec = config.modalities["audio_video"]
+        modality = attrs.evolve(spec.modality,
+                                audio=attrs.evolve(spec.modality.audio, frames_per_token=4))
+        return attrs.evolve(config,
+                            modalities={"audio_video": attrs.evolve(spec, modality=modality)})
+
+    def test_debug_tiny_has_a_projection_per_part(self, debug_tiny_run):
+        trainer = debug_tiny_run.trainer
+        # one input/output projection per part: video tubes 1x8x8 (64), audio 4 frames x 32 mels
+        assert trainer.backbone.token_dims == trainer.modalities[0].adapter.token_dims == (64, 128)
+        assert trainer.modalities[0].adapter.token_dim == 128
+
+    def test_debug_tiny_writes_samples(self, debug_tiny_run):
+        step = debug_tiny_run.config.steps
+        samples = debug_tiny_run.run_dir / "samples" / f"step-{step:08d}" / "audio_video"
+        assert len(list(samples.glob("*.gif"))) == 4 and len(list(samples.glob("*.wav"))) == 4
+
+
+def test_default_preset_settings():
     spec = default().modalities["audio_video"]
     assert spec.modality.video.condition_first_frame
     assert spec.scheduler.mask_ratio == AudioVideoModality.default_mask_ratio
@@ -105,7 +129,7 @@ def test_config_through_the_converter():
 def test_token_dims_and_layout(adapter, tone_fields):
     assert adapter.name == "audio_video"
     assert adapter.token_dims == (2 * 16, 2 * 32) and adapter.token_dim == 64
-    assert token_dims(adapter) == (32, 64)  # what the core builds projections from
+    assert tuple(adapter.token_dims) == (32, 64)  # what the core builds projections from
     assert set(adapter.fields()) == {"video", "audio", "labels"}
     nv, na = adapter.num_video_tokens, adapter.num_audio_tokens
     assert (nv, na) == (64, 64)
@@ -214,31 +238,3 @@ def test_save_samples_gif_and_wav_per_sample(adapter, tone_fields, tmp_path: Pat
     y, rate = read_wav(paths[1])
     assert rate == 16000 and len(y) == adapter.audio.clip_samples
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(p.name for p in paths)
-
-
-# ---- a few Self-Flow steps --------------------------------------------------------------------
-
-@needs_espeak
-def test_debug_tiny_training_lowers_the_loss(tmp_path: Path):
-    from selfflow_core.trainer import Trainer
-
-    base = debug_tiny()
-    spec = base.modalities["audio_video"]
-    # 4-frame audio tokens: two token widths in one sequence, padded and masked per channel
-    modality = attrs.evolve(spec.modality,
-                            audio=attrs.evolve(spec.modality.audio, frames_per_token=4))
-    spec = attrs.evolve(spec, modality=modality, store=str(tmp_path / "store.zarr"))
-    cfg = attrs.evolve(base, modalities={"audio_video": spec}, run_dir=str(tmp_path / "run"),
-                       tracker=JsonlTracker.Config(), steps=30, seed=0)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, progress=False)
-    # one input/output projection per part: video tubes 1x8x8 (64), audio 4 frames x 32 mels
-    assert trainer.backbone.token_dims == trainer.modalities[0].adapter.token_dims == (64, 128)
-    assert trainer.modalities[0].adapter.token_dim == 128
-    result = trainer.fit()
-    losses = trainer.losses
-    assert result["step"] == 30 and len(losses) == 30 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.9 * first, (first, last, losses)
-    samples = tmp_path / "run" / "samples" / "step-00000030" / "audio_video"
-    assert len(list(samples.glob("*.gif"))) == 4 and len(list(samples.glob("*.wav"))) == 4

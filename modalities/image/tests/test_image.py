@@ -28,6 +28,10 @@ try:
     from selfflow_core.testing import ModalityContract
 except ImportError:  # an older core without the contract kit: the direct tests below still run
     ModalityContract = None
+try:
+    from selfflow_core.testing import ModalityPluginContract
+except ImportError:  # a core without the plugin checks
+    ModalityPluginContract = None
 
 
 if ModalityContract is not None:
@@ -36,6 +40,14 @@ if ModalityContract is not None:
 
     class TestImageContractRGBUnconditional(ModalityContract):
         config = ImageModality.Config(size=16, patch=4, channels=3, classes=0)
+
+if ModalityPluginContract is not None:
+    class TestImagePlugin(ModalityPluginContract):
+        """Entry point, round trips, valid presets, and image_debug_tiny lowers the loss."""
+
+        modality, distribution = "image", "selfflow-image"
+        config_class = ImageModality.Config
+        presets = ("image",)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +62,6 @@ def adapter() -> ImageModality:
 
 
 # ---- config and registration ------------------------------------------------------------------
-
-def test_entry_point_discovery():
-    components = Components()
-    assert "image" in components.modalities
-    assert components.modalities.get("image") is ImageModality.Config
-    assert components.modalities.provider("image").distribution == "selfflow-image"
-
 
 def test_config_through_the_converter():
     components = Components()

@@ -28,12 +28,12 @@ from selfflow_robotics.sim import run_expert_episode
 
 from selfflow_core import Components
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
-from selfflow_core.config.validate import validate as check
 from selfflow_core.data.store import encode_store
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher
-from selfflow_core.testing import ModalityContract, randomize_parameters
+from selfflow_core.testing import ModalityContract, ModalityPluginContract, randomize_parameters
+from selfflow_core.testing.fixtures import one_thread as one_thread
 from selfflow_core.timesteps import DualTimestep, Uniform
 
 SMALL = RoboticsModality.Config(episodes=2, horizon=4)
@@ -57,26 +57,10 @@ def chunked():
     return adapter, src, fields, adapter.tokenize(fields)
 
 
-@pytest.fixture
-def one_thread():
-    """Training and sampling on a shared 2-core machine: one intra-op thread is faster and
-    steadier than two competing ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- registration and config ------------------------------------------------------------------
 
-def test_entry_point_and_presets():
-    components = Components()
-    assert components.modalities.get("robotics") is RoboticsModality.Config
-    assert components.modalities.provider("robotics").distribution == "selfflow-robotics"
-    assert components.presets.get("robotics") is default
-    assert components.presets.get("robotics_debug_tiny") is debug_tiny
+def test_preset_schedules():
     for preset in (default(), debug_tiny()):
-        check(preset, components)
         spec = preset.modalities["robotics"]
         assert spec.scheduler == DualTimestep.Config(distribution=Uniform.Config(),
                                                      mask_ratio=MASK_RATIO)
@@ -298,58 +282,46 @@ def test_expert_succeeds_in_most_episodes():
 
 # ---- training and evaluation -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from selfflow_core.trainer import Trainer
+class TestRoboticsPlugin(ModalityPluginContract):
+    """The kit's plugin checks (entry point, round trips, valid presets, debug_tiny lowers the
+    loss), and the evaluation of that run: training and sampling on one torch thread (on a
+    shared 2-core machine one intra-op thread is faster and steadier than two competing ones)."""
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("robotics")
-        cfg = debug_tiny()
-        spec = attrs.evolve(cfg.modalities["robotics"], store=str(root / "tiny.zarr"))
-        cfg = attrs.evolve(cfg, modalities={"robotics": spec}, run_dir=str(root / "run"))
-        trainer = Trainer(cfg, progress=False)
-        summary = trainer.fit()
-    finally:
-        torch.set_num_threads(before)
-    return root, cfg, summary, list(trainer.losses)
+    modality, distribution = "robotics", "selfflow-robotics"
+    config_class = RoboticsModality.Config
+    presets = ("robotics",)
+    loss_window, loss_ratio = 8, 0.6
 
+    def test_debug_tiny_writes_actions(self, debug_tiny_run):
+        cfg = debug_tiny_run.config
+        samples = debug_tiny_run.run_dir / "samples" / f"step-{cfg.steps:08d}" / "robotics"
+        assert np.load(samples / "actions.npy").shape == (cfg.sampling.count, 4, 2)
 
-def test_training_lowers_the_loss(trained):
-    root, cfg, summary, losses = trained
-    assert summary["step"] == cfg.steps and len(losses) == cfg.steps
-    assert all(math.isfinite(x) for x in losses)
-    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8]), losses
-    samples = root / "run" / "samples" / f"step-{cfg.steps:08d}" / "robotics" / "actions.npy"
-    assert np.load(samples).shape == (cfg.sampling.count, 4, 2)
+    def test_evaluation_end_to_end(self, debug_tiny_run, one_thread, capsys):
+        root = debug_tiny_run.root
+        out = root / "eval.json"
+        assert eval_main([str(root / "run"), "--episodes", "4", "--mse-episodes", "1",
+                          "--steps", "3", "--json", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "policy (Self-Flow)" in printed and "expert" in printed and "random" in printed
+        res = json.loads(out.read_text())
+        for who in ("policy", "expert", "random"):
+            for key in ("action_mse", "first_action_mse", "success_rate", "mean_return",
+                        "mean_final_distance"):
+                assert math.isfinite(res[who][key]), (who, key)
+        assert res["expert"]["success_rate"] > res["random"]["success_rate"]
+        assert res["expert"]["mean_return"] > res["random"]["mean_return"]
+        assert res["policy"]["action_mse"] < res["random"]["action_mse"]
+        assert res["settings"]["normalization"].startswith("store")
+        assert res["settings"]["execute"] == 2 and res["settings"]["heldout_states"] == 50
 
-
-def test_evaluation_end_to_end(trained, one_thread, capsys):
-    root, cfg, _, _ = trained
-    out = root / "eval.json"
-    assert eval_main([str(root / "run"), "--episodes", "4", "--mse-episodes", "1",
-                      "--steps", "3", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "policy (Self-Flow)" in printed and "expert" in printed and "random" in printed
-    res = json.loads(out.read_text())
-    for who in ("policy", "expert", "random"):
-        for key in ("action_mse", "first_action_mse", "success_rate", "mean_return",
-                    "mean_final_distance"):
-            assert math.isfinite(res[who][key]), (who, key)
-    assert res["expert"]["success_rate"] > res["random"]["success_rate"]
-    assert res["expert"]["mean_return"] > res["random"]["mean_return"]
-    assert res["policy"]["action_mse"] < res["random"]["action_mse"]
-    assert res["settings"]["normalization"].startswith("store")
-    assert res["settings"]["execute"] == 2 and res["settings"]["heldout_states"] == 50
-
-
-def test_evaluation_recomputes_normalisation_without_the_store(trained, one_thread):
-    root, _, _, _ = trained
-    res = evaluate(root / "run", episodes=2, mse_episodes=1, steps=2,
-                   store=str(root / "missing.zarr"), verbose=False)
-    assert res["settings"]["normalization"].startswith("recomputed")
-    assert all(math.isfinite(v) for v in res["policy"].values())
+    def test_evaluation_recomputes_normalisation_without_the_store(self, debug_tiny_run,
+                                                                   one_thread):
+        root = debug_tiny_run.root
+        res = evaluate(root / "run", episodes=2, mse_episodes=1, steps=2,
+                       store=str(root / "missing.zarr"), verbose=False)
+        assert res["settings"]["normalization"].startswith("recomputed")
+        assert all(math.isfinite(v) for v in res["policy"].values())
 
 
 def test_eval_cli_reports_a_missing_checkpoint(tmp_path: Path, capsys):

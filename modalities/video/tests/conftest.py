@@ -1,13 +1,12 @@
 """Run each test with one intra-op torch thread: the models here are tiny, and on a small shared
-CPU two spinning OpenMP threads can be many times slower than one."""
+CPU two spinning OpenMP threads can be many times slower than one. (The kit's fixtures are
+imported: pytest refuses ``pytest_plugins`` in a conftest that is not top-level.)"""
 
 import pytest
-import torch
+
+from selfflow_core.testing.fixtures import one_thread as one_thread
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread."""

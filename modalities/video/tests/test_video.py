@@ -16,11 +16,10 @@ from selfflow_video.presets import debug_tiny, default
 
 from selfflow_core import Components
 from selfflow_core.builtin.dit import DiT
-from selfflow_core.builtin.trackers import JsonlTracker
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.sampling import sample
-from selfflow_core.testing import ModalityContract, randomize_parameters
+from selfflow_core.testing import ModalityContract, ModalityPluginContract, randomize_parameters
 from selfflow_core.timesteps import DualTimestep, Uniform
 
 HAS_GYM = (importlib.util.find_spec("gymnasium") is not None
@@ -56,12 +55,21 @@ def _fields(adapter: VideoModality, source: str, start: int, stop: int) -> dict[
 
 # ---- config and registration ------------------------------------------------------------------
 
-def test_entry_point_and_presets():
-    components = Components()
-    assert components.modalities.get("video") is VideoModality.Config
-    assert components.modalities.provider("video").distribution == "selfflow-video"
-    assert components.presets.get("video") is default
-    assert components.presets.get("video_debug_tiny") is debug_tiny
+class TestVideoPlugin(ModalityPluginContract):
+    """The kit's plugin checks (entry point, round trips, valid presets, debug_tiny lowers the
+    loss), and what the run writes."""
+
+    modality, distribution = "video", "selfflow-video"
+    config_class = VideoModality.Config
+    presets = ("video",)
+
+    def test_debug_tiny_writes_samples(self, debug_tiny_run):
+        step = debug_tiny_run.config.steps
+        samples = debug_tiny_run.run_dir / "samples" / f"step-{step:08d}" / "video"
+        assert (samples / "samples.gif").is_file() and (samples / "samples_frames.png").is_file()
+
+
+def test_preset_schedules_and_widths():
     for preset in (default(), debug_tiny()):
         spec = preset.modalities["video"]
         assert spec.scheduler.mask_ratio == VideoModality.default_mask_ratio == 0.1
@@ -246,23 +254,3 @@ def test_write_video_files_rgb_unlabelled(tmp_path: Path):
         assert im.mode == "RGB" and im.size == (3 * 65 + 1, 2 * 65 + 1)
     grid = tile(np.zeros((3, 2, 2, 1), np.uint8), 2)
     assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 1) and grid[0, 0, 0] == 128
-
-
-# ---- a few Self-Flow steps --------------------------------------------------------------------
-
-def test_debug_tiny_training_lowers_the_loss(tmp_path: Path):
-    from selfflow_core.trainer import Trainer
-
-    base = debug_tiny()
-    spec = attrs.evolve(base.modalities["video"], store=str(tmp_path / "store.zarr"))
-    cfg = attrs.evolve(base, modalities={"video": spec}, run_dir=str(tmp_path / "run"),
-                       tracker=JsonlTracker.Config(), steps=30, seed=0)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, progress=False)
-    result = trainer.fit()
-    losses = trainer.losses
-    assert result["step"] == 30 and len(losses) == 30 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.9 * first, (first, last, losses)
-    samples = tmp_path / "run" / "samples" / "step-00000030" / "video"
-    assert (samples / "samples.gif").is_file() and (samples / "samples_frames.png").is_file()

@@ -21,6 +21,10 @@ try:
     from selfflow_core.testing import check_config_contract
 except ImportError:
     check_config_contract = None
+try:
+    from selfflow_core.testing import check_discovered
+except ImportError:  # a core without the plugin checks
+    check_discovered = None
 
 aim = pytest.importorskip("aim")
 
@@ -77,11 +81,9 @@ def repo(logged):
     return aim.Repo(str(logged["runs"] / "aim"))
 
 
+@pytest.mark.skipif(check_discovered is None, reason="the core has no check_discovered")
 def test_entry_point_discovery():
-    components = Components()
-    assert "aim" in components.trackers
-    assert components.trackers.get("aim") is AimTracker.Config
-    assert components.trackers.provider("aim").distribution == "selfflow-aim"
+    check_discovered("trackers", "aim", "selfflow-aim", config_class=AimTracker.Config)
 
 
 def test_config():

@@ -10,21 +10,16 @@ import torch
 from selfflow_core import Components
 from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.data.store import open_store
+from selfflow_core.testing.fixtures import one_thread as one_thread
+from selfflow_core.testing.fixtures import selfflow_cache as selfflow_cache
 from selfflow_core.trainer import Trainer
 
 COMPONENTS = Components()
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     "multimodal_tiny" not in COMPONENTS.presets
     or not all(m in COMPONENTS.modalities for m in ("image", "video", "audio", "robotics")),
-    reason="needs the image, video, audio and robotics plugins")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    reason="needs the image, video, audio and robotics plugins"),
+    pytest.mark.usefixtures("one_thread", "selfflow_cache")]  # the audio plugin caches WAVs
 
 
 def held_out_loss(trainer: Trainer, index: int) -> float:

@@ -11,7 +11,6 @@ from torch import nn
 
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.builtin.presets import toy
-from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.cli.main import resolve_config
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
@@ -19,19 +18,15 @@ from selfflow_core.config.run import TrainerConfig
 from selfflow_core.eval.diagnostics import objective_metrics
 from selfflow_core.objective import ObjectiveConfig
 from selfflow_core.plugins.manager import Components
+from selfflow_core.testing import TINY_TOY as TOY
+from selfflow_core.testing import check_discovered, check_loss_lowered
+from selfflow_core.testing.fixtures import one_thread as one_thread
+from selfflow_core.testing.fixtures import toy_store as toy_store
 from selfflow_core.timesteps import SingleTimestep
 from selfflow_core.types import TokenBatch
 
-TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=64)
 FEATURES = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TokenEncoder(nn.Module):
@@ -63,10 +58,9 @@ def batch(b=3, n=8, c=4, seed=0):
 
 
 def test_entry_point_registers_the_teacher():
-    components = Components()  # entry points on: the installed distribution's `repa`
-    assert "repa" in components.teachers
-    assert components.teachers.get("repa") is REPATeacher.Config
-    assert components.teachers.provider("repa").distribution == "selfflow-repa"
+    # entry points on: the installed distribution's `repa`
+    components = check_discovered("teachers", "repa", "selfflow-repa",
+                                  config_class=REPATeacher.Config)
     assert "teacher:repa" in components.by_plugin()["repa"]
 
 
@@ -107,10 +101,11 @@ def test_features_are_the_encoders_of_the_clean_tokens_without_grad(encoder_file
     assert teacher.state_dict() == {"encoder_sha256": file_sha256(path)}
 
 
-def repa_config(tmp_path, encoder, **changes) -> TrainerConfig:
+def repa_config(tmp_path, store, encoder, **changes) -> TrainerConfig:
+    """The toy preset with a REPA teacher, on the shared toy store (read-only: no source)."""
     base = toy()
-    spec = attrs.evolve(base.modalities["toy"], modality=TOY, batch_size=16,
-                        store=str(tmp_path / "toy.zarr"), scheduler=SingleTimestep.Config())
+    spec = attrs.evolve(base.modalities["toy"], modality=TOY, batch_size=16, store=store,
+                        source="", scheduler=SingleTimestep.Config())
     return attrs.evolve(
         base, modalities={"toy": spec}, backbone=DiT.Config(depth=3, width=32, heads=4),
         teacher=REPATeacher.Config(encoder=str(encoder), feature_dim=FEATURES),
@@ -119,17 +114,16 @@ def repa_config(tmp_path, encoder, **changes) -> TrainerConfig:
         run_dir=str(tmp_path / "run"), log_every=5, **changes)
 
 
-def test_training_through_the_trainer_lowers_the_loss(encoder_file, tmp_path):
+def test_training_through_the_trainer_lowers_the_loss(encoder_file, tmp_path, toy_store):
     from selfflow_core.trainer import Trainer
 
     path, _ = encoder_file
-    trainer = Trainer(repa_config(tmp_path, path, steps=40), progress=False)
+    trainer = Trainer(repa_config(tmp_path, toy_store, path, steps=40), progress=False)
     assert trainer.model.objective.head[-1].out_features == FEATURES
     summary = trainer.fit()
     assert summary["reason"] == "done" and len(trainer.losses) == 40
-    first, last = sum(trainer.losses[:8]) / 8, sum(trainer.losses[-8:]) / 8
-    assert last < 0.8 * first
-    fresh = Trainer(repa_config(tmp_path / "fresh", path, steps=1), progress=False)
+    check_loss_lowered(trainer.losses, window=8, ratio=0.8)
+    fresh = Trainer(repa_config(tmp_path / "fresh", toy_store, path, steps=1), progress=False)
 
     def cos(tr):
         return sum(objective_metrics(tr.model, tr.teacher, batch(16, 8, 4, seed),
@@ -139,12 +133,12 @@ def test_training_through_the_trainer_lowers_the_loss(encoder_file, tmp_path):
     assert cos(trainer) > cos(fresh) + 0.05  # training aligned the head to the encoder's features
 
 
-def test_a_missing_encoder_path_is_a_clear_config_error(tmp_path):
+def test_a_missing_encoder_path_is_a_clear_config_error(tmp_path, toy_store):
     from selfflow_core.config.validate import validate as check
     from selfflow_core.trainer import Trainer
 
     missing = tmp_path / "nope" / "encoder.pt"
-    cfg = repa_config(tmp_path, missing, steps=2)
+    cfg = repa_config(tmp_path, toy_store, missing, steps=2)
     with pytest.raises(ConfigError,
                        match=r"\$\.teacher\.encoder: encoder file .*nope.* does not exist"):
         check(cfg, Components())
