@@ -64,6 +64,7 @@ from selfflow_core.interfaces import (
     TrackerConfig,
 )
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
+from selfflow_core.plugins.declare import modality_plugin_hooks
 from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.plugins.registry import PresetRegistry, Registry
@@ -80,7 +81,7 @@ __all__ = [
     "ModalityAdapter", "ModalityConfig", "PresetRegistry", "Registry", "SchedulerConfig", "Source",
     "TeacherConfig", "TeacherStrategy", "TimeDistribution", "TimeDistributionConfig",
     "TimestepPlan", "TimestepScheduler", "TokenBatch", "Tracker", "TrackerConfig", "Components",
-    "hookimpl", "make_plugin_manager",
+    "hookimpl", "make_plugin_manager", "modality_plugin_hooks",
     # compose
     "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher", "JsonlTracker",
     "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig", "OptimConfig",

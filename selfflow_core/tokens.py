@@ -12,11 +12,15 @@ between their stored fields and a :class:`~selfflow_core.TokenBatch`.
   widest, with ``channel_valid`` and one modality id per kind) and :func:`split` takes them
   apart again.
 
+- A base class: :class:`PatchAdapter`, for the common adapter whose generated field is one array
+  per sample cut into a fixed grid of patches (images, spectrograms, video tubes).
+
 Everything here is pure tensor reshaping: no parameters, no randomness, exact round trips.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -25,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfflow_core.interfaces import FieldSpec
+from selfflow_core.interfaces import FieldSpec, ModalityAdapter
+from selfflow_core.types import TokenBatch
 
 __all__ = [
-    "Packed", "chunk", "class_labels", "expand_batch", "grid_positions", "grid_shape",
-    "latent_fields", "pack", "patchify", "split", "unpatchify",
+    "Packed", "PatchAdapter", "chunk", "class_labels", "expand_batch", "grid_positions",
+    "grid_shape", "latent_fields", "pack", "patchify", "split", "unpatchify",
 ]
 
 Device = torch.device | str | None
@@ -205,3 +210,83 @@ def split(tokens: Tensor, layout: Sequence[tuple[int, int]]) -> list[Tensor]:
         out.append(tokens[:, start:start + n, :c].contiguous())
         start += n
     return out
+
+
+# ---- a base class ------------------------------------------------------------------------------
+
+class PatchAdapter(ModalityAdapter):
+    """A :class:`~selfflow_core.ModalityAdapter` whose generated field (``latent_field``) is one
+    array per sample of :attr:`latent_shape`, cut by :func:`patchify` with :attr:`patch` into a
+    fixed grid of tokens, labelled by class when ``num_classes`` is set.
+
+    A subclass gives :attr:`latent_shape`, :attr:`patch` and, for positions with more than one
+    axis, :attr:`grid`; it may override :meth:`condition_mask` (tokens given clean) and
+    :meth:`prompt_tokens` (what a prompt holds before noise replaces the generated tokens). This
+    base gives the token count and width, the store fields, the positions, and ``tokenize`` /
+    ``detokenize`` / ``prompt``.
+    """
+
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the generated field."""
+
+    @property
+    @abc.abstractmethod
+    def patch(self) -> tuple[int, ...]:
+        """The patch of one token over the last ``len(patch)`` axes (see :func:`patchify`)."""
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The axes of the token positions (row-major); one axis of :attr:`num_tokens` by
+        default."""
+        return (self.num_tokens,)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(grid_shape(self.latent_shape, self.patch))
+
+    @property
+    def token_dim(self) -> int:
+        return math.prod(_full_patch(self.latent_shape, self.patch))
+
+    def fields(self) -> Mapping[str, FieldSpec]:
+        return latent_fields(self.latent_shape, name=self.latent_field)
+
+    def positions(self, n: int, device: Device = None) -> Tensor:
+        """``[n, N, len(grid)]`` float coordinates of each token on :attr:`grid`."""
+        return expand_batch(grid_positions(*self.grid), n, device)
+
+    def condition_mask(self, n: int, device: Device = None) -> Tensor | None:
+        """``[n, N]`` bool: tokens given clean as conditioning; None: none are."""
+        return None
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``[B, *latent_shape]`` -> tokens ``[B, N, token_dim]``."""
+        return patchify(x, self.patch)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """Exact inverse of :meth:`patchify`."""
+        return unpatchify(tokens, self.patch, self.latent_shape)
+
+    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
+        x = fields[self.latent_field].float()
+        if tuple(x.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(f"{self.name}: {self.latent_field} of shape {tuple(x.shape[1:])} "
+                             f"per sample; the config wants {tuple(self.latent_shape)}")
+        n = x.shape[0]
+        return TokenBatch.single(self.patchify(x), self.positions(n, x.device),
+                                 labels=class_labels(fields, self.num_classes),
+                                 condition=self.condition_mask(n, x.device))
+
+    def detokenize(self, tokens: Tensor) -> Tensor:
+        return self.unpatchify(tokens)
+
+    def prompt_tokens(self, n: int, fields: Mapping[str, Tensor] | None = None) -> Tensor:
+        """What a prompt's tokens hold: zeros (replaced by noise) unless some are conditioning."""
+        return torch.zeros(n, self.num_tokens, self.token_dim)
+
+    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
+        return TokenBatch.single(self.prompt_tokens(n, fields), self.positions(n),
+                                 labels=class_labels(fields, self.num_classes),
+                                 condition=self.condition_mask(n))

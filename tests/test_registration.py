@@ -121,3 +121,22 @@ def test_two_plugins_declaring_different_defaults_conflict():
     assert Components(make_plugin_manager([], entry_points=False)).presets.default == "toy"
     with pytest.raises(DuplicateComponentError, match="default preset declared twice"):
         Components(make_plugin_manager([A(), B()], entry_points=False))
+
+
+def test_declared_modality_plugin_hooks_register_like_written_ones():
+    from selfflow_core import modality_plugin_hooks
+
+    def main():
+        return None
+
+    modalities, presets = modality_plugin_hooks([Wide], {"wide": main}, default_preset="wide")
+
+    class Declared:
+        selfflow_register_modalities = staticmethod(modalities)
+        selfflow_register_presets = staticmethod(presets)
+
+    comps = Components(make_plugin_manager([Declared()], entry_points=False))
+    assert comps.modalities.get("wide_toy") is Wide
+    assert comps.presets.get("wide") is main and comps.presets.default == "wide"
+    with pytest.raises(ValueError, match="default_preset 'nope'"):
+        modality_plugin_hooks([Wide], {"wide": main}, default_preset="nope")

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import selfflow_core.tokens as tokens
 from selfflow_core import FieldSpec
 from selfflow_core.eval.media import SEPARATOR, tile_images, to_uint8, upscale
 from selfflow_core.tokens import (
@@ -253,3 +254,36 @@ def test_tile_images_hand_computed():
     assert grid[0, 0, 0] == SEPARATOR and grid[5, 9, 0] == SEPARATOR  # a line, the empty cell
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
         tile_images(imgs[..., 0], 3)
+
+
+class Tiles(tokens.PatchAdapter):
+    """A 2-channel 4x4 latent in 2x2 patches on a 2x2 grid, 3 classes."""
+
+    name = "tiles"
+    latent_shape, patch, grid = (2, 4, 4), (2, 2), (2, 2)
+    num_classes = 3
+
+    def open_source(self, source):
+        raise NotImplementedError
+
+    def encode(self, raw):
+        raise NotImplementedError
+
+    def save_samples(self, latents, labels, out_dir):
+        return []
+
+
+def test_patch_adapter_tokenizes_labels_and_inverts():
+    a = Tiles()
+    x = torch.randn(5, 2, 4, 4)
+    batch = a.tokenize({"latents": x, "labels": torch.tensor([0, 1, 2, 0, 1])})
+    assert batch.tokens.shape == (5, a.num_tokens, a.token_dim) == (5, 4, 8)
+    assert torch.equal(batch.tokens, tokens.patchify(x, (2, 2)))
+    assert torch.equal(a.detokenize(batch.tokens), x)
+    assert torch.equal(batch.positions[0], tokens.grid_positions(2, 2))
+    assert batch.labels.tolist() == [0, 1, 2, 0, 1] and not batch.condition.any()
+    assert set(a.fields()) == {"latents", "labels"} and a.fields()["latents"].shape == (2, 4, 4)
+    prompt = a.prompt(3, {"labels": torch.tensor([2, 2, 1])})
+    assert prompt.tokens.shape == (3, 4, 8) and prompt.labels.tolist() == [2, 2, 1]
+    with pytest.raises(ValueError, match="tiles: latents of shape"):
+        a.tokenize({"latents": torch.randn(1, 2, 4, 2)})

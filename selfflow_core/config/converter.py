@@ -116,6 +116,25 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
         lambda t: isinstance(t, type) and issubclass(t, ComponentConfig) and bool(t.kind),
         structure_concrete)
 
+    def structure_by_subclass(data: Any, base: type) -> Any:
+        # a component kind private to a plugin (e.g. an image encoder): its subclasses with a
+        # ``kind`` are the catalog, no registry needed
+        kinds = subclass_kinds(base)
+        what = getattr(base, "category", "") or base.__qualname__
+        known = ", ".join(sorted(kinds)) or "(none)"
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected a table with a `kind` ({what}: {known}), "
+                            f"got {type(data).__name__} {data!r}")
+        kind = data.get("kind")
+        if kind not in kinds:
+            raise ValueError(f"{'missing `kind`' if kind is None else f'unknown {what} {kind!r}'}"
+                             f"; known: {known}")
+        return structure_concrete(data, kinds[kind])
+
+    conv.register_structure_hook_func(
+        lambda t: isinstance(t, type) and issubclass(t, ComponentConfig) and not t.kind
+        and t is not ComponentConfig, structure_by_subclass)
+
     for registry in (components.registries() if components is not None else ()):
         def structure_tagged(data: Any, _: Any, registry=registry) -> Any:
             if not isinstance(data, Mapping):
@@ -129,6 +148,17 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
             return structure_concrete(data, registry.get(data["kind"]))
         conv.register_structure_hook_func(lambda t, b=registry.base: t is b, structure_tagged)
     return conv
+
+
+def subclass_kinds(base: type) -> dict[str, type]:
+    """``kind`` -> class of every subclass of ``base`` (at any depth) that has a ``kind``."""
+    out, todo = {}, list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.kind:
+            out.setdefault(cls.kind, cls)
+    return out
 
 
 def structure(conv: cattrs.Converter, data: Any, cls: type[T], *, source: str | None = None) -> T:

@@ -30,20 +30,12 @@ from selfflow_audio.sources import (
     TonesSource,
 )
 from selfflow_core import (
-    FieldSpec,
-    ModalityAdapter,
     ModalityConfig,
     Source,
-    TokenBatch,
     tile_images,
 )
 from selfflow_core.tokens import (
-    class_labels,
-    expand_batch,
-    grid_positions,
-    latent_fields,
-    patchify,
-    unpatchify,
+    PatchAdapter,
 )
 
 SOURCES = ("spoken_digits", "tones")
@@ -77,7 +69,7 @@ def write_spectrogram_png(latents: Tensor, path: Path, *, min_height: int = 64,
     return path
 
 
-class AudioModality(ModalityAdapter):
+class AudioModality(PatchAdapter):
     """Fixed-length clips as tokens of ``frames_per_token`` latent frames, 1-D positions."""
 
     name = "audio"
@@ -186,12 +178,9 @@ class AudioModality(ModalityAdapter):
         return shape
 
     @property
-    def num_tokens(self) -> int:
-        return self.latent_shape[0] // self.config.frames_per_token
-
-    @property
-    def token_dim(self) -> int:
-        return self.config.frames_per_token * self.latent_shape[1]
+    def patch(self) -> tuple[int, int]:
+        """``frames_per_token`` consecutive frames of all channels per token (frame-major)."""
+        return (self.config.frames_per_token, self.latent_shape[1])
 
     @property
     def frame_seconds(self) -> float:
@@ -210,9 +199,6 @@ class AudioModality(ModalityAdapter):
     @property
     def num_classes(self) -> int:
         return self.config.classes
-
-    def fields(self) -> Mapping[str, FieldSpec]:
-        return latent_fields(self.latent_shape)
 
     def encoder_info(self) -> Mapping[str, Any]:
         info = dict(self.encoder.info())
@@ -258,35 +244,6 @@ class AudioModality(ModalityAdapter):
                 "labels": np.asarray(raw["labels"], dtype=np.int64)}
 
     # ---- online -------------------------------------------------------------------------------
-
-    def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """``[n, N, 1]`` float token index along time."""
-        return expand_batch(grid_positions(self.num_tokens), n, device)
-
-    def patchify(self, latents: Tensor) -> Tensor:
-        """``[B, T, D]`` -> ``[B, T / f, f D]`` (consecutive frames, frame-major inside)."""
-        return patchify(latents, (self.config.frames_per_token, latents.shape[-1]))
-
-    def unpatchify(self, tokens: Tensor) -> Tensor:
-        """Exact inverse of :meth:`patchify`."""
-        frames, d = self.latent_shape
-        return unpatchify(tokens, (self.config.frames_per_token, d), (frames, d))
-
-    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
-        x = fields[self.latent_field].float()
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"audio: latents have shape {tuple(x.shape[1:])}, the config wants "
-                             f"{self.latent_shape}")
-        return TokenBatch.single(self.patchify(x), self.positions(x.shape[0], x.device),
-                                 labels=class_labels(fields, self.num_classes))
-
-    def detokenize(self, tokens: Tensor) -> Tensor:
-        return self.unpatchify(tokens)
-
-    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
-        tokens = torch.zeros(n, self.num_tokens, self.token_dim)
-        return TokenBatch.single(tokens, self.positions(n),
-                                 labels=class_labels(fields, self.num_classes))
 
     # ---- samples ------------------------------------------------------------------------------
 

@@ -1,17 +1,8 @@
 """Registers the joint audio-video modality with selfflow (entry point ``audio_video``)."""
 
 from selfflow_audio_video.adapter import AudioVideoModality
-from selfflow_core import hookimpl
+from selfflow_audio_video.presets import debug_tiny, default
+from selfflow_core import modality_plugin_hooks
 
-
-@hookimpl
-def selfflow_register_modalities(registry):
-    registry.add(AudioVideoModality.Config)
-
-
-@hookimpl
-def selfflow_register_presets(registry):
-    from selfflow_audio_video.presets import debug_tiny, default
-
-    registry.add("audio_video", default)
-    registry.add("audio_video_debug_tiny", debug_tiny)
+selfflow_register_modalities, selfflow_register_presets = modality_plugin_hooks(
+    [AudioVideoModality.Config], {"audio_video": default, "audio_video_debug_tiny": debug_tiny})

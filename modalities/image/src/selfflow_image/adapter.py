@@ -24,22 +24,14 @@ from torch import Tensor
 
 from selfflow_core import (
     TILE_SEPARATOR,
-    FieldSpec,
-    ModalityAdapter,
     ModalityConfig,
     Source,
-    TokenBatch,
     tile_images,
     to_uint8,
     upscale,
 )
 from selfflow_core.tokens import (
-    class_labels,
-    expand_batch,
-    grid_positions,
-    latent_fields,
-    patchify,
-    unpatchify,
+    PatchAdapter,
 )
 from selfflow_image.encoders import EncoderConfig, ImageEncoder, build_encoder
 
@@ -136,7 +128,7 @@ class FolderSource(Source):
 make_grid = tile_images
 
 
-class ImageModality(ModalityAdapter):
+class ImageModality(PatchAdapter):
     """Images as ``patch x patch`` tokens of their latents, with ``(row, col)`` positions."""
 
     name = "image"
@@ -204,26 +196,19 @@ class ImageModality(ModalityAdapter):
         return shape
 
     @property
+    def patch(self) -> tuple[int, int]:
+        """Square patches of ``config.patch`` over the latent's height and width."""
+        return (self.config.patch, self.config.patch)
+
+    @property
     def grid(self) -> tuple[int, int]:
         """Tokens per column and per row: ``(H' / patch, W' / patch)``."""
         _, h, w = self.latent_shape
         return h // self.config.patch, w // self.config.patch
 
     @property
-    def num_tokens(self) -> int:
-        gh, gw = self.grid
-        return gh * gw
-
-    @property
-    def token_dim(self) -> int:
-        return self.latent_shape[0] * self.config.patch ** 2
-
-    @property
     def num_classes(self) -> int:
         return self.config.classes
-
-    def fields(self) -> Mapping[str, FieldSpec]:
-        return latent_fields(self.latent_shape)
 
     def encoder_info(self) -> Mapping[str, Any]:
         info = dict(self.encoder.info())
@@ -260,37 +245,6 @@ class ImageModality(ModalityAdapter):
                 "labels": np.asarray(raw["labels"], dtype=np.int64)}
 
     # ---- online -------------------------------------------------------------------------------
-
-    def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """``[n, N, 2]`` float ``(row, col)`` of each token, row-major."""
-        return expand_batch(grid_positions(*self.grid), n, device)
-
-    def patchify(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]`` (row-major tokens)."""
-        p = self.config.patch
-        return patchify(x, (p, p))
-
-    def unpatchify(self, tokens: Tensor) -> Tensor:
-        """Exact inverse of :meth:`patchify`."""
-        p = self.config.patch
-        return unpatchify(tokens, (p, p), self.latent_shape)
-
-    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
-        x = fields["latents"].float()
-        expected = self.latent_shape
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"image: latents of shape {tuple(x.shape[1:])} per sample, "
-                             f"expected {expected}")
-        return TokenBatch.single(self.patchify(x), self.positions(x.shape[0], x.device),
-                                 labels=class_labels(fields, self.num_classes))
-
-    def detokenize(self, tokens: Tensor) -> Tensor:
-        return self.unpatchify(tokens)
-
-    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
-        tokens = torch.zeros(n, self.num_tokens, self.token_dim)
-        return TokenBatch.single(tokens, self.positions(n),
-                                 labels=class_labels(fields, self.num_classes))
 
     # ---- samples ------------------------------------------------------------------------------
 

@@ -22,22 +22,14 @@ from attrs import validators as v
 from torch import Tensor
 
 from selfflow_core import (
-    FieldSpec,
-    ModalityAdapter,
     ModalityConfig,
     Source,
-    TokenBatch,
     tile_images,
     to_uint8,
     upscale,
 )
 from selfflow_core.tokens import (
-    class_labels,
-    expand_batch,
-    grid_positions,
-    latent_fields,
-    patchify,
-    unpatchify,
+    PatchAdapter,
 )
 from selfflow_video.sources import (
     CARTPOLE_CLASSES,
@@ -86,7 +78,7 @@ def write_video_files(videos: Tensor | np.ndarray, out_dir: Path, *, fps: float,
     return paths
 
 
-class VideoModality(ModalityAdapter):
+class VideoModality(PatchAdapter):
     """Clips as ``temporal_patch x patch x patch`` tube tokens with ``(t, row, col)`` positions."""
 
     name = "video"
@@ -178,26 +170,14 @@ class VideoModality(ModalityAdapter):
         return c.frames // c.temporal_patch, c.size // c.patch, c.size // c.patch
 
     @property
-    def num_tokens(self) -> int:
-        return math.prod(self.grid)
-
-    @property
     def tokens_per_frame_patch(self) -> int:
         """Tokens of one temporal patch (the conditioning tokens with ``condition_first_frame``)."""
         _, gh, gw = self.grid
         return gh * gw
 
     @property
-    def token_dim(self) -> int:
-        c = self.config
-        return c.temporal_patch * c.channels * c.patch ** 2
-
-    @property
     def num_classes(self) -> int:
         return self.config.classes
-
-    def fields(self) -> Mapping[str, FieldSpec]:
-        return latent_fields(self.latent_shape)
 
     def encoder_info(self) -> Mapping[str, Any]:
         c = self.config
@@ -240,23 +220,11 @@ class VideoModality(ModalityAdapter):
 
     # ---- online -------------------------------------------------------------------------------
 
-    def positions(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """``[n, N, 3]`` float ``(t, row, col)`` of each token in patch units, time-major."""
-        return expand_batch(grid_positions(*self.grid), n, device)
-
     @property
-    def tube(self) -> tuple[int, int, int, int]:
+    def patch(self) -> tuple[int, int, int, int]:
         """The tube of one token over ``(T, C, H, W)``: ``(temporal_patch, C, patch, patch)``."""
         c = self.config
         return (c.temporal_patch, c.channels, c.patch, c.patch)
-
-    def patchify(self, x: Tensor) -> Tensor:
-        """``[B, T, C, H, W]`` -> ``[B, N, pt C p p]`` (time-major, then row-major tubes)."""
-        return patchify(x, self.tube)
-
-    def unpatchify(self, tokens: Tensor) -> Tensor:
-        """Exact inverse of :meth:`patchify`."""
-        return unpatchify(tokens, self.tube, self.latent_shape)
 
     def condition_mask(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``[n, N]`` bool: the conditioning tokens (the first temporal patch, when on)."""
@@ -264,19 +232,6 @@ class VideoModality(ModalityAdapter):
         if self.config.condition_first_frame:
             mask[:, : self.tokens_per_frame_patch] = True
         return mask
-
-    def tokenize(self, fields: Mapping[str, Tensor]) -> TokenBatch:
-        x = fields[self.latent_field].float()
-        if tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"video: latents have shape {tuple(x.shape[1:])}, the config wants "
-                             f"{self.latent_shape}")
-        n = x.shape[0]
-        return TokenBatch.single(self.patchify(x), self.positions(n, x.device),
-                                 labels=class_labels(fields, self.num_classes),
-                                 condition=self.condition_mask(n, x.device))
-
-    def detokenize(self, tokens: Tensor) -> Tensor:
-        return self.unpatchify(tokens)
 
     def conditioning_clips(self, n: int, fields: Mapping[str, Tensor] | None = None) -> Tensor:
         """``[n, T, C, H, W]`` clips whose first temporal patch is the conditioning (the rest is
@@ -316,14 +271,10 @@ class VideoModality(ModalityAdapter):
             self._prompt_cache[key] = torch.from_numpy(clips[:, : self.config.temporal_patch])
         return self._prompt_cache[key]
 
-    def prompt(self, n: int, fields: Mapping[str, Tensor] | None = None) -> TokenBatch:
+    def prompt_tokens(self, n: int, fields: Mapping[str, Tensor] | None = None) -> Tensor:
         if self.config.condition_first_frame:
-            tokens = self.patchify(self.conditioning_clips(n, fields))
-        else:
-            tokens = torch.zeros(n, self.num_tokens, self.token_dim)
-        return TokenBatch.single(tokens, self.positions(n),
-                                 labels=class_labels(fields, self.num_classes),
-                                 condition=self.condition_mask(n))
+            return self.patchify(self.conditioning_clips(n, fields))
+        return super().prompt_tokens(n, fields)
 
     # ---- samples ------------------------------------------------------------------------------
 

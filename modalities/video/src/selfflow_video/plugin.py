@@ -1,17 +1,8 @@
 """Registers the video modality with selfflow (entry point ``video`` in group ``selfflow``)."""
 
-from selfflow_core import hookimpl
+from selfflow_core import modality_plugin_hooks
 from selfflow_video.adapter import VideoModality
+from selfflow_video.presets import debug_tiny, default
 
-
-@hookimpl
-def selfflow_register_modalities(registry):
-    registry.add(VideoModality.Config)
-
-
-@hookimpl
-def selfflow_register_presets(registry):
-    from selfflow_video.presets import debug_tiny, default
-
-    registry.add("video", default)
-    registry.add("video_debug_tiny", debug_tiny)
+selfflow_register_modalities, selfflow_register_presets = modality_plugin_hooks(
+    [VideoModality.Config], {"video": default, "video_debug_tiny": debug_tiny})
