@@ -12,11 +12,9 @@ from PIL import Image
 from selfflow_image import (
     DiffusersVAEEncoder,
     DigitsSource,
-    EncoderConfig,
     FolderSource,
     ImageModality,
     PixelEncoder,
-    build_encoder,
     make_grid,
 )
 
@@ -72,7 +70,7 @@ def test_config_through_the_converter():
     data = to_data(conv, cfg)
     assert data["kind"] == "image" and data["encoder"]["kind"] == "pixel"
     assert structure(conv, data, ModalityConfig) == cfg
-    with pytest.raises(ConfigError, match=r"\$\.encoder\.kind"):
+    with pytest.raises(ConfigError, match=r"\$\.encoder: unknown image encoder 'vqgan'"):
         structure(conv, {"kind": "image", "encoder": {"kind": "vqgan"}}, ModalityConfig)
     with pytest.raises(ConfigError, match=r"\$\.channels: 'channels' must be 1"):
         structure(conv, {"kind": "image", "channels": 2}, ModalityConfig)
@@ -294,7 +292,7 @@ def test_digits_source_is_shared_and_read_only():
 # ---- encoders ---------------------------------------------------------------------------------
 
 def test_pixel_encoder_is_identity():
-    enc = build_encoder(EncoderConfig())
+    enc = PixelEncoder.Config().build()
     assert isinstance(enc, PixelEncoder) and enc.kind == "pixel"
     x = torch.rand(2, 3, 4, 4) * 2 - 1
     assert torch.equal(enc.decode(enc.encode(x)), x)
@@ -304,10 +302,13 @@ def test_pixel_encoder_is_identity():
 
 def test_diffusers_vae_missing_path_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="path"):
-        EncoderConfig(kind="diffusers_vae")
-    cfg = EncoderConfig(kind="diffusers_vae", path=str(tmp_path / "nope"))
+        DiffusersVAEEncoder.Config(path="")
+    cfg = DiffusersVAEEncoder.Config(path=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="does not exist.*Nothing is downloaded"):
-        build_encoder(cfg)
+        cfg.build()
+    # validation finds it before anything runs
+    assert any("is not a directory" in p for p in cfg.problems())
+    assert any(p.startswith("encoder.path: ") for p in ImageModality.Config(encoder=cfg).problems())
     # the adapter builds its encoder lazily: only using it raises
     m = ImageModality.Config(encoder=cfg).build()
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -319,3 +320,32 @@ def test_diffusers_vae_missing_path_is_a_clear_error(tmp_path: Path):
 def test_diffusers_vae_without_diffusers_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ImportError, match="diffusers.*not installed"):
         DiffusersVAEEncoder(tmp_path)
+
+
+def test_encoders_are_tagged_components_selected_by_kind(tmp_path: Path):
+    from selfflow_core import Components, ConfigError, make_converter, structure, to_data
+
+    conv = make_converter(Components())
+    vae = ImageModality.Config(encoder=DiffusersVAEEncoder.Config(path=str(tmp_path), scale=0.5))
+    data = to_data(conv, vae)
+    assert data["encoder"] == {"kind": "diffusers_vae", "path": str(tmp_path), "scale": 0.5}
+    assert structure(conv, data, ImageModality.Config) == vae
+    pixel = structure(conv, {"encoder": {"kind": "pixel"}}, ImageModality.Config)
+    assert isinstance(pixel.encoder, PixelEncoder.Config)
+    with pytest.raises(ConfigError, match=r"encoder: unknown image encoder 'vae'; known: "
+                                          r"diffusers_vae, pixel"):
+        structure(conv, {"encoder": {"kind": "vae"}}, ImageModality.Config)
+    with pytest.raises(ConfigError, match=r"encoder: unknown key"):
+        structure(conv, {"encoder": {"kind": "pixel", "path": "x"}}, ImageModality.Config)
+
+
+def test_a_missing_vae_directory_is_one_line_from_the_cli(tmp_path, capsys, monkeypatch):
+    from selfflow_core.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "image_debug_tiny", "modalities.image.modality.encoder.kind=diffusers_vae",
+               f"modalities.image.modality.encoder.path={tmp_path / 'no-vae'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.startswith("error: ")
+    assert "$.modalities.image.modality.encoder.path" in err and "no-vae" in err
+    assert not (tmp_path / "data").exists()  # refused before encoding anything

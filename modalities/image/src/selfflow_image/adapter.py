@@ -33,7 +33,7 @@ from selfflow_core import (
 from selfflow_core.tokens import (
     PatchAdapter,
 )
-from selfflow_image.encoders import EncoderConfig, ImageEncoder, build_encoder
+from selfflow_image.encoders import ImageEncoder, ImageEncoderConfig, PixelEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -141,7 +141,9 @@ class ImageModality(PatchAdapter):
         - ``size``: image side in pixels (8: the digits as they are; 16 or 32: upsampled).
         - ``channels``: 1 (grey) or 3 (RGB).
         - ``classes``: number of class labels (0: unconditional); the null class is ``classes``.
-        - ``encoder``: which :class:`~selfflow_image.encoders.EncoderConfig` makes the latents.
+        - ``encoder``: which encoder makes the latents: a
+          :class:`~selfflow_image.encoders.ImageEncoderConfig` (``kind`` pixel or
+          diffusers_vae).
         """
 
         kind = "image"
@@ -149,23 +151,22 @@ class ImageModality(PatchAdapter):
         size: int = attrs.field(default=8, validator=v.ge(1))
         channels: int = attrs.field(default=1)
         classes: int = attrs.field(default=10, validator=v.ge(0))
-        encoder: EncoderConfig = attrs.field(factory=EncoderConfig,
-                                             validator=v.instance_of(EncoderConfig))
+        encoder: ImageEncoderConfig = attrs.field(factory=PixelEncoder.Config,
+                                                  validator=v.instance_of(ImageEncoderConfig))
 
         @channels.validator
         def _check_channels(self, attribute: Any, value: int) -> None:
             if value not in (1, 3):
                 raise ValueError(f"'channels' must be 1 (grey) or 3 (RGB) (got {value!r})")
 
-        @size.validator
-        def _check_size(self, attribute: Any, value: int) -> None:
-            if self.encoder_is_pixel and value % self.patch:
-                raise ValueError(f"'size' must be a multiple of patch {self.patch} (got {value})")
+        def __attrs_post_init__(self) -> None:  # (needs `encoder`, set after `size`)
+            shape = self.encoder.fixed_latent_shape(self.channels, self.size)
+            if shape is not None and shape[-1] % self.patch:
+                raise ValueError(f"'size' must be a multiple of patch {self.patch} "
+                                 f"(got {self.size})")
 
-        @property
-        def encoder_is_pixel(self) -> bool:
-            enc = getattr(self, "encoder", None)  # validators may run before `encoder` is set
-            return enc is None or enc.kind == "pixel"
+        def problems(self) -> list[str]:
+            return [f"encoder.{p}" for p in self.encoder.problems()]
 
         def build(self) -> ImageModality:
             return ImageModality(self)
@@ -173,8 +174,6 @@ class ImageModality(PatchAdapter):
     def __init__(self, config: Config) -> None:
         self.config = config
         self._encoder: ImageEncoder | None = None
-        if config.encoder.kind == "pixel" and config.size % config.patch:
-            raise ValueError(f"image: size {config.size} is not a multiple of patch {config.patch}")
 
     # ---- shapes -------------------------------------------------------------------------------
 
@@ -182,14 +181,15 @@ class ImageModality(PatchAdapter):
     def encoder(self) -> ImageEncoder:
         """The configured encoder, built on first use (a VAE loads only when it is needed)."""
         if self._encoder is None:
-            self._encoder = build_encoder(self.config.encoder)
+            self._encoder = self.config.encoder.build()
         return self._encoder
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.config
-        if c.encoder.kind == "pixel":  # no need to build anything
-            return (c.channels, c.size, c.size)
+        fixed = c.encoder.fixed_latent_shape(c.channels, c.size)  # no need to build anything
+        if fixed is not None:
+            return fixed
         shape = self.encoder.latent_shape(c.channels, c.size)
         if shape[1] % c.patch or shape[2] % c.patch:
             raise ValueError(f"image: latent shape {shape} is not divisible by patch {c.patch}")

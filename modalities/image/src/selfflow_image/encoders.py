@@ -1,13 +1,15 @@
 """Image encoders: images in ``[-1, 1]`` (``B x C x H x W``) <-> the latents a store holds.
 
-An encoder is chosen by :class:`EncoderConfig` (``kind`` = ``"pixel"`` or ``"diffusers_vae"``) and
-built with :func:`build_encoder`. Its :meth:`~ImageEncoder.info` goes into the store's schema, so
+An encoder is chosen by its config, a subclass of :class:`ImageEncoderConfig` selected by
+``kind`` (``PixelEncoder.Config``, ``DiffusersVAEEncoder.Config``), and built with its
+``build()``. Its :meth:`~ImageEncoder.info` goes into the store's schema, so
 a store records which encoder (and which settings) made its latents.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,35 +19,27 @@ import torch
 from attrs import validators as v
 from torch import Tensor
 
-ENCODER_KINDS = ("pixel", "diffusers_vae")
+from selfflow_core import ComponentConfig
+
+
+def _non_empty_path(instance: Any, attribute: Any, value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError("'path' must name a local diffusers AutoencoderKL checkpoint directory")
 
 
 @attrs.frozen(kw_only=True)
-class EncoderConfig:
-    """Which encoder makes the latents.
+class ImageEncoderConfig(ComponentConfig):
+    """Base of the image encoders' configs: a table with a ``kind`` (``pixel``, ``diffusers_vae``
+    or a subclass's own) selects the class; ``build()`` gives the :class:`ImageEncoder`."""
 
-    - ``kind``: one of :data:`ENCODER_KINDS`: ``"pixel"`` (identity: latents are the pixels)
-      or ``"diffusers_vae"`` (a diffusers ``AutoencoderKL`` loaded from a local directory).
-    - ``path``: the local checkpoint directory (``diffusers_vae`` only; nothing is downloaded).
-    - ``scale``: latents are ``scale * mean(posterior)`` (``diffusers_vae`` only; SD's 0.18215).
-    """
+    category: ClassVar[str] = "image encoder"
 
-    kind: str = attrs.field(default="pixel", validator=v.instance_of(str))
-    path: str = attrs.field(default="")
-    scale: float = attrs.field(default=0.18215, validator=v.gt(0))
+    def fixed_latent_shape(self, channels: int, size: int) -> tuple[int, int, int] | None:
+        """The per-sample latent shape when it is known without building the encoder."""
+        return None
 
-    @kind.validator
-    def _check_kind(self, attribute: Any, value: str) -> None:
-        # a plain message (attrs' in_ puts a tuple in its ValueError), so config errors read well
-        if value not in ENCODER_KINDS:
-            raise ValueError(f"'kind' must be one of {', '.join(map(repr, ENCODER_KINDS))} "
-                             f"(got {value!r})")
-
-    @path.validator
-    def _check_path(self, attribute: Any, value: str) -> None:
-        if self.kind == "diffusers_vae" and not value:
-            raise ValueError("'path' must name a local diffusers AutoencoderKL checkpoint "
-                             "directory when kind is 'diffusers_vae'")
+    def build(self) -> ImageEncoder:
+        raise NotImplementedError
 
 
 class ImageEncoder(abc.ABC):
@@ -75,6 +69,18 @@ class PixelEncoder(ImageEncoder):
 
     kind = "pixel"
 
+    @attrs.frozen(kw_only=True)
+    class Config(ImageEncoderConfig):
+        """Latents are the pixels themselves (no settings)."""
+
+        kind = "pixel"
+
+        def fixed_latent_shape(self, channels: int, size: int) -> tuple[int, int, int]:
+            return (channels, size, size)
+
+        def build(self) -> PixelEncoder:
+            return PixelEncoder()
+
     def latent_shape(self, channels: int, size: int) -> tuple[int, int, int]:
         return (channels, size, size)
 
@@ -96,6 +102,31 @@ class DiffusersVAEEncoder(ImageEncoder):
     """
 
     kind = "diffusers_vae"
+
+    @attrs.frozen(kw_only=True)
+    class Config(ImageEncoderConfig):
+        """- ``path``: the local checkpoint directory of a diffusers ``AutoencoderKL`` (nothing
+          is downloaded).
+        - ``scale``: latents are ``scale * mean(posterior)`` (SD's 0.18215)."""
+
+        kind = "diffusers_vae"
+        path: str = attrs.field(validator=_non_empty_path)
+        scale: float = attrs.field(default=0.18215, validator=v.gt(0))
+
+        def problems(self) -> list[str]:
+            out = []
+            if not Path(self.path).expanduser().is_dir():
+                out.append(f"path: {self.path!r} is not a directory; set it to a local "
+                           f"diffusers AutoencoderKL checkpoint (config.json and the weights). "
+                           f"Nothing is downloaded.")
+            if importlib.util.find_spec("diffusers") is None:
+                out.append("kind: the `diffusers` package is not installed (`pip install "
+                           "diffusers`, or `pip install selfflow-image[vae]`); or use kind "
+                           "= 'pixel'")
+            return out
+
+        def build(self) -> DiffusersVAEEncoder:
+            return DiffusersVAEEncoder(self.path, scale=self.scale)
 
     def __init__(self, path: str | Path, scale: float = 0.18215) -> None:
         self.path = Path(path).expanduser()
@@ -151,12 +182,3 @@ class DiffusersVAEEncoder(ImageEncoder):
                              "latent_channels": self.latent_channels, "factor": self.factor,
                              "config": {k: v for k, v in config.items()
                                         if isinstance(v, (int, float, str, bool, list))}}}
-
-
-def build_encoder(cfg: EncoderConfig) -> ImageEncoder:
-    """The encoder ``cfg`` describes (``diffusers_vae`` loads its checkpoint now)."""
-    if cfg.kind == "pixel":
-        return PixelEncoder()
-    if cfg.kind == "diffusers_vae":
-        return DiffusersVAEEncoder(cfg.path, scale=cfg.scale)
-    raise ValueError(f"unknown image encoder kind {cfg.kind!r}; known: {', '.join(ENCODER_KINDS)}")
