@@ -9,6 +9,7 @@ import warnings
 import wave
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,8 @@ from PIL import Image
 from selfflow_audio import (
     AudioEncoderConfig,
     AudioModality,
+    CodecEncoder,
+    LogMelEncoder,
     SpokenDigitsSource,
     griffin_lim,
     mel_filterbank,
@@ -28,8 +31,8 @@ from selfflow_audio import sources as sources_module
 from selfflow_audio.features import stft
 from selfflow_audio.presets import debug_tiny, default
 
-from selfflow_core import Components
-from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
+from selfflow_core import Components, ConfigError, make_converter, structure, to_data, validate
+from selfflow_core.cli.main import main
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.testing import ModalityContract, ModalityPluginContract
 
@@ -88,14 +91,91 @@ def test_config_through_the_converter():
             "encoder": {"kind": "logmel", "griffin_lim_iters": 8}}
     cfg = structure(conv, data, ModalityConfig)
     assert cfg == AudioModality.Config(n_mels=40, voices=("en-us",), speeds=(120, 180),
-                                       encoder=AudioEncoderConfig(griffin_lim_iters=8))
+                                       encoder=LogMelEncoder.Config(griffin_lim_iters=8))
     assert structure(conv, to_data(conv, cfg), ModalityConfig) == cfg
     for bad, where in (({"frames": 127}, r"\$\.frames"), ({"n_mels": 400}, "n_mels"),
-                       ({"encoder": {"kind": "encodec"}}, r"\$\.encoder\.kind"),
-                       ({"encoder": {"kind": "codec"}}, "path"),
+                       ({"encoder": {"kind": "encodec"}}, r"\$\.encoder: unknown audio encoder"),
+                       ({"encoder": {"kind": "codec"}}, r"\$\.encoder\.path: required"),
+                       ({"encoder": {"kind": "codec", "path": ""}}, r"\$\.encoder\.path"),
+                       ({"encoder": {"kind": "logmel", "path": "c.pt"}}, r"unknown key.*path"),
                        ({"speeds": ["fast"]}, "speeds")):
         with pytest.raises(ConfigError, match=where):
             structure(conv, {"kind": "audio", **bad}, ModalityConfig)
+
+
+def test_encoder_kinds_through_the_converter(tmp_path: Path):
+    """A TOML table's `kind` picks the encoder config's class; only that kind's fields are
+    written back, tagged by `kind`."""
+    import tomllib
+
+    conv = make_converter(Components())
+    codec = tmp_path / "codec.pt"
+    doc = tomllib.loads(f"""
+        [logmel]
+        kind = "audio"
+        encoder = {{ kind = "logmel", griffin_lim_iters = 64, log_eps = 1e-4 }}
+
+        [codec]
+        kind = "audio"
+        [codec.encoder]
+        kind = "codec"
+        path = "{codec}"
+        shift = 0.0
+        scale = 1.0
+    """)
+    logmel = structure(conv, doc["logmel"], ModalityConfig)
+    assert logmel.encoder == LogMelEncoder.Config(griffin_lim_iters=64, log_eps=1e-4)
+    assert to_data(conv, logmel)["encoder"] == {"kind": "logmel", "shift": -4.0, "scale": 4.0,
+                                                "log_eps": 1e-4, "griffin_lim_iters": 64}
+    cfg = structure(conv, doc["codec"], ModalityConfig)
+    assert cfg.encoder == CodecEncoder.Config(path=str(codec), shift=0.0, scale=1.0)
+    data = to_data(conv, cfg)
+    assert data["encoder"] == {"kind": "codec", "shift": 0.0, "scale": 1.0, "path": str(codec)}
+    assert structure(conv, data, ModalityConfig) == cfg
+    # the field's own type structures too, and the default is log-mel
+    assert structure(conv, {"kind": "codec", "path": "c.pt"}, AudioEncoderConfig) == (
+        CodecEncoder.Config(path="c.pt"))
+    assert AudioModality.Config().encoder == LogMelEncoder.Config()
+    assert structure(conv, {"kind": "audio"}, ModalityConfig).encoder == LogMelEncoder.Config()
+    with pytest.raises(TypeError):
+        AudioEncoderConfig()  # abstract: a concrete kind's Config is needed
+
+
+def test_an_unknown_encoder_kind_lists_the_known_ones():
+    conv = make_converter(Components())
+    for encoder, what in (({"kind": "encodec"}, "unknown audio encoder 'encodec'"),
+                          ({"path": "c.pt"}, "missing `kind`")):
+        with pytest.raises(ConfigError) as err:
+            structure(conv, {"kind": "audio", "encoder": encoder}, ModalityConfig)
+        assert err.value.problems == [f"$.encoder: {what}; known: codec, logmel"]
+
+
+def test_a_missing_codec_file_is_a_config_problem(tmp_path: Path):
+    missing = tmp_path / "nonexistent.pt"
+    spec = debug_tiny().modalities["audio"]
+    modality = attrs.evolve(spec.modality, encoder=CodecEncoder.Config(path=str(missing)))
+    config = attrs.evolve(debug_tiny(), modalities={"audio": attrs.evolve(spec,
+                                                                          modality=modality)})
+    with pytest.raises(ConfigError) as err:
+        validate(config, Components())
+    assert len(err.value.problems) == 1
+    problem = err.value.problems[0]
+    assert problem.startswith("$.modalities.audio.modality.encoder.path: ")
+    assert str(missing) in problem and "Nothing is downloaded" in problem
+    missing.write_bytes(b"")  # exists: no problem before it is loaded
+    assert modality.problems() == []
+    assert LogMelEncoder.Config().problems() == []
+
+
+def test_a_missing_codec_file_on_the_command_line_is_one_error_line(capsys):
+    rc = main(["train", "audio_debug_tiny", "modalities.audio.modality.encoder.kind=codec",
+               "modalities.audio.modality.encoder.path=/nonexistent.pt"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: 1 problem(s) in preset 'audio_debug_tiny':"]
+    assert "$.modalities.audio.modality.encoder.path" in err and "/nonexistent.pt" in err
+    assert "Traceback" not in err
 
 
 def test_shapes_and_normalization():
@@ -182,8 +262,7 @@ def test_logmel_encode_decode(adapter: AudioModality):
 
 
 def test_codec_missing_file_is_a_clear_error(tmp_path: Path):
-    cfg = AudioModality.Config(encoder=AudioEncoderConfig(kind="codec",
-                                                          path=str(tmp_path / "codec.pt")))
+    cfg = AudioModality.Config(encoder=CodecEncoder.Config(path=str(tmp_path / "codec.pt")))
     m = cfg.build()  # the codec is loaded lazily: building the adapter works
     with pytest.raises(FileNotFoundError, match=r"codec\.pt.*does not exist.*Nothing is "
                                                 r"downloaded"):
@@ -212,13 +291,15 @@ def test_codec_from_a_local_torchscript_file(tmp_path: Path):
     with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, still works
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(_ToyCodec()), str(path))
-    m = AudioModality.Config(frames=129, frames_per_token=2, encoder=AudioEncoderConfig(
-        kind="codec", path=str(path), shift=0.0, scale=1.0)).build()
+    m = AudioModality.Config(frames=129, frames_per_token=2, encoder=CodecEncoder.Config(
+        path=str(path), shift=0.0, scale=1.0)).build()
     # 128 hops x 128 samples = 16384 samples = 256 codec frames of 8 channels
     assert m.latent_shape == (256, 8) and m.token_dim == 16 and m.num_tokens == 128
     out = m.encode(m.open_source("tones").read(0, 2))
     assert out["latents"].shape == (2, 256, 8)
     assert m.encoder_info()["name"] == "codec"
+    assert m.frame_seconds == pytest.approx(64 / 16000)
+    assert m.normalization()["formula"] == "latents = (codec.encode(wave) - shift) / scale"
     assert m.decode(torch.from_numpy(out["latents"])).shape == (2, 16384)
 
 

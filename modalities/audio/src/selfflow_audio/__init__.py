@@ -3,7 +3,13 @@ tones; normalised log-mel latents computed with torch, Griffin-Lim decoding to W
 codec optionally)."""
 
 from selfflow_audio.adapter import AudioModality, write_spectrogram_png
-from selfflow_audio.encoders import AudioEncoder, AudioEncoderConfig, CodecEncoder, LogMelEncoder
+from selfflow_audio.encoders import (
+    AudioEncoder,
+    AudioEncoderConfig,
+    AudioSettings,
+    CodecEncoder,
+    LogMelEncoder,
+)
 from selfflow_audio.features import (
     griffin_lim,
     mel_filterbank,
@@ -16,8 +22,8 @@ from selfflow_audio.features import (
 from selfflow_audio.sources import SpokenDigitsSource, TonesSource, default_cache_dir
 
 __all__ = [
-    "AudioEncoder", "AudioEncoderConfig", "AudioModality", "CodecEncoder", "LogMelEncoder",
-    "SpokenDigitsSource", "TonesSource", "default_cache_dir", "griffin_lim", "mel_filterbank",
-    "mel_power", "mel_to_magnitude", "read_wav", "resample", "write_spectrogram_png",
-    "write_wav",
+    "AudioEncoder", "AudioEncoderConfig", "AudioModality", "AudioSettings", "CodecEncoder",
+    "LogMelEncoder", "SpokenDigitsSource", "TonesSource", "default_cache_dir", "griffin_lim",
+    "mel_filterbank", "mel_power", "mel_to_magnitude", "read_wav", "resample",
+    "write_spectrogram_png", "write_wav",
 ]

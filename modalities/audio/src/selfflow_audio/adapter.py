@@ -20,7 +20,7 @@ import torch
 from attrs import validators as v
 from torch import Tensor
 
-from selfflow_audio.encoders import AudioEncoder, AudioEncoderConfig, CodecEncoder, LogMelEncoder
+from selfflow_audio.encoders import AudioEncoder, AudioEncoderConfig, LogMelEncoder
 from selfflow_audio.features import write_wav
 from selfflow_audio.sources import (
     DEFAULT_PITCHES,
@@ -85,7 +85,9 @@ class AudioModality(PatchAdapter):
           the codec's own count for a codec) must be a multiple of it. Keep the token width
           (``frames_per_token x D``) well below the backbone's width.
         - ``classes``: class labels (0: unconditional); the null class is ``classes``.
-        - ``encoder``: :class:`~selfflow_audio.encoders.AudioEncoderConfig` (log-mel or codec).
+        - ``encoder``: an :class:`~selfflow_audio.encoders.AudioEncoderConfig`, picked by its
+          ``kind``: :class:`~selfflow_audio.encoders.LogMelEncoder.Config` (``"logmel"``, the
+          default) or :class:`~selfflow_audio.encoders.CodecEncoder.Config` (``"codec"``).
         - ``voices`` / ``speeds`` / ``pitches``: the espeak-ng variants of ``spoken_digits``.
         - ``cache_dir``: where generated WAVs are cached (``""``: ``$SELFFLOW_CACHE`` or
           ``~/.cache/selfflow``).
@@ -100,7 +102,7 @@ class AudioModality(PatchAdapter):
         frames: int = attrs.field(default=128, validator=v.ge(2))
         frames_per_token: int = attrs.field(default=2, validator=v.ge(1))
         classes: int = attrs.field(default=10, validator=v.ge(0))
-        encoder: AudioEncoderConfig = attrs.field(factory=AudioEncoderConfig,
+        encoder: AudioEncoderConfig = attrs.field(factory=LogMelEncoder.Config,
                                                   validator=v.instance_of(AudioEncoderConfig))
         voices: tuple[str, ...] = _tuple_of(str)
         speeds: tuple[int, ...] = _tuple_of(int)
@@ -123,8 +125,12 @@ class AudioModality(PatchAdapter):
 
         @frames.validator
         def _check_frames(self, attribute: Any, value: int) -> None:
-            encoder = getattr(self, "encoder", None)  # a codec sets its own frame count
-            if (encoder is None or encoder.kind == "logmel") and value % self.frames_per_token:
+            # the latent frames when the config tells them (log-mel: `frames`); a codec sets
+            # its own count, checked when it is built
+            encoder = getattr(self, "encoder", None)
+            shape = (encoder.latent_shape(self) if isinstance(encoder, AudioEncoderConfig)
+                     else (value,))
+            if shape is not None and shape[0] % self.frames_per_token:
                 raise ValueError(f"'frames' must be a multiple of frames_per_token "
                                  f"{self.frames_per_token} (got {value})")
 
@@ -137,6 +143,9 @@ class AudioModality(PatchAdapter):
         @property
         def clip_samples(self) -> int:
             return (self.frames - 1) * self.hop
+
+        def problems(self) -> list[str]:
+            return [f"encoder.{p}" for p in self.encoder.problems()]
 
         def build(self) -> AudioModality:
             return AudioModality(self)
@@ -151,13 +160,7 @@ class AudioModality(PatchAdapter):
     def encoder(self) -> AudioEncoder:
         """The configured encoder, built on first use (a codec loads only when needed)."""
         if self._encoder is None:
-            c = self.config
-            if c.encoder.kind == "codec":
-                self._encoder = CodecEncoder(c.encoder, clip_samples=c.clip_samples)
-            else:
-                self._encoder = LogMelEncoder(c.encoder, sample_rate=c.sample_rate,
-                                              n_fft=c.n_fft, hop=c.hop, n_mels=c.n_mels,
-                                              frames=c.frames, seed=c.seed)
+            self._encoder = self.config.encoder.build(audio=self.config)
         return self._encoder
 
     @property
@@ -169,12 +172,13 @@ class AudioModality(PatchAdapter):
     def latent_shape(self) -> tuple[int, int]:
         """``(T, D)``: frames and channels per frame."""
         c = self.config
-        if c.encoder.kind == "logmel":
-            return (c.frames, c.n_mels)
+        known = c.encoder.latent_shape(c)  # log-mel: (frames, n_mels), without building
+        if known is not None:
+            return known
         shape = self.encoder.latent_shape()
         if shape[0] % c.frames_per_token:
-            raise ValueError(f"audio: codec latents have {shape[0]} frames, not a multiple of "
-                             f"frames_per_token {c.frames_per_token}")
+            raise ValueError(f"audio: {c.encoder.kind} latents have {shape[0]} frames, not a "
+                             f"multiple of frames_per_token {c.frames_per_token}")
         return shape
 
     @property
@@ -186,10 +190,8 @@ class AudioModality(PatchAdapter):
     def frame_seconds(self) -> float:
         """Seconds between latent frames: ``hop / sample_rate`` for log-mel (frame ``k`` is
         centred on sample ``k * hop``), the clip's duration over its frames for a codec."""
-        c = self.config
-        if c.encoder.kind == "logmel":
-            return c.hop / c.sample_rate
-        return self.clip_samples / c.sample_rate / self.latent_shape[0]
+        _ = self.latent_shape  # a codec's frame count is checked first
+        return self.encoder.frame_seconds
 
     @property
     def token_seconds(self) -> float:
@@ -207,9 +209,8 @@ class AudioModality(PatchAdapter):
 
     def normalization(self) -> Mapping[str, Any]:
         e = self.config.encoder
-        features = "log(mel_power + log_eps)" if e.kind == "logmel" else "codec.encode(wave)"
         return {"scale": e.scale, "shift": e.shift,
-                "formula": f"latents = ({features} - shift) / scale"}
+                "formula": f"latents = ({e.features} - shift) / scale"}
 
     # ---- offline ------------------------------------------------------------------------------
 
@@ -272,9 +273,6 @@ class AudioModality(PatchAdapter):
         latents, one panel per clip; log-mel on a fixed ~70 dB scale from silence up)."""
         out_dir = Path(out_dir)
         paths = self.write_wavs(latents, labels, out_dir)
-        e = self.config.encoder
-        floor = (math.log(e.log_eps) - e.shift) / e.scale  # silence
-        value_range = (floor, floor + 16.0 / e.scale) if e.kind == "logmel" else None  # ~70 dB
         paths.append(write_spectrogram_png(latents, out_dir / "spectrograms.png",
-                                           value_range=value_range))
+                                           value_range=self.config.encoder.value_range()))
         return paths
