@@ -238,22 +238,29 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_or_harmless(tmp_path, run_tem
     good = checkpoint.path_for(run_template / "checkpoints", 4)
     pristine, truth = good.read_bytes(), checkpoint.load(good)
     rng = random.Random(1)
-    refused = harmless = 0
-    bad = tmp_path / "step-00000004.pt"
-    for _ in range(80):
+    flips = [(rng.randrange(len(pristine)), 1 << rng.randrange(8)) for _ in range(80)]
+    refused = refused_or_harmless(tmp_path / "step-00000004.pt", pristine, truth, flips, rel)
+    print(f"\ncheckpoint bit flips: {refused} refused, {80 - refused} harmless (padding)")
+    assert refused >= 60
+
+
+def refused_or_harmless(bad: Path, pristine: bytes, truth, flips, rel) -> int:
+    """Write ``pristine`` with each ``(position, xor mask)`` flip to ``bad`` and load it: every
+    damaged file is refused naming it, or loads the same state (a flip in zip padding). Returns
+    how many were refused."""
+    refused = 0
+    for position, mask in flips:
         data = bytearray(pristine)
-        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        data[position] ^= mask
         bad.write_bytes(bytes(data))
         try:
-            state = checkpoint.load(bad)
+            loaded = checkpoint.load(bad)
         except checkpoint.CheckpointError as e:
             assert str(bad) in str(e)
             refused += 1
             continue
-        assert not rel.same_state(state, truth)  # a flip in zip padding: same content
-        harmless += 1
-    print(f"\ncheckpoint bit flips: {refused} refused, {harmless} harmless (padding)")
-    assert refused >= 60
+        assert not rel.same_state(loaded, truth), position
+    return refused
 
 
 def test_every_flipped_byte_of_a_small_checkpoint_is_refused_or_harmless(tmp_path, rel):
@@ -265,19 +272,8 @@ def test_every_flipped_byte_of_a_small_checkpoint_is_refused_or_harmless(tmp_pat
     good = tmp_path / "good.pt"
     torch.save(state, good)
     pristine = good.read_bytes()
-    bad = tmp_path / "step-00000003.pt"
-    refused = 0
-    for position in range(len(pristine)):
-        data = bytearray(pristine)
-        data[position] ^= 0xFF
-        bad.write_bytes(bytes(data))
-        try:
-            loaded = checkpoint.load(bad)
-        except checkpoint.CheckpointError as e:
-            assert str(bad) in str(e)
-            refused += 1
-            continue
-        assert not rel.same_state(loaded, state), position
+    flips = [(position, 0xFF) for position in range(len(pristine))]
+    refused = refused_or_harmless(tmp_path / "step-00000003.pt", pristine, state, flips, rel)
     print(f"\nsmall checkpoint: {len(pristine)} bytes inverted one at a time, {refused} refused, "
           f"the rest harmless")
 
