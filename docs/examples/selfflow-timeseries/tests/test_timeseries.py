@@ -21,18 +21,13 @@ from selfflow_core import (
     sample_checkpoint,
     structure,
 )
-from selfflow_core.testing import ModalityContract
+from selfflow_core.testing import ModalityContract, ModalityPluginContract
+from selfflow_core.testing.fixtures import one_thread  # noqa: F401  (a fixture, used below)
 
 from selfflow_timeseries.adapter import TimeseriesModality
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more intra-op threads only add overhead (and thrash a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: more intra-op threads only add overhead (and thrash a shared machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the contract every modality satisfies ----------------------------------------------------
@@ -45,13 +40,13 @@ class TestTimeseriesContractUnconditional(ModalityContract):
     config = TimeseriesModality.Config(channels=1, length=32, patch=8, classes=0, count=8)
 
 
-# ---- registration -----------------------------------------------------------------------------
+# ---- the plugin: entry point, config round trips, valid presets, debug_tiny trains ------------
 
-def test_entry_point_discovery():
-    components = Components()
-    assert components.modalities.get("timeseries") is TimeseriesModality.Config
-    assert components.modalities.provider("timeseries").distribution == "selfflow-timeseries"
-    assert {"timeseries", "timeseries_debug_tiny"} <= set(components.presets)
+class TestTimeseriesPlugin(ModalityPluginContract):
+    modality = "timeseries"
+    distribution = "selfflow-timeseries"
+    config_class = TimeseriesModality.Config
+    presets = ("timeseries",)
 
 
 def test_config_errors_name_the_field():
