@@ -247,11 +247,12 @@ def test_tile_images_places_every_image(b, nrow, h, w, pad):
 
 def test_tile_images_hand_computed():
     imgs = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1)
-    grid = tile_images(imgs, 3)
-    assert grid.shape == (2 * 2 + 3, 3 * 3 + 4, 1)
-    np.testing.assert_array_equal(grid[1:3, 1:4], imgs[0])
-    np.testing.assert_array_equal(grid[4:6, 5:8], imgs[4])
-    assert grid[0, 0, 0] == SEPARATOR and grid[5, 9, 0] == SEPARATOR  # a line, the empty cell
+    grid = tile_images(imgs, 3)  # 2-px lines by default
+    assert grid.shape == (2 * 2 + 3 * 2, 3 * 3 + 4 * 2, 1)
+    np.testing.assert_array_equal(grid[2:4, 2:5], imgs[0])
+    np.testing.assert_array_equal(grid[6:8, 7:10], imgs[4])
+    assert grid[0, 0, 0] == SEPARATOR and grid[7, 14, 0] == SEPARATOR  # a line, the empty cell
+    np.testing.assert_array_equal(tile_images(imgs, 3, pad=1)[1:3, 1:4], imgs[0])
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
         tile_images(imgs[..., 0], 3)
 

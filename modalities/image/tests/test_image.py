@@ -18,7 +18,7 @@ from selfflow_image import (
     make_grid,
 )
 
-from selfflow_core import Components
+from selfflow_core import TILE_SEPARATOR, Components, tile_images
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 
@@ -197,11 +197,12 @@ def test_prompt():
 
 def test_make_grid():
     imgs = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1)
-    grid = make_grid(imgs, nrow=3)
-    assert grid.shape == (2 * 2 + 3, 3 * 3 + 4, 1) and grid.dtype == np.uint8
-    np.testing.assert_array_equal(grid[1:3, 1:4], imgs[0])
-    np.testing.assert_array_equal(grid[4:6, 5:8], imgs[4])
-    assert grid[0, 0, 0] == 128 and grid[5, 9, 0] == 128  # separator and the empty cell
+    grid = make_grid(imgs, nrow=3)  # 2-px lines between and around the cells
+    assert grid.shape == (2 * 2 + 3 * 2, 3 * 3 + 4 * 2, 1) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid[2:4, 2:5], imgs[0])
+    np.testing.assert_array_equal(grid[6:8, 7:10], imgs[4])
+    # a line and the empty cell
+    assert grid[0, 0, 0] == TILE_SEPARATOR and (grid[6:8, 12:15] == TILE_SEPARATOR).all()
 
 
 def test_save_samples_png(adapter: ImageModality, tmp_path: Path):
@@ -212,11 +213,13 @@ def test_save_samples_png(adapter: ImageModality, tmp_path: Path):
     assert paths == [tmp_path / "s" / "samples.png"]
     with Image.open(paths[0]) as im:
         assert im.mode == "L"
-        assert im.size == (64 + 2, 10 * 64 + 11)  # one row per class, 8x nearest upscaling
+        # one row per class, 8x nearest upscaling, 2-px lines, a 30-px label margin on the left
+        # (font pixels of 64 // 10 = 6 px: a 3-wide digit is 18 px, 6 px blank either side)
+        assert im.size == (2 + 30 + 2 + 64 + 2, 10 * (64 + 2) + 2)
         a = np.asarray(im)
     # the first cell is digit 0, upscaled by 8, mapped from [-1, 1] to 0..255
     want = np.round((out["latents"][0, 0] + 1) * 127.5).astype(np.uint8)
-    np.testing.assert_array_equal(a[1:65:8, 1:65:8], want)
+    np.testing.assert_array_equal(a[2:66:8, 34:98:8], want)
     # rows are sorted by label: reversing the inputs gives the same picture
     adapter.save_samples(latents.flip(0), labels.flip(0), tmp_path / "r")
     with Image.open(tmp_path / "r" / "samples.png") as im:
@@ -224,11 +227,48 @@ def test_save_samples_png(adapter: ImageModality, tmp_path: Path):
     # uneven classes: columns = the largest class; no labels: a near-square grid
     adapter.save_samples(latents[:3], torch.tensor([1, 1, 4]), tmp_path / "u")
     with Image.open(tmp_path / "u" / "samples.png") as im:
-        assert im.size == (2 * 65 + 1, 2 * 65 + 1)
+        assert im.size == (2 + 30 + 2 * 66 + 2, 2 * 66 + 2)
     rgb = ImageModality.Config(size=16, patch=4, channels=3).build()
     rgb.save_samples(torch.zeros(5, 3, 16, 16), None, tmp_path / "n")
     with Image.open(tmp_path / "n" / "samples.png") as im:
-        assert im.mode == "RGB" and im.size == (3 * 65 + 1, 2 * 65 + 1)
+        assert im.mode == "RGB" and im.size == (3 * 66 + 2, 2 * 66 + 2)  # no labels: no margin
+
+
+def test_save_samples_labels_rows_and_draws_light_lines(adapter: ImageModality, tmp_path: Path):
+    """Rows and columns are apart by 2-px light lines; each row's class is drawn in the left
+    margin, so the margins of two classes differ, and the same class draws the same mark."""
+    src = adapter.open_source("digits")
+    out = adapter.encode(src.read(0, 20))  # labels 0..9, twice
+    latents, labels = torch.from_numpy(out["latents"]), torch.from_numpy(out["labels"])
+    labels = labels.clone()
+    labels[10:] = torch.tensor([3, 3, 3, 3, 3, 7, 7, 7, 7, 7])  # classes 0..9: 2 or 6 samples
+    adapter.save_samples(latents, labels, tmp_path / "s")
+    with Image.open(tmp_path / "s" / "samples.png") as im:
+        a = np.asarray(im)
+    margin, cell, ncol, rows = 30, 64, 6, 10
+    assert a.shape == (rows * (cell + 2) + 2, 2 + margin + ncol * (cell + 2) + 2)
+    line_ys = [y for r in range(rows + 1) for y in (r * 66, r * 66 + 1)]
+    x0 = 2 + margin
+    line_xs = [x for k in range(ncol + 1) for x in (x0 + k * 66, x0 + k * 66 + 1)]
+    assert (a[line_ys, x0:] == TILE_SEPARATOR).all() and (a[:, line_xs] == TILE_SEPARATOR).all()
+    assert TILE_SEPARATOR >= 200  # light
+    strips = [a[2 + r * 66:2 + r * 66 + cell, 2:2 + margin] for r in range(rows)]
+    for strip in strips:  # every row has a dark label on the light margin
+        assert (strip == 0).sum() > 0 and (strip == TILE_SEPARATOR).sum() > strip.size // 2
+    assert len({s.tobytes() for s in strips}) == rows  # ten classes, ten different labels
+    # the margin is the class, not the row: drop class 0 and row 0 now shows class 1's label
+    adapter.save_samples(latents[1:10], labels[1:10], tmp_path / "t")
+    with Image.open(tmp_path / "t" / "samples.png") as im:
+        b = np.asarray(im)
+    np.testing.assert_array_equal(b[2:2 + cell, 2:2 + margin], strips[1])
+    # the mark is the built-in font's digit, scaled by 64 // 10
+    ink = strips[7] == 0
+    ys, xs = np.nonzero(ink)
+    glyph = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1][::6, ::6]
+    assert glyph.astype(int).tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 0], [0, 1, 0], [0, 1, 0]]
+    np.testing.assert_array_equal(make_grid(np.zeros((2, 4, 4, 1), np.uint8), 1, row_labels=[0, 1]),
+                                  tile_images(np.zeros((2, 4, 4, 1), np.uint8), 1,
+                                              row_labels=[0, 1]))
 
 
 # ---- sources ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 from selfflow_video import MovingDigitsSource, VideoModality, tile, write_video_files
 from selfflow_video.presets import debug_tiny, default
 
-from selfflow_core import Components
+from selfflow_core import TILE_SEPARATOR, Components
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
@@ -238,19 +238,19 @@ def test_save_samples_gif_and_strip(adapter: VideoModality, tmp_path: Path):
     assert [p.name for p in paths] == ["samples.gif", "samples_frames.png"]
     with Image.open(paths[0]) as gif:
         assert gif.n_frames == 8
-        assert gif.size == (3 * 65 + 1, 2 * 65 + 1)  # 5 clips in a 3-wide grid, cells x4
+        assert gif.size == (3 * 66 + 2, 2 * 66 + 2)  # 5 clips in a 3-wide grid, cells x4
         assert abs(gif.info["duration"] - 125) <= 10  # 8 fps (GIF stores centiseconds)
     with Image.open(paths[1]) as strip:
-        assert strip.size == (8 * 65 + 1, 5 * 65 + 1)  # one row per clip, one column per frame
+        assert strip.size == (8 * 66 + 2, 5 * 66 + 2)  # one row per clip, one column per frame
         a = np.asarray(strip)
     want = np.round((fields["latents"][0, 3, 0].numpy() + 1) * 127.5).astype(np.uint8)
-    np.testing.assert_array_equal(a[1:65:4, 1 + 3 * 65:65 + 3 * 65:4], want)
+    np.testing.assert_array_equal(a[2:66:4, 2 + 3 * 66:66 + 3 * 66:4], want)
 
 
 def test_write_video_files_rgb_unlabelled(tmp_path: Path):
     paths = write_video_files(torch.zeros(2, 3, 3, 32, 32), tmp_path, fps=4.0, stem="x")
     assert [p.name for p in paths] == ["x.gif", "x_frames.png"]
     with Image.open(paths[1]) as im:
-        assert im.mode == "RGB" and im.size == (3 * 65 + 1, 2 * 65 + 1)
-    grid = tile(np.zeros((3, 2, 2, 1), np.uint8), 2)
-    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 1) and grid[0, 0, 0] == 128
+        assert im.mode == "RGB" and im.size == (3 * 66 + 2, 2 * 66 + 2)
+    grid = tile(np.zeros((3, 2, 2, 1), np.uint8), 2)  # 2-px light lines
+    assert grid.shape == (2 * 4 + 2, 2 * 4 + 2, 1) and grid[0, 0, 0] == TILE_SEPARATOR > 200

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from selfflow_aim import AimTracker
+from selfflow_aim import AimTracker, audio_sequence, images_sequence
 
 from selfflow_core import Components
 from selfflow_core.config.converter import make_converter, structure, to_data
@@ -54,6 +55,12 @@ def logged(tmp_path_factory):
     grid.parent.mkdir(parents=True)
     Image.fromarray(np.arange(66 * 34, dtype=np.uint32).reshape(34, 66).astype(np.uint8)).save(grid)
     (grid.parent / "samples.npy").write_bytes(b"ignored: not an image")
+    sound = grid.parent / "sample-000-label3.wav"
+    with wave.open(str(sound), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes((np.sin(np.arange(800) / 5) * 3000).astype("<i2").tobytes())
     tracker = AimTracker.Config().build(run_dir=run_dir, experiment="digits")
     hparams = {"lr": 3e-4, "modality": {"kind": "image", "size": 8}, "betas": (0.9, 0.95),
                "out": Path("runs/demo")}
@@ -67,13 +74,14 @@ def logged(tmp_path_factory):
         metrics[step] = {k: float(v) for k, v in m.items()}
     timesteps = torch.rand(1000, generator=torch.Generator().manual_seed(0))
     tracker.log_distribution("timesteps/student", timesteps, step=2)
-    tracker.log_images("samples", [grid, grid.parent / "samples.npy"], step=2)
+    # a modality's files of both kinds in one call (audio runs write WAVs and a spectrogram)
+    tracker.log_images("samples", [sound, grid, grid.parent / "samples.npy"], step=2)
     run_hash = tracker.hash
     tracker.close()
     tracker.close()  # idempotent
     reindex(runs / "aim")
     return {"runs": runs, "run_dir": run_dir, "hash": run_hash, "metrics": metrics,
-            "timesteps": timesteps.numpy()}
+            "timesteps": timesteps.numpy(), "sound": sound}
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +145,14 @@ def test_distribution_stored(repo, logged):
     np.testing.assert_array_equal(hist, want)
 
 
+def test_sequence_names():
+    assert images_sequence("samples") == "samples/images"
+    assert audio_sequence("samples") == "samples/audio"
+
+
 def test_images_stored(repo):
-    found = list(repo.query_images("images.name == 'samples'").iter())
+    assert not list(repo.query_images("images.name == 'samples'").iter())
+    found = list(repo.query_images("images.name == 'samples/images'").iter())
     assert len(found) == 1
     steps, (items, *_rest) = found[0].data.items_list()
     assert list(steps) == [2]
@@ -146,6 +160,18 @@ def test_images_stored(repo):
     assert len(images) == 1  # the .npy file is not an image and is skipped
     assert images[0].caption == "samples.png"
     assert images[0].to_pil_image().size == (66, 34)
+
+
+def test_audio_stored_apart_from_the_images(repo, logged):
+    """Images and sounds logged together go to two sequences: one aim sequence holds one type."""
+    found = list(repo.query_audios("audios.name == 'samples/audio'").iter())
+    assert len(found) == 1
+    steps, (items, *_rest) = found[0].data.items_list()
+    assert list(steps) == [2]
+    (audio,) = items[0]
+    assert audio.json() == {"caption": "sample-000-label3.wav", "format": "wav"}
+    assert audio.get().getvalue() == logged["sound"].read_bytes()
+    assert not list(repo.query_audios("audios.name == 'samples'").iter())
 
 
 def test_resume_appends_to_the_same_run(tmp_path: Path):

@@ -1,7 +1,15 @@
 """selfflow-image: the image modality plugin for selfflow (sklearn digits or a folder of images;
 pixel latents by default, a local diffusers VAE optionally)."""
 
-from selfflow_image.adapter import DigitsSource, FolderSource, ImageModality, make_grid, to_uint8
+from selfflow_image.adapter import (
+    DigitsSource,
+    FolderSource,
+    ImageModality,
+    UnreadableImageError,
+    UnreadableImagesSkipped,
+    make_grid,
+    to_uint8,
+)
 from selfflow_image.encoders import (
     DiffusersVAEEncoder,
     ImageEncoder,
@@ -11,5 +19,6 @@ from selfflow_image.encoders import (
 
 __all__ = [
     "DiffusersVAEEncoder", "DigitsSource", "FolderSource", "ImageEncoder", "ImageEncoderConfig",
-    "ImageModality", "PixelEncoder", "make_grid", "to_uint8",
+    "ImageModality", "PixelEncoder", "UnreadableImageError", "UnreadableImagesSkipped",
+    "make_grid", "to_uint8",
 ]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -25,6 +26,7 @@ from torch import Tensor
 from selfflow_core import (
     TILE_SEPARATOR,
     ModalityConfig,
+    SelfFlowError,
     Source,
     tile_images,
     to_uint8,
@@ -36,6 +38,8 @@ from selfflow_core.tokens import (
 from selfflow_image.encoders import ImageEncoder, ImageEncoderConfig, PixelEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: what a folder source does with a file PIL cannot read (``ImageModality.Config.on_unreadable``)
+ON_UNREADABLE = ("stop", "skip")
 
 
 def _to_channels(x: Tensor, channels: int) -> Tensor:
@@ -84,29 +88,123 @@ class DigitsSource(Source):
         return {"images": x.numpy(), "labels": self.labels[start:stop].copy()}
 
 
+class UnreadableImageError(SelfFlowError, ValueError):
+    """A file of an image folder that PIL cannot read (not an image, truncated, corrupt, no
+    permission); names the file and says how to skip such files."""
+
+    def __init__(self, path: str | Path, reason: str, advice: bool = True) -> None:
+        self.path, self.reason, self.advice = str(path), reason, advice
+        hint = ('; fix or remove it, or set on_unreadable = "skip" in the image modality config '
+                'to leave unreadable files out') if advice else ""
+        super().__init__(f"cannot read image file {self.path} ({reason}){hint}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.advice))
+
+
+class UnreadableImagesSkipped(UserWarning):
+    """Issued once per :class:`FolderSource` with ``on_unreadable="skip"`` that left files out;
+    the message lists them."""
+
+
+#: what PIL raises for a file it cannot open or decode
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _why(error: BaseException) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can identify"
+    return f"{type(error).__name__}: {error}"
+
+
 class FolderSource(Source):
     """PNG/JPG files under ``root`` (searched recursively, sorted by relative path), resized to
     ``size x size``. If the images live in subfolders, each top-level subfolder is a class
-    (sorted names -> labels 0, 1, ...); images directly in ``root`` get label 0."""
+    (sorted names -> labels 0, 1, ...); images directly in ``root`` get label 0. Classes come
+    from the folder layout alone, so skipping a file never renumbers them.
 
-    def __init__(self, root: str | Path, size: int, channels: int) -> None:
+    A file PIL cannot read: with ``on_unreadable="stop"``, :meth:`read` raises
+    :class:`UnreadableImageError` naming it; with ``"skip"``, every file is decoded once when
+    the source is first sized or read, the unreadable ones are left out (the others keep their
+    sorted order) and one :class:`UnreadableImagesSkipped` warning lists them (also in
+    :attr:`skipped`)."""
+
+    def __init__(self, root: str | Path, size: int, channels: int,
+                 on_unreadable: str = "stop") -> None:
+        if on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f"on_unreadable must be one of {ON_UNREADABLE}, got {on_unreadable!r}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-        self.files = sorted(p for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
+        files = sorted(p for p in self.root.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
             raise ValueError(f"image folder {str(self.root)!r} holds no "
                              f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} files")
-        tops = [p.relative_to(self.root).parts for p in self.files]
+        tops = [p.relative_to(self.root).parts for p in files]
         self.class_names = sorted({parts[0] for parts in tops if len(parts) > 1})
         index = {name: i for i, name in enumerate(self.class_names)}
-        self.labels = np.array([index[parts[0]] if len(parts) > 1 else 0 for parts in tops],
-                               dtype=np.int64)
-        self.size, self.channels = size, channels
+        labels = np.array([index[parts[0]] if len(parts) > 1 else 0 for parts in tops],
+                          dtype=np.int64)
+        self.size, self.channels, self.on_unreadable = size, channels, on_unreadable
+        self._candidates = (files, labels)
+        self._kept: tuple[list[Path], np.ndarray] | None = None
+        self._skipped: list[tuple[Path, str]] = []
         classes = f", classes {self.class_names}" if self.class_names else ", unlabelled"
-        self.description = (f"image folder {self.root}: {len(self.files)} images -> "
-                            f"{channels}x{size}x{size}{classes}")
+        skip = "; unreadable files skipped" if on_unreadable == "skip" else ""
+        self.description = (f"image folder {self.root}: {len(files)} images -> "
+                            f"{channels}x{size}x{size}{classes}{skip}")
+
+    # ---- the files ----------------------------------------------------------------------------
+
+    def _scanned(self) -> tuple[list[Path], np.ndarray]:
+        """The files (and labels) read from: all of them, or with ``"skip"`` the readable ones
+        (every file decoded once, here, on first use)."""
+        if self.on_unreadable == "stop":
+            return self._candidates
+        if self._kept is None:
+            from PIL import Image
+
+            files, labels = self._candidates
+            kept = []
+            for i, path in enumerate(files):
+                try:
+                    with Image.open(path) as im:
+                        im.load()
+                except (*_PIL_ERRORS, Image.DecompressionBombError) as e:
+                    self._skipped.append((path, _why(e)))
+                else:
+                    kept.append(i)
+            self._kept = ([files[i] for i in kept], labels[kept])
+            if self._skipped:
+                listed = "; ".join(f"{p.relative_to(self.root)} ({why})"
+                                   for p, why in self._skipped)
+                warnings.warn(UnreadableImagesSkipped(
+                    f"image folder {self.root}: skipped {len(self._skipped)} unreadable file(s) "
+                    f"of {len(files)}: {listed}"), stacklevel=3)
+            if not kept:
+                first, why = self._skipped[0]
+                raise UnreadableImageError(first, f"{why}; and none of the {len(files)} image "
+                                                  f"files of {self.root} is readable", advice=False)
+        return self._kept
+
+    @property
+    def files(self) -> list[Path]:
+        """The image files read, in order (with ``"skip"``: the readable ones)."""
+        return self._scanned()[0]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Their labels (int64)."""
+        return self._scanned()[1]
+
+    @property
+    def skipped(self) -> list[tuple[Path, str]]:
+        """``(file, reason)`` of each file left out by ``"skip"``, in sorted order."""
+        self._scanned()
+        return list(self._skipped)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -117,9 +215,13 @@ class FolderSource(Source):
         mode = "L" if self.channels == 1 else "RGB"
         out = np.empty((stop - start, self.channels, self.size, self.size), dtype=np.float32)
         for i, path in enumerate(self.files[start:stop]):
-            with Image.open(path) as im:
-                im = im.convert(mode).resize((self.size, self.size), Image.Resampling.BICUBIC)
-                a = np.asarray(im, dtype=np.float32).reshape(self.size, self.size, -1)
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode).resize((self.size, self.size), Image.Resampling.BICUBIC)
+                    a = np.asarray(im, dtype=np.float32).reshape(self.size, self.size, -1)
+            except (*_PIL_ERRORS, Image.DecompressionBombError) as e:
+                raise UnreadableImageError(path, _why(e),
+                                           advice=self.on_unreadable == "stop") from e
             out[i] = a.transpose(2, 0, 1) / 127.5 - 1.0
         return {"images": out, "labels": self.labels[start:stop].copy()}
 
@@ -144,6 +246,10 @@ class ImageModality(PatchAdapter):
         - ``encoder``: which encoder makes the latents: a
           :class:`~selfflow_image.encoders.ImageEncoderConfig` (``kind`` pixel or
           diffusers_vae).
+        - ``on_unreadable``: a file of a folder source that PIL cannot read: ``"stop"``
+          encoding with an :class:`UnreadableImageError` naming it, or ``"skip"`` it (every
+          file is then decoded once more when encoding starts; the skipped files are listed
+          in one :class:`UnreadableImagesSkipped` warning). The built-in digits ignore it.
         """
 
         kind = "image"
@@ -153,6 +259,8 @@ class ImageModality(PatchAdapter):
         classes: int = attrs.field(default=10, validator=v.ge(0))
         encoder: ImageEncoderConfig = attrs.field(factory=PixelEncoder.Config,
                                                   validator=v.instance_of(ImageEncoderConfig))
+        on_unreadable: Literal["stop", "skip"] = attrs.field(default="stop",
+                                                             validator=v.in_(ON_UNREADABLE))
 
         @channels.validator
         def _check_channels(self, attribute: Any, value: int) -> None:
@@ -229,7 +337,7 @@ class ImageModality(PatchAdapter):
             return DigitsSource(c.size, c.channels)
         path = Path(source).expanduser()
         if path.is_dir():
-            src = FolderSource(path, c.size, c.channels)
+            src = FolderSource(path, c.size, c.channels, on_unreadable=c.on_unreadable)
             if c.classes and len(src.class_names) > c.classes:
                 raise ValueError(f"image folder {str(path)!r} has {len(src.class_names)} classes "
                                  f"({src.class_names}) but classes={c.classes}")
@@ -255,8 +363,9 @@ class ImageModality(PatchAdapter):
 
     def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:
         """Decode and write ``samples.png``: one row per class (sorted by label) when labels are
-        given, else a near-square grid; cells upscaled by nearest neighbour to at least 64 px,
-        separated by 1-px grey lines."""
+        given, each row labelled with its class number in a left margin, else a near-square
+        grid; cells upscaled by nearest neighbour to at least 64 px, separated by 2-px light
+        lines (:func:`~selfflow_core.tile_images`)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         images = upscale(self.decode_images(latents), 64)
@@ -269,7 +378,8 @@ class ImageModality(PatchAdapter):
             blank = np.full(images.shape[1:], TILE_SEPARATOR, dtype=np.uint8)
             cells = [np.concatenate([g, np.repeat(blank[None], ncol - len(g), axis=0)])
                      for g in groups]
-            grid = tile_images(np.concatenate(cells), nrow=ncol)
+            grid = tile_images(np.concatenate(cells), nrow=ncol,
+                               row_labels=[int(k) for k in classes])
         else:
             grid = tile_images(images, nrow=max(1, math.ceil(math.sqrt(max(b, 1)))))
         from PIL import Image

@@ -1,4 +1,5 @@
-"""An aim tracker for selfflow: hyper-parameters, metrics, timestep histograms and sample grids.
+"""An aim tracker for selfflow: hyper-parameters, metrics, timestep histograms, sample grids and
+sample sounds.
 
 One selfflow run is one aim run. The repo defaults to ``<run_dir>/../aim`` so every run under
 ``runs/`` lands in one repo (``aim up --repo runs/aim``). The aim run's hash is written to
@@ -22,6 +23,16 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"})
 AUDIO_SUFFIXES = {".wav": "wav", ".mp3": "mp3", ".flac": "flac"}
 MARKER = "aim.json"
 DEFAULT_EXPERIMENT = "selfflow"
+
+
+def images_sequence(name: str) -> str:
+    """The aim sequence of the images logged by ``log_images(name, ...)``: ``<name>/images``."""
+    return f"{name}/images"
+
+
+def audio_sequence(name: str) -> str:
+    """The aim sequence of the sound files logged by ``log_images(name, ...)``: ``<name>/audio``."""
+    return f"{name}/audio"
 
 
 def _json_safe(value: Any) -> Any:
@@ -121,6 +132,10 @@ class AimTracker(Tracker):
         self.run.track(Distribution(hist=hist, bin_range=(lo, hi)), name=str(name), step=int(step))
 
     def log_images(self, name: str, paths: list[Path], *, step: int) -> None:
+        """Image files go to the aim sequence ``<name>/images`` as aim ``Image`` objects, sound
+        files to ``<name>/audio`` as aim ``Audio`` objects (an aim sequence holds one data type,
+        so a list of both cannot be tracked under one name); each is captioned with its file
+        name. Other files are skipped."""
         from aim import Audio, Image
 
         images, audios = [], []
@@ -131,9 +146,9 @@ class AimTracker(Tracker):
             elif suffix in AUDIO_SUFFIXES:
                 audios.append(Audio(str(p), format=AUDIO_SUFFIXES[suffix], caption=p.name))
         if images:
-            self.run.track(images, name=str(name), step=int(step))
+            self.run.track(images, name=images_sequence(name), step=int(step))
         if audios:
-            self.run.track(audios, name=str(name), step=int(step))
+            self.run.track(audios, name=audio_sequence(name), step=int(step))
 
     def close(self) -> None:
         if not self._closed:
