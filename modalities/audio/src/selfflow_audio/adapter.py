@@ -50,7 +50,7 @@ def write_spectrogram_png(latents: Tensor, path: Path, *, min_height: int = 64,
                           value_range: tuple[float, float] | None = None) -> Path:
     """Latent frames ``[B, T, D]`` as one grey PNG: a near-square grid of clips, time to the
     right, low channels at the bottom, upscaled (nearest) to at least ``min_width x
-    min_height``; 1-px grey lines between clips. Values map linearly from ``value_range`` to
+    min_height``; 2-px light lines between clips. Values map linearly from ``value_range`` to
     black..white (clipped); ``None`` scales each clip from its own min to max."""
     from PIL import Image
 
