@@ -68,8 +68,16 @@ class LockHeld(SelfFlowError, RuntimeError):
 
     def __init__(self, file: str, holder: tuple[int, str] | None) -> None:
         self.file, self.holder = file, holder
-        who = f"pid {holder[0]} on {holder[1]}" if holder else "unknown holder"
-        super().__init__(f"lock {file} is held by {who}")
+        super().__init__(f"lock {file} is held by {self.who}")
+
+    @property
+    def who(self) -> str:
+        """The holder in words: ``pid 26975 on host vm`` (or ``an unknown process`` when the
+        lock file cannot be read)."""
+        if self.holder is None:
+            return "an unknown process"
+        pid, host = self.holder
+        return f"pid {pid} on host {host}"
 
     def __reduce__(self):
         return (type(self), (self.file, self.holder))

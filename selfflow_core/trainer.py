@@ -35,10 +35,22 @@ from selfflow_core.runtime.metrics import LOSS_HISTORY, StepLosses, _finite
 from selfflow_core.runtime.optim import build_optimizer
 from selfflow_core.runtime.parallel import make_parallel
 from selfflow_core.runtime.progress import Progress
+from selfflow_core.runtime.threads import apply_threads
 from selfflow_core.teachers import EMA
 from selfflow_core.types import LossTerms, TokenBatch
 
 CHECKPOINT_FORMAT = 1
+
+
+def _saved_config(path: Path) -> dict | None:
+    """The config stored in the checkpoint at ``path``, read without loading its tensors (a
+    file is memory-mapped, a sharded one's small meta file read); None when it cannot be read."""
+    try:
+        state = (checkpoint.load_meta(path) if path.is_dir() else
+                 torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        return json.loads(state["config"])
+    except Exception:  # noqa: BLE001 - damage is for resume() to report, with its own message
+        return None
 
 
 class Trainer:
@@ -48,8 +60,14 @@ class Trainer:
         self.dist = dist or setup(config.device)
         validate(config, self.components, world_size=self.dist.world_size)
         self.config, self.device = config, self.dist.device
+        # CPU: torch's intra-op threads for the whole process (None on a GPU); see
+        # TrainerConfig.threads
+        self.threads = apply_threads(config.threads, self.device)
         self.run_dir = Path(config.run_dir)
         self.config_data = config_data(config, self.components)
+        # a checkpoint this config would refuse is refused now: before any store is encoded and
+        # before the tracker opens (and so changes) the run's tracking
+        self._refuse_drifted_checkpoint()
         self.modalities = build_modalities(config)
         stores = [self._open_store(m) for m in self.modalities]
         self.loader = build_loader(
@@ -98,12 +116,15 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def _open_store(self, m: ModalityRuntime):
         path = store_path(m.spec)
+        verified = False  # a store complete already is read whole by encode_store: once is enough
         if m.spec.source and self.dist.is_main:
-            encode_store(m.adapter, m.spec.source, path,
-                         adapter_config=self.config_data["modalities"][m.name]["modality"],
-                         progress=True)
+            verified = encode_store(
+                m.adapter, m.spec.source, path, verify=self.config.verify_stores,
+                adapter_config=self.config_data["modalities"][m.name]["modality"],
+                progress=True).verified
         self.dist.barrier()
-        return open_store(path, adapter=m.adapter, verify=self.config.verify_stores)
+        return open_store(path, adapter=m.adapter,
+                          verify=self.config.verify_stores and not verified)
 
     def _draw(self, batch: TokenBatch, m: ModalityRuntime, gen: torch.Generator):
         """Plan, noise and label dropout for the *global* batch, sliced to this rank's rows, so
@@ -217,8 +238,17 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            if lock is not None:
-                lock.release()
+            try:
+                # stop the loader's threads here, where a second Ctrl-C is an ordinary
+                # KeyboardInterrupt, not in the generator's finalizer at interpreter exit
+                # ("Exception ignored in: <generator LatentLoader.__iter__>"); a later fit()
+                # continues from the same batch (the loader keeps its position)
+                if callable(getattr(self.batches, "close", None)):
+                    self.batches.close()
+                    self.batches = iter(self.loader)
+            finally:
+                if lock is not None:
+                    lock.release()
 
     def _fit(self) -> dict:
         self.resume()
@@ -234,8 +264,7 @@ class Trainer:
                 if not self.parallel.checkpoint_path(self.run_dir / "checkpoints",
                                                      self.step).exists():
                     self.save()
-                if reason == "done":
-                    self.write_samples()
+                samples = self.write_samples() if reason == "done" else []
         except BaseException:
             hooks.selfflow_on_train_end(trainer=self, step=self.step, reason="error")
             self.tracker.close()
@@ -249,7 +278,9 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         return {"step": self.step, "reason": reason, "seconds": elapsed,
                 "steps_per_s": (self.step - s0) / max(elapsed, 1e-9),
-                "final_loss": self.losses[-1] if self.losses else None}
+                "final_loss": self.losses[-1] if self.losses else None,
+                "start_step": s0, "steps_run": self.step - s0,  # 0: a finished run, re-sampled
+                "samples_dir": str(self.samples_dir()) if samples else None}
 
     def _loop(self, hooks) -> str:
         """Train until ``config.steps`` ("done") or a stop signal ("signal")."""
@@ -329,6 +360,25 @@ class Trainer:
         self.components.pm.hook.selfflow_on_checkpoint(trainer=self, step=self.step, path=path)
         return path
 
+    def _drift_error(self, path: Path, drift: list[str]) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {path} was written by a different config (differs in: "
+            f"{', '.join(drift)}): to train this config, give it a run directory of its own "
+            f"(override run_dir=<new dir>), or delete {path.parent} to train it in "
+            f"{self.run_dir} from step 0; to resume, use the config the checkpoint was "
+            f"written with")
+
+    def _refuse_drifted_checkpoint(self) -> None:
+        """The :class:`CheckpointError` of :meth:`resume` for a config that differs from the run's
+        latest checkpoint, raised from ``__init__`` (reading only the checkpoint's config; one
+        that cannot be read is left for :meth:`resume` to name)."""
+        path = checkpoint.latest(self.run_dir / "checkpoints")
+        saved = _saved_config(path) if path is not None else None
+        drift = config_drift(saved, self.config_data) if saved is not None else []
+        if drift:
+            checkpoint.load_meta(path)  # damaged rather than different: that error instead
+            raise self._drift_error(path, drift)
+
     def resume(self, path: Path | None = None) -> bool:
         """Load ``path`` or the run's latest checkpoint; False when there is none."""
         if self.dist.is_main:  # what checkpoint writes killed mid-way left behind
@@ -339,9 +389,7 @@ class Trainer:
         state = self.parallel.load(path)
         drift = config_drift(json.loads(state["config"]), self.config_data)
         if drift:
-            raise CheckpointError(
-                f"checkpoint {path} was written by a different config (differs in: "
-                f"{', '.join(drift)}); use another run_dir or the same config")
+            raise self._drift_error(path, drift)
         state = self.parallel.load_shards(path, state, self.state_dict)  # FSDP2: own shards
         self.backbone.load_state_dict(state["model"])
         self.model.objective.load_state_dict(state["head"])
@@ -371,12 +419,16 @@ class Trainer:
             return self.eval_ema.model
         return self.teacher.model if self.teacher.model is not None else self.backbone
 
+    def samples_dir(self) -> Path:
+        """Where :meth:`write_samples` writes the current step's samples (one folder each)."""
+        return self.run_dir / "samples" / f"step-{self.step:08d}"
+
     def write_samples(self) -> list[Path]:
         if not self.dist.is_main and not self.parallel.samples_on_every_rank:
             return []  # under FSDP2 every rank runs the (sharded) model; rank 0 saves
         paths = []
         for m in self.modalities:
-            out = self.run_dir / "samples" / f"step-{self.step:08d}" / m.name
+            out = self.samples_dir() / m.name
             tokens, labels = generate(self.eval_model(), m, self.config.sampling,
                                       null_label=self.backbone.num_classes, device=self.device)
             if self.dist.is_main:

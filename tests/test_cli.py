@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -136,6 +137,39 @@ def test_unknown_preset_lists_installed_presets(capsys, monkeypatch):
     assert rc == 2 and "toy" in err
 
 
+def test_misspelled_names_get_a_did_you_mean(capsys, monkeypatch, tmp_path):
+    rc, _, err = run(capsys, "train", "toi")  # a preset
+    assert rc == 2 and "unknown preset 'toi' (did you mean 'toy'?); installed: toy" in err
+    rc, _, err = run(capsys, "train", "toy", "teacher.kind=emaa")  # a registered kind
+    assert rc == 2 and "$.teacher: unknown teacher 'emaa' (did you mean 'ema'?)" in err
+    rc, _, err = run(capsys, "train", "toy", "modalities.toy.scheduler.distribution.kind=unifrom")
+    assert rc == 2 and "(did you mean 'uniform'?)" in err  # a kind of a component's catalog
+    rc, _, err = run(capsys, "config", "validate", "toy", "optim.lrr=0.1", "stpes=3",
+                     "backbone.depht=2", "backbone.widht=8", "sampling.method=hune")  # keys
+    assert rc == 2
+    assert "$.optim: unknown key(s) ['lrr'] (did you mean 'lr'?)" in err
+    assert "$: unknown key(s) ['stpes'] (did you mean 'steps'?)" in err
+    assert ("$.backbone: unknown key(s) ['depht', 'widht'] (did you mean: depht -> 'depth', "
+            "widht -> 'width'?)") in err
+    assert "got 'hune' (did you mean 'heun'?)" in err
+    rc, _, err = run(capsys, "encode", "tyo", "waves", tmp_path / "x.zarr")
+    assert rc == 2 and "unknown modality 'tyo' (did you mean 'toy'?)" in err
+    rc, _, err = run(capsys, "config", "validate", "toy", "optim.zzzzz=1")  # nothing close
+    assert rc == 2 and "['zzzzz']" in err and "did you mean" not in err
+
+    monkeypatch.delenv("SELFFLOW_DISABLE_PLUGIN_AUTOLOAD")  # the installed presets
+    if "image" in Components().presets:
+        rc, _, err = run(capsys, "train", "imgae")
+        assert rc == 2 and "unknown preset 'imgae' (did you mean 'image'?)" in err
+
+
+def test_a_first_override_applies_to_the_default_preset(capsys):
+    rc, out, err = run(capsys, "config", "show", "steps=7", "optim.lr=0.5")  # no preset named
+    assert rc == 0, err
+    assert out == run(capsys, "config", "show", "toy", "steps=7", "optim.lr=0.5")[1]
+    assert "steps = 7" in out
+
+
 def test_missing_config_file_is_a_user_error(capsys, tmp_path):
     rc, _, err = run(capsys, "config", "validate", tmp_path / "nope.toml")
     assert rc == 2 and "nope.toml" in err and "Traceback" not in err
@@ -150,7 +184,7 @@ def test_encode_then_store_check(capsys, tmp_path):
     assert rc == 0, err
     assert f"store {store}: 40 samples of toy from 'waves'" in out
     rc, out, _ = run(capsys, "store", "check", store)
-    assert rc == 0 and out.strip() == f"store {store}: ok"
+    assert rc == 0 and out.strip().splitlines()[-1] == f"store {store}: ok"
     # running it again finds the complete store and keeps it
     rc, out, _ = run(capsys, "encode", "toy", "waves", store, "count=40", "tokens=6")
     assert rc == 0 and "40 samples" in out
@@ -170,6 +204,11 @@ def test_store_check_reports_problems(capsys, tmp_path):
 
 # -- train and sample ---------------------------------------------------------------------------
 
+def files(out: str) -> list[Path]:
+    """The files ``selfflow sample`` wrote: the lines after its first (what it did)."""
+    return [Path(p) for p in out.splitlines()[1:]]
+
+
 def test_train_from_file_then_sample(capsys, tmp_path):
     rc, shown, err = run(capsys, "config", "show", "toy", *TINY)
     assert rc == 0, err
@@ -178,35 +217,167 @@ def test_train_from_file_then_sample(capsys, tmp_path):
     rc, out, err = run(capsys, "train", config)
     assert rc == 0, err
     assert "trained 2 steps (done)" in out and "step=2/2" in out
+    # the final line says where the samples and the run are
+    assert out.splitlines()[-1].endswith("; samples: runs/toy/samples/step-00000002; run: runs/toy")
     ckpts = checkpoint.list_checkpoints(tmp_path / "runs" / "toy" / "checkpoints")
     assert [p.name for p in ckpts] == ["step-00000001.pt", "step-00000002.pt"]
     assert (tmp_path / "data" / "toy.zarr").is_dir()
     samples = tmp_path / "runs" / "toy" / "samples" / "step-00000002" / "toy" / "samples.npy"
     assert samples.is_file()
+    trained = samples.read_bytes()
 
-    # re-running the same command resumes and, the run being done, trains nothing more
+    # re-running the same command resumes and, the run being done, only re-samples
     rc, out, _ = run(capsys, "train", config)
-    assert rc == 0 and "resumed from" in out and "trained 2 steps" in out
+    assert rc == 0 and "resumed from" in out
+    assert out.splitlines()[-1] == ("already done (step 2); re-sampled to "
+                                    "runs/toy/samples/step-00000002; run: runs/toy")
 
     rc, out, err = run(capsys, "sample", ckpts[-1], "--out", tmp_path / "s1", "--count", 3,
                        "--steps", 2, "--method", "heun", "--cfg-scale", 2.0, "--seed", 1)
     assert rc == 0, err
-    paths = [Path(p) for p in out.split()]
-    assert paths == [tmp_path / "s1" / "toy" / "samples.npy"]
-    first = np.load(paths[0])
+    assert out.splitlines()[0] == (
+        f"sampled 3 per modality from {ckpts[-1]} (step 2) with the EMA teacher weights: heun, "
+        f"2 steps, cfg scale 2, seed 1; wrote 1 file(s) to {tmp_path / 's1'}")
+    assert files(out) == [tmp_path / "s1" / "toy" / "samples.npy"]
+    first = np.load(files(out)[0])
     assert first.shape == (3, 8, 4) and np.isfinite(first).all()
 
     rc, out, _ = run(capsys, "sample", ckpts[-1], "--out", tmp_path / "s2", "--count", 3,
                      "--steps", 2, "--method", "heun", "--cfg-scale", 2.0, "--seed", 1)
-    assert np.array_equal(np.load(out.split()[0]), first)  # seeded
+    assert np.array_equal(np.load(files(out)[0]), first)  # seeded
     rc, out, _ = run(capsys, "sample", ckpts[-1], "--out", tmp_path / "s3", "--count", 3,
                      "--steps", 2, "--seed", 2)
-    assert not np.array_equal(np.load(out.split()[0]), first)
+    assert not np.array_equal(np.load(files(out)[0]), first)
 
-    rc, out, _ = run(capsys, "sample", ckpts[-1])  # default: next to the run, the run's settings
+    # default: a new folder in the run's samples/ each time, with the run's settings; the
+    # training's own samples are never overwritten
+    rc, out, _ = run(capsys, "sample", ckpts[-1])
     assert rc == 0
-    default = tmp_path / "runs" / "toy" / "samples" / "step-00000002" / "toy" / "samples.npy"
-    assert [Path(p) for p in out.split()] == [default] and np.load(default).shape == (4, 8, 4)
+    default = tmp_path / "runs" / "toy" / "samples" / "sample-00000002-1" / "toy" / "samples.npy"
+    assert files(out) == [default] and np.load(default).shape == (4, 8, 4)
+    assert "euler, 2 steps, cfg scale 1, seed 0" in out.splitlines()[0]
+    rc, out, _ = run(capsys, "sample", ckpts[-1])
+    assert files(out) == [default.parents[1].with_name("sample-00000002-2") / "toy" / "samples.npy"]
+    assert samples.read_bytes() == trained
+
+
+def test_sample_takes_a_run_dir_its_checkpoints_folder_or_a_file(capsys, tmp_path):
+    rc, _, err = run(capsys, "train", "toy", *TINY)
+    assert rc == 0, err
+    run_dir = tmp_path / "runs" / "toy"
+    latest = run_dir / "checkpoints" / "step-00000002.pt"
+    for n, target in enumerate([run_dir, run_dir / "checkpoints", latest], 1):
+        rc, out, err = run(capsys, "sample", target, "--count", 2)
+        assert rc == 0, err
+        assert f"from {latest} (step 2)" in out.splitlines()[0]
+        assert files(out) == [run_dir / "samples" / f"sample-00000002-{n}" / "toy" / "samples.npy"]
+
+    # `step-*.pt` expanded by the shell: one clear line, nothing written
+    rc, out, err = run(capsys, "sample", *checkpoint.list_checkpoints(run_dir / "checkpoints"))
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: selfflow sample takes one checkpoint, got 2 paths")
+    assert "run directory" in err and "Traceback" not in err
+    assert not (run_dir / "samples" / "sample-00000002-4").exists()
+    # a folder with no checkpoint in it
+    rc, _, err = run(capsys, "sample", tmp_path / "data")
+    assert rc == 2 and f"no checkpoint in {tmp_path / 'data'}" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--count", "0", "argument --count: must be >= 1, got 0"),
+    ("--steps", "0", "argument --steps: must be >= 1, got 0"),
+    ("--cfg-scale", "-5", "argument --cfg-scale: must be >= 0.0, got -5"),
+    ("--count", "many", "argument --count: expected an integer, got 'many'"),
+])
+def test_sample_options_out_of_range_are_one_error_line(capsys, tmp_path, option, value, message):
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before anything is loaded
+        cli.main(["sample", str(tmp_path / "run"), option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err == f"selfflow sample: error: {message} (usage: selfflow sample --help)\n"
+
+
+def test_sample_options_are_checked_by_the_python_api_too(tmp_path):
+    from selfflow_core import ConfigError, sample_checkpoint
+
+    for options, path in [({"count": 0}, "$.count"), ({"cfg_scale": -5.0}, "$.cfg_scale"),
+                          ({"method": "hune"}, "'heun'")]:
+        with pytest.raises(ConfigError, match="sampling options") as e:
+            sample_checkpoint(tmp_path / "missing.pt", Components(), **options)
+        assert path in str(e.value)
+
+
+def test_a_run_dir_of_another_config_says_what_to_do(capsys, tmp_path):
+    assert run(capsys, "train", "toy", *TINY)[0] == 0
+    rc, out, err = run(capsys, "train", "toy", *TINY, "optim.lr=0.5")
+    assert rc == 2 and "Traceback" not in out + err
+    assert "was written by a different config (differs in: optim)" in err
+    assert "run_dir=<new dir>" in err and "delete runs/toy/checkpoints" in err
+    rc, out, err = run(capsys, "train", "toy", *TINY, "optim.lr=0.5", "run_dir=runs/lr")
+    assert rc == 0 and out.splitlines()[-1].endswith("; run: runs/lr"), err
+    rc, out, err = run(capsys, "train", "toy", *TINY, "steps=4")  # longer: a resumable change
+    assert rc == 0, err
+    assert out.splitlines()[-1].startswith("trained steps 3-4 (done) in ")
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+def test_the_final_train_line_comes_from_rank_0_only(capsys, monkeypatch, is_main):
+    import selfflow_core.trainer
+
+    class OneRank:  # what `selfflow train` sees of a Trainer in one process of a torchrun
+        def __init__(self, config, *, components):
+            self.dist = SimpleNamespace(is_main=is_main)
+
+        def fit(self):
+            return {"step": 2, "reason": "done", "seconds": 1.0, "final_loss": 0.5,
+                    "start_step": 0, "steps_run": 2,
+                    "samples_dir": "runs/toy/samples/step-00000002" if is_main else None}
+
+    monkeypatch.setattr(selfflow_core.trainer, "Trainer", OneRank)
+    rc, out, err = run(capsys, "train", "toy")
+    assert rc == 0, err
+    assert out == ("trained 2 steps (done) in 1s; final loss 0.5000; samples: "
+                   "runs/toy/samples/step-00000002; run: runs/toy\n" if is_main else "")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path):
+    import selfflow_core.data.store
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selfflow_core.data.store, "encode_store", interrupted)
+    rc, out, err = run(capsys, "encode", "toy", "waves", tmp_path / "toy.zarr", "count=40")
+    assert rc == 130 and out == ""
+    assert err.strip() == "interrupted; run the same command again to resume"
+    monkeypatch.setitem(cli.COMMANDS, "plugins", interrupted)
+    rc, _, err = run(capsys, "plugins")
+    assert rc == 130 and err.strip() == "interrupted"  # nothing to resume
+
+
+def test_a_ctrl_c_while_the_loader_stops_is_not_ignored(capsys, monkeypatch):
+    """The loader's threads stop inside ``fit``: a Ctrl-C arriving then is an ordinary
+    KeyboardInterrupt (exit 130), not "Exception ignored in: <generator LatentLoader.__iter__>"
+    from the generator's finalizer when the trainer is collected (or the interpreter exits)."""
+    import gc
+    import sys
+
+    import selfflow_core.data.loader as loader
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    original = loader._stop_threads
+
+    def second_ctrl_c(node, seen):  # arrives while the pipeline's threads are being stopped
+        monkeypatch.setattr(loader, "_stop_threads", original)
+        original(node, seen)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "_stop_threads", second_ctrl_c)
+    rc, _, err = run(capsys, "train", "toy", *TINY)
+    gc.collect()
+    assert not unraisable, [(u.exc_type, u.object) for u in unraisable]
+    assert rc == 130 and err.strip().endswith("interrupted; run the same command again to resume")
 
 
 def test_sample_refuses_a_bad_checkpoint(capsys, tmp_path):

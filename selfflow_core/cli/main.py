@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import tomli_w
 
 from selfflow_core.config.converter import apply_overrides, make_converter, structure, to_data
 from selfflow_core.config.resolve import resolve_config
 from selfflow_core.config.validate import source_problems
-from selfflow_core.errors import ConfigError, SelfFlowError
+from selfflow_core.errors import CheckpointError, ConfigError, SelfFlowError
 from selfflow_core.plugins.manager import Components
 
 
@@ -23,17 +24,41 @@ def _drop_none(data):
     return data
 
 
+def _target(args) -> tuple[str | None, list[str]]:
+    """The preset or file and the overrides; a first ``key=value`` with no target before it is an
+    override of the default preset (``selfflow train steps=500``), not a preset's name."""
+    target, overrides = args.target, list(args.overrides)
+    if target and "=" in target and not Path(target).exists():
+        return None, [target, *overrides]
+    return target, overrides
+
+
+def train_summary(summary: dict, run_dir: str) -> str:
+    """The final line of ``selfflow train``: what was done, and where the run and samples are."""
+    step, samples = summary["step"], summary.get("samples_dir")
+    if summary["reason"] == "done" and summary.get("steps_run", 1) == 0:
+        return f"already done (step {step}); re-sampled to {samples}; run: {run_dir}"
+    start = summary.get("start_step", 0)
+    did = (f"trained {step} steps" if not start else f"trained step {step}" if step == start + 1
+           else f"trained steps {start + 1}-{step}")  # (resumed at step `start`)
+    loss = summary.get("final_loss")
+    line = (f"{did} ({summary['reason']}) in {summary['seconds']:.0f}s; final loss "
+            + (f"{loss:.4f}" if loss is not None else "n/a"))
+    return line + (f"; samples: {samples}" if samples else "") + f"; run: {run_dir}"
+
+
 def cmd_train(args, components):
     from selfflow_core.trainer import Trainer
 
-    config = resolve_config(components, args.target, args.overrides)
-    summary = Trainer(config, components=components).fit()
-    print(f"trained {summary['step']} steps ({summary['reason']}) in {summary['seconds']:.0f}s; "
-          f"final loss {summary['final_loss']:.4f}; run: {config.run_dir}")
+    config = resolve_config(components, *_target(args))
+    trainer = Trainer(config, components=components)
+    summary = trainer.fit()
+    if trainer.dist.is_main:  # under torchrun: one final line, from rank 0
+        print(train_summary(summary, config.run_dir))
 
 
 def cmd_config(args, components):
-    config = resolve_config(components, args.target, args.overrides)
+    config = resolve_config(components, *_target(args))
     if args.action == "show":
         print(tomli_w.dumps(_drop_none(to_data(make_converter(components), config))), end="")
     else:
@@ -53,13 +78,22 @@ def cmd_encode(args, components):
         raise ConfigError(problems, where)
     adapter = mod_cfg.build()
     store = encode_store(adapter, args.source, args.store, batch_size=args.batch_size,
-                         adapter_config=to_data(conv, mod_cfg), progress=True)
+                         adapter_config=to_data(conv, mod_cfg), progress=True,
+                         repair=args.repair)
     print(f"store {args.store}: {len(store)} samples of {args.modality} from {args.source!r}")
 
 
 def cmd_store(args, components):
+    """``selfflow store check STORE``: what the store holds (schema, samples, chunking, codecs,
+    completeness), then ``ok`` or every problem of a full read (exit status 1)."""
+    from selfflow_core.data.check import describe_store
     from selfflow_core.data.store import check_store
 
+    lines = describe_store(args.store)
+    if lines:
+        print(f"store {args.store}:")
+        for line in lines:
+            print(f"  {line}")
     problems = check_store(args.store)
     if problems:
         print(f"store {args.store}: {len(problems)} problem(s)")
@@ -70,12 +104,23 @@ def cmd_store(args, components):
 
 
 def cmd_sample(args, components):
-    from selfflow_core.eval.samples import sample_checkpoint
+    from selfflow_core.eval.samples import sample_run
 
-    paths = sample_checkpoint(args.checkpoint, components, out_dir=args.out, count=args.count,
-                              steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
-                              seed=args.seed)
-    for p in paths:
+    paths = [args.checkpoint, *args.more_checkpoints]
+    if len(paths) > 1:
+        shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+        raise CheckpointError(
+            f"selfflow sample takes one checkpoint, got {len(paths)} paths ({shown}; a shell "
+            f"glob such as step-*.pt expands to every checkpoint): give the run directory (its "
+            f"latest checkpoint), its checkpoints/ folder, or one checkpoint file")
+    result = sample_run(args.checkpoint, components, out_dir=args.out, count=args.count,
+                        steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
+                        seed=args.seed)
+    s = result.sampling
+    print(f"sampled {s.count} per modality from {result.checkpoint} (step {result.step}) with "
+          f"the {result.weights} weights: {s.method}, {s.steps} steps, cfg scale {s.cfg_scale:g}, "
+          f"seed {s.seed}; wrote {len(result.paths)} file(s) to {result.out_dir}")
+    for p in result.paths:
         print(p)
 
 
@@ -105,15 +150,38 @@ def cmd_new_modality(args: argparse.Namespace, components: Components | None = N
           f"  selfflow train {args.name}_debug_tiny")
 
 
+def _at_least(low, kind=int):
+    """An argparse type: a number of ``kind`` >= ``low`` (a bad one is argparse's one error line,
+    exit status 2)."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not value >= low:  # (also refuses a float nan)
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return convert
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake reported as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfflow", description=(
+    p = Parser(prog="selfflow", description=(
         "Train generative models with Self-Flow (self-supervised flow matching)."))
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a preset or a config file", description=(
         "Train from a preset (default: the installed main job, e.g. image) or a TOML/JSON "
         "config, then apply "
         "dotted.key=value overrides, e.g. `selfflow train image steps=500 optim.lr=3e-4`. "
-        "Re-running resumes from the run's latest checkpoint."))
+        "Re-running resumes from the run's latest checkpoint (a finished run only re-samples); "
+        "a different config needs a run directory of its own (run_dir=<new dir>)."))
     t.add_argument("target", nargs="?", help="preset name or path to a .toml/.json config")
     t.add_argument("overrides", nargs="*", help="dotted.key=value (values are TOML literals)")
     c = sub.add_parser("config", help="show or validate a resolved config")
@@ -128,16 +196,29 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("store", help="path (or zarr store URL) of the store to write")
     e.add_argument("overrides", nargs="*", help="modality config key=value")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--repair", action="store_true",
+                   help="re-encode the damaged chunks of an existing store from the source "
+                   "(without it, a damaged store is refused, naming each damaged chunk)")
     s = sub.add_parser("store", help="inspect latent stores")
     s.add_argument("action", choices=["check"])
     s.add_argument("store")
-    sm = sub.add_parser("sample", help="generate samples from a checkpoint")
-    sm.add_argument("checkpoint")
-    sm.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
-    sm.add_argument("--count", type=int, default=None)
-    sm.add_argument("--steps", type=int, default=None)
+    sm = sub.add_parser(
+        "sample", help="generate samples from a checkpoint",
+        description="Generate samples from a run's checkpoint with the weights it holds (the "
+        "evaluation EMA, else the EMA teacher, else the raw student) and the run's sampling "
+        "settings, each option replacing one. Never overwrites the training's samples.")
+    sm.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT",
+                    help="a run directory (its latest checkpoint), its checkpoints/ folder or a "
+                    "checkpoint (step-N.pt or step-N.dcp)")
+    # more paths (a shell glob such as step-*.pt) are taken only to be refused in one line
+    sm.add_argument("more_checkpoints", nargs="*", help=argparse.SUPPRESS)
+    sm.add_argument("--out", default=None, help="output folder (default: a new "
+                    "<run_dir>/samples/sample-<step>-<n>/)")
+    sm.add_argument("--count", type=_at_least(1), default=None, help="samples per modality")
+    sm.add_argument("--steps", type=_at_least(1), default=None, help="ODE solver steps")
     sm.add_argument("--method", choices=["euler", "heun"], default=None)
-    sm.add_argument("--cfg-scale", type=float, default=None)
+    sm.add_argument("--cfg-scale", type=_at_least(0.0, float), default=None,
+                    help="classifier-free guidance scale (1: none)")
     sm.add_argument("--seed", type=int, default=None)
     pl = sub.add_parser("plugins", help="list plugins and the components each registered")
     pl.add_argument("--json", action="store_true")
@@ -157,6 +238,8 @@ COMMANDS = {"train": cmd_train, "config": cmd_config, "encode": cmd_encode, "sto
             "sample": cmd_sample, "plugins": cmd_plugins, "new-modality": cmd_new_modality}
 #: commands that need no plugins loaded (they work even when an installed plugin is broken)
 NO_PLUGINS = {"new-modality"}
+#: commands that continue where an interrupted run of them stopped
+RESUMABLE = {"train", "encode"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     except SelfFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the trainer's own stop handling (encode, ...)
+        again = "; run the same command again to resume" if args.command in RESUMABLE else ""
+        print(f"\ninterrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
 from selfflow_core.errors import ConfigError
 from selfflow_core.interfaces.base import ComponentConfig
+from selfflow_core.plugins.registry import close_names, did_you_mean
 
 T = TypeVar("T")
 
@@ -38,12 +39,25 @@ def _strict(kind: type, name: str, accept: tuple[type, ...]):
 
 def _format(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown key(s) {sorted(exc.extra_fields)}"
+        return f"unknown key(s) {sorted(exc.extra_fields)}{_close_keys(exc)}"
     if isinstance(exc, KeyError):  # cattrs: a required key is absent (the path names it)
         return "required key missing"
     if isinstance(exc, (TypeError, ValueError, LookupError)) and exc.args:
         return str(exc.args[0])  # attrs validators put extra context in args[1:]
     return cattrs.v.format_exception(exc, type_)
+
+
+def _close_keys(exc: cattrs.ForbiddenExtraKeysError) -> str:
+    """The class's closest field names: `` (did you mean 'lr'?)`` for one unknown key,
+    `` (did you mean: lrr -> 'lr', stpes -> 'steps'?)`` for several."""
+    fields = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+    if len(exc.extra_fields) == 1:
+        return did_you_mean(next(iter(exc.extra_fields)), fields)
+    close = {k: c for k in sorted(exc.extra_fields) if (c := close_names(k, fields))}
+    if not close:
+        return ""
+    return " (did you mean: " + ", ".join(
+        f"{k} -> {' or '.join(map(repr, c))}" for k, c in close.items()) + "?)"
 
 
 def _problems(exc: BaseException) -> list[str]:
@@ -70,7 +84,8 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
     def structure_literal(value: Any, type_: Any) -> Any:
         allowed = typing.get_args(type_)
         if not any(type(value) is type(a) and value == a for a in allowed):
-            raise ValueError(f"must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+            raise ValueError(f"must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+                             + did_you_mean(value, [a for a in allowed if isinstance(a, str)]))
         return value
 
     conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal,
@@ -128,7 +143,7 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
         kind = data.get("kind")
         if kind not in kinds:
             raise ValueError(f"{'missing `kind`' if kind is None else f'unknown {what} {kind!r}'}"
-                             f"; known: {known}")
+                             f"{did_you_mean(kind, kinds)}; known: {known}")
         return structure_concrete(data, kinds[kind])
 
     conv.register_structure_hook_func(

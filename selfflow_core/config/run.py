@@ -107,6 +107,15 @@ class TrainerConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped: int = attrs.field(default=10, validator=v.ge(0))
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    #: intra-op torch threads of a run on a CPU device (``torch.set_num_threads`` when the
+    #: trainer is built: for the whole process, and left so after the run; no effect on a GPU).
+    #: ``None``: half the cores this process may use (``os.sched_getaffinity``, shared among
+    #: torchrun's local processes), at least 1 and never above torch's current count; torch's
+    #: count as it is when ``OMP_NUM_THREADS`` is set. Half (1 on 2 cores), because measured on
+    #: a shared 2-core CPU, 2 threads ran the image preset 6x slower than 1 while other jobs ran
+    #: and 8-15x slower with a busy process per core: a thread sharing its core stalls every
+    #: step (benchmarks/RESULTS.md, "CPU threads"). May change on resume.
+    threads: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))
     #: scan every stored value (NaN/Inf, damaged chunks) before training; off for huge stores
     verify_stores: bool = True
     device: str = "auto"

@@ -78,7 +78,7 @@ def config_data(config: TrainerConfig, components: Components) -> dict[str, Any]
 
 #: keys that may change between a checkpoint and the run resuming from it
 RESUMABLE_CHANGES = {"steps", "run_dir", "log_every", "checkpoint", "sampling", "tracker",
-                     "num_workers", "device", "compile", "activation_checkpointing",
+                     "num_workers", "threads", "device", "compile", "activation_checkpointing",
                      "on_nonfinite", "max_skipped", "verify_stores"}
 
 

@@ -91,6 +91,69 @@ def field_specs(schema: Mapping[str, Any]) -> dict[str, FieldSpec]:
             for k, v in schema["fields"].items()}
 
 
+def _value(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value)
+
+
+def field_text(shape: Any, dtype: Any) -> str:
+    """A field in words: ``[16, 8] float32`` (a scalar per sample: ``[] int64``)."""
+    return f"{list(shape)} {dtype}"
+
+
+def fields_text(fields: Any) -> str:
+    """The schema's ``fields`` in words: ``latents [16, 8] float32, labels [] int64``."""
+    try:
+        return ", ".join(f"{k} {field_text(v['shape'], v['dtype'])}" for k, v in fields.items())
+    except (AttributeError, KeyError, TypeError):
+        return _value(fields)
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        return {k: v for key, item in value.items()
+                for k, v in _leaves(item, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def schema_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any],
+                       limit: int = 8) -> list[str]:
+    """How the store's identifying keys (:data:`HASHED_KEYS`) differ from ``wanted``, in words:
+    ``modality 'audio', expected 'image'``, ``field 'latents' [1, 8, 8] float32, expected
+    [4, 8, 8] float32``, ``adapter_config.seed 0, expected 1``. Another modality is said with
+    its fields only (the rest differs too); at most ``limit`` lines, then how many more."""
+    keys = HASHED_KEYS
+    if stored.get("modality") != wanted.get("modality"):
+        keys = ("modality", "fields")
+    out, more = [], {}
+    for key in keys:
+        have, want = stored.get(key), wanted.get(key)
+        if have == want:
+            continue
+        if key == "fields":
+            same_names = (isinstance(have, Mapping) and isinstance(want, Mapping)
+                          and list(have) == list(want))
+            if same_names:
+                diffs = [f"field {k!r} {fields_text({k: have[k]})[len(k) + 1:]}, expected "
+                         f"{fields_text({k: want[k]})[len(k) + 1:]}"
+                         for k in have if have[k] != want[k]]
+            else:
+                diffs = [f"fields ({fields_text(have)}), expected ({fields_text(want)})"]
+        elif isinstance(have, Mapping) and isinstance(want, Mapping):
+            x, y = _leaves(have, key), _leaves(want, key)
+            diffs = [f"{k} {_value(x[k]) if k in x else '(not set)'}, expected "
+                     f"{_value(y[k]) if k in y else '(not set)'}"
+                     for k in sorted(set(x) | set(y)) if x.get(k, ...) != y.get(k, ...)]
+        else:
+            diffs = [f"{key} {_value(have)}, expected {_value(want)}"]
+        room = max(0, limit - len(out))
+        out += diffs[:room]
+        if len(diffs) > room:
+            more[key] = len(diffs) - room
+    if more:
+        out.append(f"and {sum(more.values())} more difference(s) in {', '.join(more)}")
+    return out
+
+
 def schema_problems(group: zarr.Group, *, require_complete: bool = True) -> list[str]:
     """Cheap checks (metadata only): format version, schema keys, arrays, dtypes, shapes, lengths,
     completeness."""
@@ -145,7 +208,12 @@ def adapter_problems(schema: Mapping[str, Any], adapter: ModalityAdapter) -> lis
         return [f"modality {schema.get('modality')!r}, but the adapter is {adapter.name!r}"]
     stored, wanted = field_specs(schema), {k: FieldSpec(shape=tuple(s.shape), dtype=str(s.dtype))
                                            for k, s in adapter.fields().items()}
-    return [f"field {k!r}: store has {stored.get(k)}, the adapter expects {wanted.get(k)}"
+
+    def text(spec: FieldSpec | None) -> str:
+        return "no such field" if spec is None else field_text(spec.shape, spec.dtype)
+
+    return [f"field {k!r}: store has {text(stored.get(k))}, the adapter expects "
+            f"{text(wanted.get(k))}"
             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
 
 
@@ -213,11 +281,12 @@ def chunk_problems(arr: zarr.Array, name: str, chunks: list[int], count: int,
     return [p for p in found if p]
 
 
-def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
-                  store: str | None = None) -> list[str]:
-    """Full scan of samples ``0..count``: missing or unreadable chunks (a checksum mismatch
-    included), NaN/Inf per sample."""
-    problems = []
+def scan(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
+         store: str | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """Full scan of samples ``0..count``: the problems (missing or unreadable chunks, a checksum
+    mismatch included; NaN/Inf per sample) and the damaged chunks as ``(field, chunk index)``,
+    those holding NaN/Inf included (what re-encoding them from the source would replace)."""
+    problems, damaged = [], []
     for name in specs:
         arr = group[name]
         step, n = arr.chunks[0], min(count, arr.shape[0])
@@ -227,13 +296,23 @@ def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
             block, problem = _read_chunk(arr, name, k, n, present, store)
             if problem:
                 problems.append(problem)
+                damaged.append((name, k))
             elif block.dtype.kind in "fc":
                 finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-                bad += (np.flatnonzero(~finite) + k * step).tolist()
+                if not finite.all():
+                    bad += (np.flatnonzero(~finite) + k * step).tolist()
+                    damaged.append((name, k))
         if bad:
             problems.append(f"field {name!r}: NaN/Inf at sample index {_listed(bad)} "
                             f"({len(bad)} sample(s))")
-    return problems
+    return problems, damaged
+
+
+def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
+                  store: str | None = None) -> list[str]:
+    """Full scan of samples ``0..count``: missing or unreadable chunks (a checksum mismatch
+    included), NaN/Inf per sample."""
+    return scan(group, specs, count, store)[0]
 
 
 def check_store(path: StoreLike, *, require_complete: bool = True) -> list[str]:
@@ -252,3 +331,64 @@ def check_store(path: StoreLike, *, require_complete: bool = True) -> list[str]:
     except (AttributeError, KeyError, TypeError):
         return problems
     return problems + data_problems(group, specs, int(attrs["committed"]), store_name(path))
+
+
+def _codec_text(codec: Any) -> str:
+    data = codec.to_dict()
+    config = data.get("configuration", {})
+    if data["name"] == "blosc":
+        return f"blosc-{config.get('cname')} level {config.get('clevel')}"
+    level = f" level {config['level']}" if "level" in config else ""
+    return f"{data['name']}{level}"
+
+
+def describe_store(path: StoreLike) -> list[str]:
+    """What the store at ``path`` holds, one ``key: value`` line each (modality, encoder,
+    source, samples and completeness, each field's shape, dtype, chunking and codecs); empty
+    when it is not a readable selfflow store. Metadata only: reads no chunk."""
+    try:
+        group = open_group(path, "r")
+    except StoreError:
+        return []
+    a = dict(group.attrs)
+    if "format_version" not in a:
+        return []
+    lines = [f"format: {a.get('format_version')}"]
+    classes = a.get("num_classes")
+    lines.append(f"modality: {a.get('modality')!r}"
+                 + (f", {classes} classes" if classes else ", unconditional"))
+    encoder = dict(a.get("encoder") or {})
+    name, version = encoder.pop("name", "?"), encoder.pop("version", "?")
+    settings = ", ".join(f"{k} {_value(v)}" for k, v in encoder.items())
+    lines.append(f"encoder: {name!r} version {version}" + (f" ({settings})" if settings else ""))
+    norm = a.get("normalization") or {}
+    lines.append("normalization: " + (", ".join(f"{k} {_value(v)}" for k, v in norm.items())
+                                      or "none"))
+    source = a.get("source") or {}
+    if isinstance(source, Mapping):
+        described = f" ({source['description']})" if source.get("description") else ""
+        lines.append(f"source: {source.get('name')!r}{described}")
+    committed, complete = a.get("committed"), a.get("complete")
+    lines.append(f"samples: {committed}, complete" if complete else
+                 f"samples: {committed} committed, incomplete (no completeness marker: the "
+                 "encode was interrupted; run it again to resume)")
+    arrays = dict(group.arrays())
+    fields = a.get("fields") if isinstance(a.get("fields"), Mapping) else {}
+    for key, spec in fields.items():
+        try:
+            text = field_text(spec["shape"], spec["dtype"])
+        except (KeyError, TypeError):
+            text = _value(spec)
+        arr = arrays.get(key)
+        if arr is None:
+            lines.append(f"field {key}: {text}, array missing")
+            continue
+        codecs = [_codec_text(c) for c in arr.compressors]
+        compress = [c for c in codecs if c != "crc32c"] or ["none"]
+        check = "crc32c checksum" if "crc32c" in codecs else "no checksum"
+        lines.append(f"field {key}: {text}, chunks of {arr.chunks[0]} samples, compressor "
+                     f"{', '.join(compress)}, {check}")
+    lines.append(f"config_hash: {a.get('config_hash')}")
+    if a.get("created_at"):
+        lines.append(f"created: {a['created_at']}")
+    return lines

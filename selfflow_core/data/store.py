@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from selfflow_core.data.check import (
     FORMAT_VERSION,
@@ -32,6 +34,8 @@ from selfflow_core.data.check import (
     is_local,
     nonfinite_problem,
     open_group,
+    scan,
+    schema_differences,
     schema_problems,
     store_name,
     store_schema,
@@ -39,8 +43,8 @@ from selfflow_core.data.check import (
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.runtime.locking import LockHeld, PidLock
 
-__all__ = ["FORMAT_VERSION", "LatentStore", "StoreError", "StoreWriter", "check_store",
-           "encode_store", "open_store", "store_schema"]
+__all__ = ["FORMAT_VERSION", "EncodedSource", "LatentStore", "StoreError", "StoreWriter",
+           "check_store", "encode_store", "open_store", "store_schema"]
 
 #: default chunk size in bytes along the sample axis (see benchmarks/RESULTS.md, "Loader")
 CHUNK_BYTES = 512 * 1024
@@ -89,9 +93,8 @@ class _WriteLock:
             self._lock.acquire()
         except LockHeld as exc:
             raise StoreError(self.name, [
-                f"another writer holds the lock {self.file} "
-                f"({exc.holder or 'unknown holder'}); two writers on one store are refused. "
-                "If none is running, delete the lock file."]) from None
+                f"another writer holds the lock {self.file} ({exc.who}); two writers on one "
+                "store are refused. If none is running, delete the lock file."]) from None
 
     def release(self) -> None:
         if self.file is None:
@@ -100,17 +103,62 @@ class _WriteLock:
             self._lock.release()
 
 
+class EncodedSource:
+    """A raw source through the adapter's encoder: ``read(start, stop)`` is samples
+    ``start..stop`` as the store holds them (encoded ``batch_size`` at a time)."""
+
+    def __init__(self, adapter: ModalityAdapter, raw: Any, batch_size: int = 256) -> None:
+        self.adapter, self.raw, self.batch_size = adapter, raw, batch_size
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        parts = [self.adapter.encode(self.raw.read(i, min(i + self.batch_size, stop)))
+                 for i in range(start, stop, self.batch_size)]
+        return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+#: the samples re-encoded to tell whether an interrupted store's source still yields them
+SAME_SOURCE_SAMPLES = 64
+#: float fields: the largest relative difference (L2) between stored and re-encoded samples
+#: that still counts as the same data (encoders on accelerators are not bitwise repeatable)
+SAME_SOURCE_RTOL = 1e-2
+
+
+def _same(stored: np.ndarray, fresh: np.ndarray) -> bool:
+    fresh = fresh.astype(stored.dtype, copy=False)
+    if stored.shape != fresh.shape:
+        return False
+    if np.array_equal(stored, fresh, equal_nan=stored.dtype.kind in "fc"):
+        return True
+    if stored.dtype.kind not in "fc" or not (np.isfinite(stored).all()
+                                           and np.isfinite(fresh).all()):
+        return False
+    a, b = stored.astype(np.float64), fresh.astype(np.float64)
+    return bool(np.linalg.norm(a - b) <= SAME_SOURCE_RTOL * max(np.linalg.norm(a), 1e-12))
+
+
 class StoreWriter:
     """Appends batches to a store, resumably: a batch counts only once every array holds it and
     the ``committed`` attribute says so; reopening cuts arrays back to ``committed``. Use as a
-    context manager (it holds the store's write lock) and call :meth:`finish` at the end."""
+    context manager (it holds the store's write lock) and call :meth:`finish` at the end.
+
+    ``source`` (an :class:`EncodedSource`, as :func:`encode_store` passes) lets an interrupted
+    store continue from a source whose name or description changed, if its last committed samples
+    re-encode to the stored values; and :meth:`repair` re-encode damaged chunks. With ``repair``,
+    a damaged last chunk of an interrupted store is left for :meth:`repair` instead of refused."""
 
     def __init__(self, path: StoreLike, schema: Mapping[str, Any], *,
-                 chunks: int | Mapping[str, int] | None = None, compressor: str = "none") -> None:
+                 chunks: int | Mapping[str, int] | None = None, compressor: str = "none",
+                 source: EncodedSource | None = None, repair: bool = False) -> None:
         if compressor not in COMPRESSORS:
             raise ValueError(f"unknown compressor {compressor!r}; choose from {list(COMPRESSORS)}")
         self.name = store_name(path)
         self.specs = field_specs(schema)
+        self.source = source
+        #: the source the store was started from, when it was another (see ``source``)
+        self.previous_source: Any = None
         self._lock = _WriteLock(path)
         try:
             self.group = self._open(path, dict(schema))
@@ -125,17 +173,24 @@ class StoreWriter:
                         config={"write_empty_chunks": True})
             problems = schema_problems(self.group, require_complete=False)
             if problems:
-                raise StoreError(self.name, problems)
+                raise StoreError(self.name, [*problems, (
+                    f"this cannot be repaired in place: delete {self.name} (or use another "
+                    "path) and encode it again")])
             self.count = int(self.group.attrs["committed"])
-            self.arrays = {name: self.group[name] for name in self.specs}
+            # every chunk is written, even one of fill values only (the runtime setting is not
+            # stored with the array: it is set on each opening)
+            self.arrays = {name: self.group[name].with_config({"write_empty_chunks": True})
+                           for name in self.specs}
             if not self.complete:
                 # the next append rewrites the last, partly filled chunk: it must decode (a
                 # damaged one is reported, and nothing is written)
                 problems = [p for name, arr in self.arrays.items() if self.count % arr.chunks[0]
                             for p in chunk_problems(arr, name, [self.count // arr.chunks[0]],
                                                     self.count, self.name)]
-                if problems:
-                    raise StoreError(self.name, problems)
+                if problems and not repair:
+                    raise StoreError(self.name, [*problems, self.repair_hint])
+                if self._changed_source is not None:
+                    self._adopt_source(*self._changed_source)
                 for arr in self.arrays.values():  # drop whatever an interrupted append left
                     if arr.shape[0] != self.count:
                         arr.resize((self.count, *arr.shape[1:]))
@@ -143,7 +198,14 @@ class StoreWriter:
             self._lock.release()
             raise
 
+    @property
+    def repair_hint(self) -> str:
+        return (f"re-encode the damaged chunks from the source with `selfflow encode ... "
+                f"--repair` (encode_store(..., repair=True)), or delete {self.name} and encode "
+                "it again")
+
     def _open(self, path: StoreLike, schema: dict[str, Any]) -> zarr.Group:
+        self._changed_source = None
         try:
             group = open_group(path, "r+")
         except StoreError:
@@ -160,11 +222,54 @@ class StoreWriter:
                                          "write into it"])
         if stored.get("config_hash") != schema["config_hash"]:
             differ = [k for k in HASHED_KEYS if stored.get(k) != schema.get(k)]
+            if differ == ["source"] and not stored.get("complete") and self.source is not None:
+                self._changed_source = (stored, schema)  # checked once the arrays are open
+                return group
+            state = ("" if stored.get("complete") else
+                     f" (it is incomplete: {stored.get('committed')} samples committed)")
             raise StoreError(self.name, [
-                f"written with a different configuration (config hash {stored.get('config_hash')}"
-                f" != {schema['config_hash']}; differs in {differ}); use another path or delete "
-                "the store to encode again"])
+                f"written with a different configuration{state}: it holds "
+                f"{'; '.join(schema_differences(stored, schema))}. Use another path, or delete "
+                f"{self.name} to encode it again"])
         return group
+
+    def _adopt_source(self, stored: dict[str, Any], schema: dict[str, Any]) -> None:
+        """An interrupted store whose source now has another name or description (e.g. a file
+        that failed to decode was removed): it continues from the new source only if the
+        source still yields the committed samples (the last ones, re-encoded, equal the stored
+        ones: a sample added or removed before them would shift them)."""
+        was, now = stored.get("source") or {}, schema["source"]
+        assert self.source is not None
+        n = len(self.source)
+        start = max(0, self.count - SAME_SOURCE_SAMPLES)
+        where = (f"the encode was started from source {_describe_source(was)} and is now "
+                 f"given {_describe_source(now)}")
+        if n < self.count:
+            differ = [f"{self.count} samples are committed but the source now has {n}"]
+        elif self.count > start:
+            fresh = self.source.read(start, self.count)
+            differ = []
+            for name, arr in self.arrays.items():
+                try:
+                    stored_values = np.asarray(arr[start:self.count])
+                except Exception:  # noqa: BLE001 - a damaged chunk: name it
+                    step = arr.chunks[0]
+                    raise StoreError(self.name, [*chunk_problems(
+                        arr, name, list(range(start // step, -(-self.count // step))),
+                        self.count, self.name), f"{where}; the committed samples cannot be "
+                        f"read to compare them: delete {self.name} and encode it again"]) from None
+                if not _same(stored_values, np.asarray(fresh[name])):
+                    differ.append(name)
+        else:
+            differ = []
+        if differ:
+            raise StoreError(self.name, [
+                f"incomplete ({self.count} samples committed) and {where}; the committed "
+                f"samples do not match what the source gives now ({', '.join(differ)} of samples "
+                f"{start}..{self.count - 1} differ), so the encode cannot continue from it. "
+                f"Delete {self.name} and encode it again (or give the original source)"])
+        self.previous_source = was
+        self.group.attrs.update({"source": now, "config_hash": schema["config_hash"]})
 
     @property
     def complete(self) -> bool:
@@ -197,6 +302,32 @@ class StoreWriter:
         self.group.attrs["committed"] = stop  # the commit point: written after every array
         self.count = stop
 
+    def scan(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """Full read of the committed samples: every problem (unreadable or missing chunks,
+        NaN/Inf) and the damaged chunks as ``(field, chunk index)``."""
+        return scan(self.group, self.specs, self.count, self.name)
+
+    def repair(self, damaged: list[tuple[str, int]]) -> list[str]:
+        """Re-encode each damaged ``(field, chunk)`` from ``source`` and write it anew (the old
+        chunk file is deleted first, so a damaged one is never read). Returns what was done, one
+        line per chunk. The rest of the store is not touched."""
+        if self.source is None:
+            raise StoreError(self.name, ["cannot repair: no source to re-encode from"])
+        if len(self.source) < self.count:
+            raise StoreError(self.name, [f"cannot repair: {self.count} samples are committed "
+                                         f"but the source has {len(self.source)}"])
+        done = []
+        for name, k in damaged:
+            arr = self.arrays[name]
+            start, stop = k * arr.chunks[0], min((k + 1) * arr.chunks[0], self.count)
+            values = np.asarray(self.source.read(start, stop)[name]).astype(arr.dtype,
+                                                                            copy=False)
+            _delete_chunk(arr, k)
+            arr[start:stop] = values
+            done.append(f"field {name!r}: chunk {k} (samples {start}..{stop - 1}) re-encoded "
+                        "from the source")
+        return done
+
     def finish(self) -> None:
         """Write the completeness marker (last): the store is now readable for training."""
         self.group.attrs.update({"complete": True, "count": self.count})
@@ -212,17 +343,61 @@ class StoreWriter:
         self.close()
 
 
+def _describe_source(source: Any) -> str:
+    if not isinstance(source, Mapping):
+        return repr(source)
+    described = f" ({source['description']})" if source.get("description") else ""
+    return f"{source.get('name')!r}{described}"
+
+
+def _delete_chunk(arr: zarr.Array, k: int) -> None:
+    key = arr.metadata.encode_chunk_key((k, *([0] * (arr.ndim - 1))))
+    prefix = arr.store_path.path
+    sync(arr.store_path.store.delete(f"{prefix}/{key}" if prefix else key))
+
+
 def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                  adapter_config: Mapping[str, Any], batch_size: int = 256, progress: bool = True,
-                 chunks: int | Mapping[str, int] | None = None,
-                 compressor: str = "none") -> LatentStore:
-    """Encode ``adapter.open_source(source)`` into the store at ``path`` and open it. Resumes an
-    interrupted encode from its committed samples; a complete store with the same configuration
-    is returned as is; one with another configuration is a :class:`StoreError`."""
+                 chunks: int | Mapping[str, int] | None = None, compressor: str = "none",
+                 verify: bool = True, repair: bool = False) -> LatentStore:
+    """Encode ``adapter.open_source(source)`` into the store at ``path`` and open it.
+
+    - An interrupted encode resumes from its committed samples (also when the source's name or
+      description changed, if it still yields them: see :class:`StoreWriter`).
+    - A complete store with the same configuration is returned as is; one with another
+      configuration is a :class:`StoreError` saying how it differs.
+    - ``verify`` (default): the samples already in the store are read first; a damaged chunk
+      (or NaN/Inf) is a :class:`StoreError` naming it, so a damaged store is never returned
+      as complete. ``repair`` re-encodes those chunks from the source instead.
+    """
     raw = adapter.open_source(source)
     schema = store_schema(adapter, source=source, source_description=raw.description,
                           adapter_config=adapter_config)
-    with StoreWriter(path, schema, chunks=chunks, compressor=compressor) as writer:
+    encoded = EncodedSource(adapter, raw, batch_size)
+
+    def say(message: str) -> None:
+        if progress:
+            tqdm.write(f"store {store_name(path)}: {message}", file=sys.stderr)
+
+    with StoreWriter(path, schema, chunks=chunks, compressor=compressor, source=encoded,
+                     repair=repair) as writer:
+        if writer.previous_source is not None:
+            say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
+                f"the {writer.count} committed samples, so the encode continues from it")
+        verified = (verify or repair) and writer.complete  # all of it is read below
+        if (verify or repair) and writer.count:
+            problems, damaged = writer.scan()
+            if damaged and repair:
+                for line in writer.repair(damaged):
+                    say(line)
+                problems, damaged = writer.scan()
+                if problems:
+                    problems.append("re-encoding the damaged chunks from the source did not "
+                                    "help (the encoder gives these values)")
+            elif damaged:
+                problems.append(writer.repair_hint)
+            if problems:
+                raise StoreError(writer.name, problems)
         if not writer.complete:
             total = len(raw)
             if writer.count > total:
@@ -235,7 +410,9 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                     writer.append(adapter.encode(raw.read(start, stop)))
                     bar.update(stop - start)
             writer.finish()
-    return open_store(path)
+    store = open_store(path)
+    store.verified = verified
+    return store
 
 
 class LatentStore:
@@ -251,6 +428,9 @@ class LatentStore:
         self.nbytes = sum(self._len * np.dtype(s.dtype).itemsize * math.prod(s.shape)
                           for s in self.fields.values())
         self.cached = self.nbytes <= cache_bytes
+        #: every value was read and checked (``open_store(verify=True)``, or :func:`encode_store`
+        #: on a store that was complete already)
+        self.verified = False
         self._memory: dict[str, np.ndarray] | None = None
         self._memory_lock = threading.Lock()
 
@@ -323,4 +503,6 @@ def open_store(path: StoreLike, *, require_complete: bool = True,
                                  store_name(path))
     if problems:
         raise StoreError(store_name(path), problems)
-    return LatentStore(group, store_name(path), cache_bytes=cache_bytes)
+    store = LatentStore(group, store_name(path), cache_bytes=cache_bytes)
+    store.verified = verify
+    return store

@@ -1,6 +1,7 @@
 """Generating samples: one modality from a model (`write_samples`, used by the trainer), and from a
-checkpoint: rebuild the run from the config stored inside, load the weights
-(evaluation EMA, else the EMA teacher, else the raw student) and write samples."""
+checkpoint (or a run directory: its latest one): rebuild the run from the config stored inside,
+load the weights (evaluation EMA, else the EMA teacher, else the raw student) and write samples to
+a folder of their own."""
 
 from __future__ import annotations
 
@@ -10,47 +11,129 @@ from pathlib import Path
 import attrs
 import torch
 
-from selfflow_core.config.converter import make_converter, structure
+from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.config.run import TrainerConfig
 from selfflow_core.errors import CheckpointError
 from selfflow_core.plugins.manager import Components
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import ModalityRuntime, build_modalities, build_model
-from selfflow_core.sampling import sample
+from selfflow_core.sampling import SamplingConfig, sample
+
+#: where a checkpoint's sampling weights come from, in order of preference
+WEIGHTS = (("eval_ema", "evaluation EMA"), ("teacher", "EMA teacher"))
 
 
-def load_for_sampling(path: str | Path, components: Components, device: str = "cpu"):
-    """(config, modalities, model in eval mode) from a checkpoint."""
-    state = checkpoint.load(Path(path))
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint ``path`` names: a checkpoint (``step-N.pt`` or ``step-N.dcp``) as it is, a
+    run directory or its ``checkpoints/`` folder for its latest one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file() or path.suffix == ".dcp":  # a file, or FSDP2's sharded folder
+        return path
+    for folder in (path / "checkpoints", path):
+        found = checkpoint.latest(folder)
+        if found is not None:
+            return found
+    raise CheckpointError(f"no checkpoint in {path}: expected a run directory (with "
+                          f"checkpoints/step-N.pt), its checkpoints/ folder or a checkpoint file")
+
+
+def _load(path: Path, components: Components, device: str):
+    state = checkpoint.load(path)
     config = structure(make_converter(components), json.loads(state["config"]), TrainerConfig,
                        source=f"config stored in {path}")
     modalities = build_modalities(config)
     model = build_model(config, modalities, config.teacher.build()).backbone
-    weights = (state["eval_ema"].get("model") or state["teacher"].get("model") or state["model"])
+    which, weights = next(((name, state[key]["model"]) for key, name in WEIGHTS
+                           if state.get(key, {}).get("model")), ("raw student", state["model"]))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:  # the weights are not of the model its own config describes
         first = (str(exc).splitlines() or [""])[0][:200]
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the model of its "
                               f"stored config ({first})") from None
-    return config, modalities, model.to(device).eval()
+    return config, modalities, model.to(device).eval(), which, int(state["step"])
+
+
+def load_for_sampling(path: str | Path, components: Components, device: str = "cpu"):
+    """(config, modalities, model in eval mode) from a checkpoint (or a run directory: its latest
+    one), with the evaluation EMA's weights, else the EMA teacher's, else the raw student's."""
+    return _load(find_checkpoint(path), components, device)[:3]
+
+
+@attrs.frozen
+class SampleResult:
+    """What :func:`sample_run` did: the checkpoint and its step, which weights
+    (``"evaluation EMA"``, ``"EMA teacher"`` or ``"raw student"``), the sampling settings used,
+    the output folder and the files written."""
+
+    checkpoint: Path
+    step: int
+    weights: str
+    sampling: SamplingConfig
+    out_dir: Path
+    paths: list[Path]
+
+
+def _fresh_dir(samples: Path, step: int) -> Path:
+    """A new ``samples/sample-<step>-<n>/`` (the lowest free n), never a folder in use."""
+    samples.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        out = samples / f"sample-{step:08d}-{n}"
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+
+
+def _sampling(base: SamplingConfig, changes: dict) -> SamplingConfig:
+    """``base`` with ``changes``, through the strict converter: a wrong value or type is a
+    :class:`ConfigError` naming the option, not an attrs ``ValueError``."""
+    conv = make_converter()
+    return structure(conv, {**to_data(conv, base), **changes}, SamplingConfig,
+                     source="sampling options")
+
+
+def sample_run(path: str | Path, components: Components, *, out_dir: str | Path | None = None,
+               count: int | None = None, steps: int | None = None, method: str | None = None,
+               cfg_scale: float | None = None, seed: int | None = None,
+               device: str = "cpu") -> SampleResult:
+    """Write samples of every modality of a run from a checkpoint (``path``: see
+    :func:`find_checkpoint`); options left ``None`` keep the run's settings. Without ``out_dir``
+    the files go to a new ``<run_dir>/samples/sample-<step>-<n>/``, so the training's own samples
+    (``samples/step-N/``) and earlier calls' are never overwritten."""
+    changes = {k: v for k, v in dict(count=count, steps=steps, method=method,
+                                     cfg_scale=cfg_scale, seed=seed).items() if v is not None}
+    _sampling(SamplingConfig(), changes)  # a bad option is refused before anything is loaded
+    path = find_checkpoint(path)
+    config, modalities, model, which, step = _load(path, components, device)
+    sampling = _sampling(config.sampling, changes)
+    # <run_dir>/checkpoints/step-N.pt; a checkpoint elsewhere gets samples/ beside it
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out = Path(out_dir) if out_dir else _fresh_dir(run_dir / "samples", step)
+    paths = []
+    try:
+        for m in modalities:
+            paths += write_samples(model, m, sampling, out / m.name, null_label=model.num_classes,
+                                   device=torch.device(device))
+    except BaseException:
+        if not out_dir and not any(out.iterdir()):
+            out.rmdir()  # no empty folder left by a failed (or interrupted) call
+        raise
+    return SampleResult(path, step, which, sampling, out, paths)
 
 
 def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str | None = None,
                       count: int | None = None, steps: int | None = None, method: str | None = None,
                       cfg_scale: float | None = None, seed: int | None = None,
                       device: str = "cpu") -> list[Path]:
-    """Write samples of every modality of the run; options left ``None`` keep the run's settings."""
-    config, modalities, model = load_for_sampling(path, components, device)
-    changes = {k: v for k, v in dict(count=count, steps=steps, method=method,
-                                     cfg_scale=cfg_scale, seed=seed).items() if v is not None}
-    sampling = attrs.evolve(config.sampling, **changes)
-    out = Path(out_dir) if out_dir else Path(path).parent.parent / "samples" / Path(path).stem
-    paths = []
-    for m in modalities:
-        paths += write_samples(model, m, sampling, out / m.name, null_label=model.num_classes,
-                               device=torch.device(device))
-    return paths
+    """:func:`sample_run`'s files: samples of every modality of the run; options left ``None``
+    keep the run's settings."""
+    return sample_run(path, components, out_dir=out_dir, count=count, steps=steps, method=method,
+                      cfg_scale=cfg_scale, seed=seed, device=device).paths
 
 
 def generate(model, m: ModalityRuntime, cfg, *, null_label: int, device: torch.device,

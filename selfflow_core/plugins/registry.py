@@ -8,7 +8,8 @@ called the ordinary pluggy way: once, for all plugins, with wrappers and tracing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import difflib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 import attrs
@@ -29,6 +30,22 @@ class Provider:
     def __str__(self) -> str:
         return f"{self.distribution} {self.version}" + (
             "" if self.plugin == self.distribution else f", plugin {self.plugin!r}")
+
+
+def close_names(word: object, choices: Iterable[str]) -> list[str]:
+    """The ``choices`` close to a misspelled ``word`` (``difflib``), closest first; none for a
+    ``_private`` or ``__dunder__`` name (``__class__`` is no typo of ``classes``)."""
+    if not isinstance(word, str) or word.startswith("_"):
+        return []
+    # a little stricter than difflib's 0.6: "toi" -> "toy" (0.67), not "module" -> "modalities"
+    return difflib.get_close_matches(word, list(choices), n=3, cutoff=0.65)
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """A hint for a misspelled name, `` (did you mean 'image'?)``; empty when no choice is
+    close."""
+    close = close_names(word, choices)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def _direct(component: object) -> Provider:
@@ -103,7 +120,8 @@ class Registry(_Defaults, Generic[C]):
             return self._entries[kind][0]
         except KeyError:
             raise UnknownComponentError(
-                f"unknown {self.category} {kind!r}; installed: {self.describe()}") from None
+                f"unknown {self.category} {kind!r}{did_you_mean(kind, self._entries)}; "
+                f"installed: {self.describe()}") from None
 
     def provider(self, kind: str) -> Provider:
         return self._entries[kind][1]
@@ -146,7 +164,8 @@ class PresetRegistry(_Defaults):
 
     def get(self, name: str):
         if name not in self._entries:
-            raise UnknownComponentError(f"unknown preset {name!r}; installed: {self.describe()}")
+            raise UnknownComponentError(f"unknown preset {name!r}{did_you_mean(name, self)}; "
+                                        f"installed: {self.describe()}")
         return self._entries[name][0]
 
     def provider(self, name: str) -> Provider:

@@ -143,7 +143,8 @@ def test_encoder_kinds_through_the_converter(tmp_path: Path):
 
 def test_an_unknown_encoder_kind_lists_the_known_ones():
     conv = make_converter(Components())
-    for encoder, what in (({"kind": "encodec"}, "unknown audio encoder 'encodec'"),
+    for encoder, what in (({"kind": "encodec"},
+                           "unknown audio encoder 'encodec' (did you mean 'codec'?)"),
                           ({"path": "c.pt"}, "missing `kind`")):
         with pytest.raises(ConfigError) as err:
             structure(conv, {"kind": "audio", "encoder": encoder}, ModalityConfig)
