@@ -183,7 +183,7 @@ class Trainer:
             self.eval_ema.update(self.backbone)
         self.step = step
         self._last_plan = plan
-        self.step_losses.record(step, terms)
+        self.step_losses.record(step, terms, m.name)
         return attrs.evolve(terms, metrics={**terms.metrics, "grad_norm": grad_norm.detach(),
                                             "lr": torch.tensor(self.lr_schedule.get_last_lr()[0])})
 
@@ -299,6 +299,8 @@ class Trainer:
             if log or save or sample or stop:  # the only device->host reads of the loop
                 self._read_back()
                 metrics = self._global_metrics(terms.metrics) if log else None
+                if metrics is not None and len(self.modalities) > 1:  # which modality learns
+                    metrics.update(self.step_losses.take_by_modality())
             self.progress.update(self.step, metrics)
             if metrics is not None and self.step % self.config.log_every == 0:
                 metrics["samples_per_s"] = self._throughput()

@@ -472,7 +472,7 @@ class OtherRankNaN(Dist):
     def mean(self, values):  # on_nonfinite="stop": the read-back of the pending step losses
         caller = sys._getframe(1)
         if caller.f_code.co_name == "flush" and not self.fired:
-            steps = [s for s, _ in caller.f_locals["self"]._pending] or caller.f_locals["steps"]
+            steps = [s for s, *_ in caller.f_locals["self"]._pending] or caller.f_locals["steps"]
             if 3 in steps:
                 self.fired.append(3)
                 values = values.clone()

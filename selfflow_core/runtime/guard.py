@@ -20,7 +20,7 @@ def lock_run_dir(run_dir: Path) -> PidLock:
     try:
         return lock.acquire()
     except LockHeld as exc:
-        who = f"pid {exc.holder[0]} on {exc.holder[1]}" if exc.holder else "another process"
+        who = exc.who
         raise RunDirInUse(
             f"run_dir {run_dir} is in use by another training process ({who}): two trainers on "
             f"one run_dir would overwrite each other's checkpoints. Use another run_dir, or, if "
