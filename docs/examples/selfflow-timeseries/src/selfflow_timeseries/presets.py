@@ -19,8 +19,8 @@ from selfflow_timeseries.adapter import TimeseriesModality
 
 
 def default() -> TrainerConfig:
-    """Class-conditional Self-Flow on 2048 synthetic 3-channel sensor signals of 64 steps
-    (16 tokens of 4 steps each).
+    """Class-conditional Self-Flow on the ``sensors`` source at the adapter's default config (as
+    written: 2048 synthetic 3-channel signals of 64 steps, 16 tokens of 4 steps each).
 
     Paper settings kept: uniform p(t), layers 0.3/0.7 of depth, gamma 0.8, AdamW, label dropout
     0.1. Changed for a short run: lr 1e-3 with warm-up and an EMA teacher of decay 0.99 with
