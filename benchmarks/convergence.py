@@ -217,7 +217,8 @@ def make_config(job: dict):
         checkpoint=CheckpointConfig(every=10 ** 9, keep=1),
         sampling=SamplingConfig(count=10, steps=2), tracker=NullTracker.Config(),
         steps=job["steps"], seed=job["seed"], run_dir=job["run_dir"], log_every=10 ** 9,
-        eval_ema_decay=job["args"]["eval_ema"] or None)
+        # no warm-up: the recorded results were measured with a plain EMA of the student
+        eval_ema_decay=job["args"]["eval_ema"] or None, eval_ema_warmup=False)
 
 
 def eval_steps(steps: int, evals: int) -> list[int]:

@@ -50,7 +50,8 @@ def make_config(method: str, seed: int, args, run_dir: str, store: str):
         spec.modality, episodes=args.episodes_train))
     return attrs.evolve(
         base, modalities={"robotics": spec}, steps=args.steps, seed=seed, run_dir=run_dir,
-        eval_ema_decay=args.eval_ema, tracker=NullTracker.Config(), log_every=10 ** 9,
+        eval_ema_decay=args.eval_ema, eval_ema_warmup=False,  # as the recorded results were
+        tracker=NullTracker.Config(), log_every=10 ** 9,
         checkpoint=CheckpointConfig(every=10 ** 9, keep=1))
 
 

@@ -66,20 +66,31 @@ def masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def uses_representation(config: ObjectiveConfig, teacher: TeacherStrategy) -> bool:
+    """Whether a run computes the representation loss: its teacher gives targets and
+    ``gamma > 0`` (not so for vanilla flow matching, DTS alone or ``gamma = 0``)."""
+    return bool(teacher.provides_targets) and config.gamma > 0
+
+
 class SelfFlowObjective(nn.Module):
-    """Holds the projection head; ``forward`` computes one step's :class:`LossTerms`."""
+    """Holds the projection head; ``forward`` computes one step's :class:`LossTerms`.
+
+    ``representation=False`` (the run's teacher gives no targets) or ``gamma = 0`` builds no head
+    (``head`` is None, the state dict empty): a head outside the graph would leave DDP waiting
+    for gradients that never come."""
 
     def __init__(self, config: ObjectiveConfig, *, depth: int, width: int,
-                 target_width: int | None = None) -> None:
+                 target_width: int | None = None, representation: bool = True) -> None:
         super().__init__()
         self.config = config
         self.student_layer, self.teacher_layer = config.layers(depth)
-        self.head = ProjectionHead(width, target_width)
+        self.head = (ProjectionHead(width, target_width)
+                     if representation and config.gamma > 0 else None)
 
     def forward(self, student: Backbone, teacher: TeacherStrategy, batch: TokenBatch,
                 plan: TimestepPlan, noise: Tensor) -> LossTerms:
         x0, l, k = batch.tokens, self.student_layer, self.teacher_layer
-        use_rep = teacher.provides_targets and self.config.gamma > 0
+        use_rep = self.head is not None and uses_representation(self.config, teacher)
         out = student(interpolate(x0, noise, plan.student_t), plan.student_t, batch,
                       feature_layers=(l,) if use_rep else ())
         err = (out.velocity.float() - velocity_target(x0, noise).float()).square()

@@ -56,6 +56,15 @@ class EMA:
             local(b_ema).copy_(local(b))
         self.updates += 1
 
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Start the average afresh from ``model``'s weights, as if just built from it."""
+        src = unwrap(model)
+        for ema_t, t in zip([*self.model.parameters(), *self.model.buffers()],
+                            [*src.parameters(), *src.buffers()]):
+            local(ema_t).copy_(local(t.detach()))
+        self.updates = 0
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": self.updates}
 

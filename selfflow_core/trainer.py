@@ -19,7 +19,7 @@ from selfflow_core.data.loader import LoaderSource, build_loader
 from selfflow_core.data.store import encode_store, open_store
 from selfflow_core.errors import CheckpointError, NonFiniteLossError
 from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
-from selfflow_core.eval.samples import generate
+from selfflow_core.eval.samples import generate, sample_info, write_info
 from selfflow_core.eval.samples import save as save_samples
 from selfflow_core.plugins.manager import Components
 from selfflow_core.runtime import checkpoint
@@ -27,6 +27,7 @@ from selfflow_core.runtime.assembly import (
     ModalityRuntime,
     build_modalities,
     build_model,
+    drop_unused_head,
     store_path,
 )
 from selfflow_core.runtime.dist import Dist, setup
@@ -77,7 +78,7 @@ class Trainer:
                           // (self.dist.world_size * config.grad_accum))
              for m, store in zip(self.modalities, stores)],
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
-            num_workers=config.num_workers)
+            num_workers=config.num_workers, group=config.grad_accum)  # 1 modality per step
         self.teacher = config.teacher.build()
         # initial weights from ``config.seed`` alone (not the process's global RNG), so the same
         # config gives the same run in any process; the global RNG is left as it was
@@ -87,7 +88,8 @@ class Trainer:
         self.model = self.model.to(self.device)
         self.backbone = self.model.backbone
         self.teacher.attach(self.backbone)
-        self.eval_ema = (EMA(self.backbone, config.eval_ema_decay)
+        # what samples come from, for every method alike (see TrainerConfig.eval_ema_decay)
+        self.eval_ema = (EMA(self.backbone, config.eval_ema_decay, config.eval_ema_warmup)
                          if config.eval_ema_decay is not None else None)
         # per-block compile / activation checkpointing, then DDP or FSDP2 (the EMA copies are
         # sharded like the student): see selfflow_core.runtime.parallel
@@ -157,10 +159,11 @@ class Trainer:
 
     # -- the algorithm -------------------------------------------------------------------------
     def train_step(self) -> LossTerms:
-        """One optimizer step of Self-Flow over ``grad_accum`` micro-batches: per micro-batch the
-        timestep plan (t, s, mask) and one noise draw, then the objective (student at the mixed
-        times, EMA teacher at the cleaner ``min(t, s)``, flow + gamma * representation loss);
-        then clip, AdamW, and the teacher's EMA update."""
+        """One optimizer step of Self-Flow over ``grad_accum`` micro-batches (all of one
+        modality, drawn once per step by the loader): per micro-batch the timestep plan (t, s,
+        mask) and one noise draw, then the objective (student at the mixed times, EMA teacher at
+        the cleaner ``min(t, s)``, flow + gamma * representation loss); then clip, AdamW, and the
+        teacher's EMA update."""
         step = self.step + 1
         gen = self._generator(step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -172,6 +175,8 @@ class Trainer:
             with sync, self._autocast():
                 terms = self.trained(self.teacher, batch, plan, noise)  # student, target, loss
                 if self.config.on_nonfinite == "skip" and not self._finite(terms, step):
+                    for _ in range(accum - micro - 1):  # the step's other micro-batches go
+                        next(self.batches)              # too: the next starts a new group
                     return terms
                 (terms.total * (m.spec.weight / accum)).backward()
         grad_norm = self.parallel.clip_grad_norm_(self.model.parameters(),
@@ -392,12 +397,18 @@ class Trainer:
         drift = config_drift(json.loads(state["config"]), self.config_data)
         if drift:
             raise self._drift_error(path, drift)
-        state = self.parallel.load_shards(path, state, self.state_dict)  # FSDP2: own shards
+        if state["head"] and self.model.objective.head is None:  # an older run's unused head
+            state = drop_unused_head(state)
+        saved_ema = bool(state["eval_ema"])  # an evaluation EMA may be added on resume
+        template = self.state_dict if saved_ema else lambda: {**self.state_dict(), "eval_ema": {}}
+        state = self.parallel.load_shards(path, state, template)  # FSDP2: own shards
         self.backbone.load_state_dict(state["model"])
         self.model.objective.load_state_dict(state["head"])
         self.teacher.load_state_dict(state["teacher"])
-        if self.eval_ema:
+        if self.eval_ema and saved_ema:
             self.eval_ema.load_state_dict(state["eval_ema"])
+        elif self.eval_ema:
+            self.eval_ema.restart(self.backbone)
         self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         # the checkpoint is rank 0's; the loader position (batches given overall and per store)
@@ -416,10 +427,27 @@ class Trainer:
         return True
 
     # -- samples -------------------------------------------------------------------------------
-    def eval_model(self):
+    def eval_weights(self) -> str:
+        """Which weights samples come from (a key of ``eval.samples.WEIGHTS``): the evaluation
+        EMA (every method's by default), else the EMA teacher, else the raw student."""
         if self.eval_ema is not None:
+            return "eval_ema"
+        return "ema_teacher" if self.teacher.model is not None else "student"
+
+    def eval_model(self):
+        """The model samples come from (:meth:`eval_weights`)."""
+        weights = self.eval_weights()
+        if weights == "eval_ema":
             return self.eval_ema.model
-        return self.teacher.model if self.teacher.model is not None else self.backbone
+        return self.teacher.model if weights == "ema_teacher" else self.backbone
+
+    def sample_info(self) -> dict:
+        """What the samples of this step come from (the samples folder's ``sample_info.json``)."""
+        weights = self.eval_weights()
+        updates = (self.eval_ema.updates if weights == "eval_ema" else
+                   self.teacher.state_dict().get("updates") if weights == "ema_teacher" else None)
+        return sample_info(self.config, self.teacher, weights, step=self.step, updates=updates,
+                           sampling=self.config.sampling)
 
     def samples_dir(self) -> Path:
         """Where :meth:`write_samples` writes the current step's samples (one folder each)."""
@@ -435,5 +463,7 @@ class Trainer:
                                       null_label=self.backbone.num_classes, device=self.device)
             if self.dist.is_main:
                 paths += save_samples(m, tokens, labels, out)
+        if self.dist.is_main:  # which weights they came from
+            write_info(self.samples_dir(), self.sample_info())
         self.tracker.log_images("samples", paths, step=self.step)
         return paths

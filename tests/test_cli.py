@@ -236,9 +236,15 @@ def test_train_from_file_then_sample(capsys, tmp_path):
                        "--steps", 2, "--method", "heun", "--cfg-scale", 2.0, "--seed", 1)
     assert rc == 0, err
     assert out.splitlines()[0] == (
-        f"sampled 3 per modality from {ckpts[-1]} (step 2) with the EMA teacher weights: heun, "
+        f"sampled 3 per modality from {ckpts[-1]} (step 2) with the evaluation EMA weights: heun, "
         f"2 steps, cfg scale 2, seed 1; wrote 1 file(s) to {tmp_path / 's1'}")
     assert files(out) == [tmp_path / "s1" / "toy" / "samples.npy"]
+    info = json.loads((tmp_path / "s1" / "sample_info.json").read_text())
+    assert (info["weights"], info["decay"], info["updates"], info["step"], info["method"]) == (
+        "eval_ema", 0.99, 2, 2, "selfflow")
+    assert info["sampling"]["method"] == "heun" and info["checkpoint"] == str(ckpts[-1])
+    trained_info = samples.parents[1] / "sample_info.json"  # the training's samples say so too
+    assert json.loads(trained_info.read_text())["weights"] == "eval_ema"
     first = np.load(files(out)[0])
     assert first.shape == (3, 8, 4) and np.isfinite(first).all()
 

@@ -14,6 +14,7 @@ from selfflow_core.config.converter import (
     structure,
     to_data,
 )
+from selfflow_core.config.run import ModalitySpec, TrainerConfig
 from selfflow_core.interfaces import (
     BackboneConfig,
     ModalityConfig,
@@ -22,6 +23,7 @@ from selfflow_core.interfaces import (
     TrackerConfig,
 )
 from selfflow_core.objective import ObjectiveConfig
+from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
@@ -215,3 +217,53 @@ def test_missing_file_and_good_file(tmp_path, conv):
 
 def test_tracker_configs_structure(conv):
     assert structure(conv, {"kind": "jsonl"}, TrackerConfig).kind == "jsonl"
+
+
+@attrs.frozen(kw_only=True)
+class SparseModalityConfig(ModalityConfig):
+    """A modality whose paper settings differ from the core's default scheduler."""
+
+    kind = "sparse"
+    ratio: float = 0.1
+
+    def build(self):
+        raise NotImplementedError
+
+    def default_scheduler(self) -> SchedulerConfig:
+        return DualTimestep.Config(
+            distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=self.ratio)
+
+
+class SparsePlugin:
+    @hookimpl
+    def selfflow_register_modalities(self, registry):
+        registry.add(SparseModalityConfig)
+
+
+def test_a_spec_without_a_scheduler_gets_its_modalitys_default(tmp_path):
+    components = Components(make_plugin_manager([SparsePlugin()], entry_points=False))
+    conv = make_converter(components)
+    want = SparseModalityConfig().default_scheduler()
+    # in Python: omitted or None, the modality's declared default; explicit ones are kept
+    spec = ModalitySpec(modality=SparseModalityConfig(), store="s.zarr")
+    assert spec.scheduler == want
+    assert ModalitySpec(modality=SparseModalityConfig(), store="s.zarr", scheduler=None) == spec
+    assert ModalitySpec(modality=SparseModalityConfig(ratio=0.3), store="s.zarr"
+                        ).scheduler.mask_ratio == 0.3
+    mine = SingleTimestep.Config()
+    assert ModalitySpec(modality=SparseModalityConfig(), store="s.zarr",
+                        scheduler=mine).scheduler == mine
+    # a modality declaring none (the toy) gets the core's default: uniform p(t), ratio 0.25
+    assert ToyModality.Config().default_scheduler() is None
+    assert ModalitySpec(modality=ToyModality.Config(), store="t.zarr"
+                        ).scheduler == DualTimestep.Config(distribution=Uniform.Config())
+    # in a TOML file, and the resolved scheduler is what the config's data records (checkpoints,
+    # `selfflow config show`): written out and read back, the same config
+    path = tmp_path / "run.toml"
+    path.write_text('[modalities.a]\nstore = "a.zarr"\n[modalities.a.modality]\nkind = "sparse"\n')
+    config = structure(conv, read_file(path), TrainerConfig, source=str(path))
+    assert config.modalities["a"].scheduler == want
+    data = to_data(conv, config)
+    assert data["modalities"]["a"]["scheduler"] == to_data(conv, want)
+    assert structure(conv, data, TrainerConfig) == config
+    assert config == TrainerConfig(modalities={"a": attrs.evolve(spec, store="a.zarr")})

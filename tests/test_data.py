@@ -144,6 +144,51 @@ def test_mixing_follows_probabilities_and_resumes():
     assert indices(head + tail) == indices(full)
 
 
+@pytest.mark.parametrize("stop", [36, 37, 38])  # at a group's start, inside one, at its end
+def test_a_group_of_batches_shares_one_store_and_resumes_exactly(stop):
+    """``group=3`` (the trainer's ``grad_accum``): each run of 3 consecutive batches, one
+    optimizer step, comes from one store (paper App. D: one modality per batch), on every rank
+    alike; the stores still follow their probabilities, and resume is exact mid-group too."""
+    a, b = index_store(64), index_store(48, offset=1000)
+
+    def make(rank=0, world_size=1, group=3):
+        return build_loader([source(a, 4, 3.0), source(b, 6, 1.0)], seed=5, rank=rank,
+                            world_size=world_size, group=group, num_workers=1)
+
+    full = take(make(), 300)
+    stores = [s for s, _ in full]
+    groups = [stores[i: i + 3] for i in range(0, 300, 3)]
+    assert all(len(set(g)) == 1 for g in groups)
+    assert 0.6 < sum(g[0] == 0 for g in groups) / len(groups) < 0.9  # 3:1
+    for s, batch in full:
+        assert len(batch.labels) == (4 if s == 0 else 6)
+        assert ((batch.labels >= 1000) == (s == 1)).all()
+    # every rank draws the same store for a step
+    assert [s for s, _ in take(make(rank=1, world_size=2), 60)] == stores[:60]
+    # without groups, consecutive batches do change stores within some group of 3
+    ungrouped = [s for s, _ in take(make(group=1), 300)]
+    assert any(len(set(ungrouped[i: i + 3])) > 1 for i in range(0, 300, 3))
+    first = make()
+    head = take(first, stop)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = take(resumed, 300 - stop)
+    assert [s for s, _ in head + tail] == stores
+    assert indices(head + tail) == indices(full)
+    with pytest.raises(ValueError, match="group"):  # another grouping is another data order
+        make(group=2).load_state_dict(first.state_dict())
+
+
+def test_a_group_of_one_store_changes_nothing():
+    store = index_store(64)
+    plain = take(build_loader([source(store, 8)], seed=0), 10)
+    grouped = build_loader([source(store, 8)], seed=0, group=4)
+    assert indices(take(grouped, 10)) == indices(plain)
+    build_loader([source(store, 8)], seed=0).load_state_dict(grouped.state_dict())
+    with pytest.raises(ValueError, match="group"):
+        build_loader([source(store, 8)], seed=0, group=0)
+
+
 def test_posterior_is_sampled_and_resumable():
     store = index_store(40, posterior=True)
 

@@ -229,7 +229,10 @@ def test_without_representation_loss_the_loss_is_the_flow_loss(case):
     assert terms.rep.item() == 0.0
     assert torch.equal(terms.total, terms.flow)
     terms.total.backward()
-    assert all(p.grad is None for p in objective.head.parameters())
+    if case == "gamma0":  # no head is built: a head outside the graph would stall DDP
+        assert objective.head is None and objective.state_dict() == {}
+    else:
+        assert all(p.grad is None for p in objective.head.parameters())
 
 
 class ZeroTeacher(NoTeacher):

@@ -115,7 +115,7 @@ def test_using_it_runs_in_order_after_the_quickstart(plugins_on, capsys, tmp_pat
     # `selfflow sample` said what it sampled with, and wrote to a folder of its own
     header, *files = next(out for line, out in outputs.items()
                           if line.startswith("selfflow sample")).splitlines()
-    assert "EMA teacher weights" in header and "heun" in header, header
+    assert "evaluation EMA weights" in header and "heun" in header, header
     assert files and all(Path(f).is_file() and "/samples/sample-" in f for f in files), files
     assert (tmp_path / "runs/digits/samples/step-00000004").is_dir()  # the training's own kept
 

@@ -21,7 +21,7 @@ def test_self_flow_steps_lower_the_flow_loss(one_thread):  # tiny tensors: threa
     teacher.attach(student)
     objective = SelfFlowObjective(ObjectiveConfig(), depth=cfg.depth, width=cfg.width)
     assert (objective.student_layer, objective.teacher_layer) == (1, 3)
-    scheduler = DualTimestep.Config(mask_ratio=adapter.default_mask_ratio).build()
+    scheduler = DualTimestep.Config().build()
     params = list(student.parameters()) + list(objective.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     gen = torch.Generator().manual_seed(0)

@@ -4,6 +4,7 @@ hooks and label dropout. Tiny toy runs on CPU (one thread: the machine is shared
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import threading
 from pathlib import Path
 
 import attrs
+import numpy as np
 import pytest
 import torch
 
@@ -23,14 +25,19 @@ from selfflow_core.builtin.dit import DiT
 from selfflow_core.builtin.presets import toy
 from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.cli.main import main as cli_main
-from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.config.run import CheckpointConfig
+from selfflow_core.cli.main import resolve_config
+from selfflow_core.config.converter import make_converter, structure, to_data
+from selfflow_core.config.run import CheckpointConfig, TrainerConfig
+from selfflow_core.eval.samples import load_for_sampling, sample_run
+from selfflow_core.objective import ObjectiveConfig
 from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager
-from selfflow_core.runtime import checkpoint
+from selfflow_core.runtime import assembly, checkpoint
 from selfflow_core.runtime.dist import Dist
+from selfflow_core.teachers import NoTeacher
 from selfflow_core.testing import TINY_TOY as TOY  # the modality of the kit's `toy_store`
 from selfflow_core.testing import torch_threads
+from selfflow_core.timesteps import DualTimestep, SingleTimestep
 from selfflow_core.trainer import NonFiniteLossError, Trainer
 
 NULL_CLASS = TOY.classes
@@ -166,6 +173,56 @@ def test_resume_is_bit_exact(tmp_path, toy_store, changes):
         again = Trainer(tiny(tmp_path / "c", toy_store), components=components(), progress=False)
         again.fit()
         assert_same_state(straight, again)
+
+
+class MicroBatches:
+    """Records the modality of every micro-batch of each optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[str]] = []
+
+    def watch(self, tr: Trainer) -> Trainer:
+        original = tr._next_batch
+
+        def next_batch():
+            m, batch = original()
+            if len(self.steps) <= tr.step:
+                self.steps.append([])
+            self.steps[tr.step].append(m.name)
+            return m, batch
+
+        tr._next_batch = next_batch
+        return tr
+
+
+def test_an_optimizer_step_holds_one_modality_and_resumes_exactly(tmp_path, toy_store):
+    """Paper App. D: each batch holds one modality; with grad_accum=3, all 3 micro-batches of an
+    optimizer step come from one modality (drawn once per step), and resume stays exact."""
+    def config(run_dir):
+        base = tiny(run_dir, toy_store, grad_accum=3, steps=8)
+        spec = attrs.evolve(base.modalities["toy"], batch_size=6)
+        return attrs.evolve(base, modalities={
+            "a": attrs.evolve(spec, probability=0.5), "b": attrs.evolve(spec, probability=0.5)})
+
+    rec = MicroBatches()
+    straight = rec.watch(Trainer(config(tmp_path / "a"), components=components(),
+                                 progress=False))
+    straight.fit()
+    assert len(rec.steps) == 8 and all(len(step) == 3 for step in rec.steps)
+    assert all(len(set(step)) == 1 for step in rec.steps), rec.steps
+    assert {step[0] for step in rec.steps} == {"a", "b"}
+
+    stopped = Trainer(config(tmp_path / "b"), components=components(SigtermAt(5)),
+                      progress=False)
+    assert stopped.fit()["step"] == 5
+    del stopped
+    again = MicroBatches()
+    again.steps = [[] for _ in range(5)]
+    resumed = again.watch(Trainer(config(tmp_path / "b"), components=components(),
+                                  progress=False))
+    resumed.fit()
+    assert again.steps[5:] == rec.steps[5:]
+    assert_same_state(straight, resumed)
 
 
 def test_same_config_same_initial_weights(tmp_path, toy_store):
@@ -455,6 +512,22 @@ def test_skip_mode_skips_batches_then_raises(tmp_path, toy_store):
     assert "rep=" not in str(e.value)
 
 
+def test_a_skipped_step_drops_all_its_micro_batches(tmp_path, toy_store):
+    """With grad_accum=3, a non-finite first micro-batch drops the step's other two as well, so
+    the next step starts a modality group of its own (one modality per optimizer step)."""
+    base = tiny(tmp_path, toy_store, grad_accum=3, steps=5, on_nonfinite="skip")
+    spec = attrs.evolve(base.modalities["toy"], batch_size=6)
+    cfg = attrs.evolve(base, modalities={"a": spec, "b": spec})
+    rec = MicroBatches()
+    tr = rec.watch(Trainer(cfg, components=components(), progress=False))
+    calls = poison(tr, lambda step, n: step == 3 and n < 1)
+    tr.fit()
+    assert calls == [3] and tr.skipped == 1 and tr.step == 5
+    assert tr.loader.state_dict()["step"] == 3 * (5 + 1)
+    assert len(rec.steps[2]) == 1 + 3  # the bad micro-batch, then the step again
+    assert all(len(set(step[-3:])) == 1 for step in rec.steps), rec.steps
+
+
 @attrs.frozen
 class OtherRankNaN(Dist):
     """One process standing in for rank 0 of a group whose other rank gets one NaN loss at step
@@ -495,14 +568,14 @@ def test_nonfinite_loss_on_another_rank_is_acted_on_by_every_rank(tmp_path, toy_
 # -- DDP ----------------------------------------------------------------------------------------
 
 DDP_DRIVER = textwrap.dedent("""
-    import json, os, sys
+    import importlib, json, os, sys
     import torch
     from selfflow_core.runtime import checkpoint
     from selfflow_core.cli.main import resolve_config
     from selfflow_core.plugins.manager import Components, make_plugin_manager
     from selfflow_core.trainer import Trainer
 
-    out, overrides = sys.argv[1], json.loads(sys.argv[2])
+    out, runs, plugins = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     rank = int(os.environ["RANK"])
     saves = []
     real_save = checkpoint.save
@@ -510,58 +583,222 @@ DDP_DRIVER = textwrap.dedent("""
         saves.append(step)
         return real_save(state, directory, step, keep=keep)
     checkpoint.save = save
-    components = Components(make_plugin_manager(entry_points=False))
-    tr = Trainer(resolve_config(components, "toy", overrides), components=components,
-                 progress=False)
-    summary = tr.fit()
-    # a second trainer in the same group resumes every rank from rank 0's checkpoint
-    more = Trainer(resolve_config(components, "toy", overrides + ["steps=6"]),
-                   components=components, progress=False)
-    more_summary = more.fit()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"world": tr.dist.world_size, "rank": tr.dist.rank, "saves": saves,
-                   "ddp": type(tr.trained).__name__, "step": summary["step"],
-                   "rows": tr.loader.sources[0].batch_size, "losses": more.losses,
-                   "resumed_step": more_summary["step"]}, f)
+    components = Components(make_plugin_manager([importlib.import_module(p) for p in plugins],
+                                                 entry_points=False))
+    for method, overrides in runs.items():  # one launch for every method: one start-up
+        saves.clear()
+        try:
+            tr = Trainer(resolve_config(components, "toy", overrides), components=components,
+                         progress=False)
+            summary = tr.fit()
+            # a second trainer in the same group resumes every rank from rank 0's checkpoint
+            more = Trainer(resolve_config(components, "toy", overrides + ["steps=6"]),
+                           components=components, progress=False)
+            more_summary = more.fit()
+            info = {"world": tr.dist.world_size, "rank": tr.dist.rank, "saves": list(saves),
+                    "ddp": type(tr.trained).__name__, "step": summary["step"],
+                    "rows": tr.loader.sources[0].batch_size, "losses": more.losses,
+                    "resumed_step": more_summary["step"]}
+        except Exception as exc:  # recorded, and the next method runs (every rank fails alike)
+            info = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+        with open(os.path.join(out, f"{method}-rank{rank}.json"), "w") as f:
+            json.dump(info, f)
 """)
+
+#: the four methods as overrides of the toy preset (each scheduler named: no default assumed)
+DDP_METHODS = {
+    "vanilla": ["teacher.kind=none", "modalities.toy.scheduler.kind=single"],
+    "dts": ["teacher.kind=none", "modalities.toy.scheduler.kind=dual"],
+    "selfflow": ["teacher.kind=ema", "modalities.toy.scheduler.kind=dual"],
+    "repa": ["modalities.toy.scheduler.kind=single", "objective.gamma=0.5"],  # + the encoder
+}
+DDP_EXTRA = ["checkpoint.every=2", "checkpoint.keep=3", "label_dropout=0.5"]
+
+
+def method_overrides(method: str, root: Path) -> list[str]:
+    extra = ([f'teacher={{kind="repa", encoder="{root / "encoder.pt"}", feature_dim=6}}']
+             if method == "repa" else [])
+    return extra + DDP_METHODS[method]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, toy_store):
+    """Every method of :data:`DDP_METHODS` trained by one 2-process gloo launch: 4 steps, then
+    a second trainer resuming every rank from rank 0's step-4 checkpoint to step 6. REPA only
+    with ``selfflow-repa`` installed (its encoder: a tiny TorchScript file)."""
+    root = tmp_path_factory.mktemp("ddp")
+    methods, plugins = [m for m in DDP_METHODS if m != "repa"], []
+    try:
+        from selfflow_repa import save_encoder
+    except ImportError:
+        save_encoder = None
+    if save_encoder is not None:
+        torch.manual_seed(0)
+        save_encoder(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()),
+                     root / "encoder.pt")
+        methods, plugins = [*methods, "repa"], ["selfflow_repa.plugin"]
+    runs = {m: cli_overrides(root / m, toy_store, 4) + DDP_EXTRA + method_overrides(m, root)
+            for m in methods}
+    driver = root / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(driver), str(root), json.dumps({m: list(map(str, o)) for m, o in runs.items()}),
+           json.dumps(plugins)]
+    proc = subprocess.run(cmd, cwd=root, env=CHILD_ENV, capture_output=True, text=True,
+                          timeout=400)
+    return root, plugins, proc
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, toy_store, monkeypatch):
-    extra = ["checkpoint.every=2", "checkpoint.keep=3", "label_dropout=0.5"]
-    overrides = cli_overrides(tmp_path / "ddp", toy_store, 4) + extra
-    driver = tmp_path / "driver.py"
-    driver.write_text(DDP_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(driver), str(tmp_path), json.dumps([str(o) for o in overrides])]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
-                          timeout=300)
+@pytest.mark.parametrize("method", list(DDP_METHODS))
+def test_ddp_two_processes_match_one(ddp_runs, method, tmp_path, toy_store):
+    root, plugins, proc = ddp_runs
+    if method == "repa" and not plugins:
+        pytest.skip("selfflow-repa is not installed")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((root / f"{method}-rank{r}.json").read_text()) for r in (0, 1)]
     for r, info in enumerate(ranks):
+        assert "error" not in info, f"{method} under DDP, rank {r}: {info['error']}"
         assert (info["world"], info["rank"], info["ddp"], info["step"], info["rows"],
                 info["resumed_step"]) == (2, r, "DistributedDataParallel", 4, 4, 6)
     assert ranks[0]["saves"] == [2, 4, 6] and ranks[1]["saves"] == []
-    assert ckpt_steps(tmp_path / "ddp") == [2, 4, 6]
+    assert ckpt_steps(root / method) == [2, 4, 6]
 
-    monkeypatch.chdir(tmp_path)
-    assert cli_main(["train", "toy", *cli_overrides(tmp_path / "one", toy_store, 6), *extra]) == 0
+    comps = components(*[importlib.import_module(p) for p in plugins])
+    one = Trainer(resolve_config(comps, "toy", cli_overrides(tmp_path / "one", toy_store, 6)
+                                 + DDP_EXTRA + method_overrides(method, root)),
+                  components=comps, progress=False)
+    one.fit()
     for step in (4, 6):  # 4: straight DDP; 6: after every rank resumed from rank 0's file
-        ddp = torch.load(checkpoint.path_for(tmp_path / "ddp" / "checkpoints", step),
+        ddp = torch.load(checkpoint.path_for(root / method / "checkpoints", step),
                          weights_only=True)
-        one = torch.load(checkpoint.path_for(tmp_path / "one" / "checkpoints", step),
+        ref = torch.load(checkpoint.path_for(tmp_path / "one" / "checkpoints", step),
                          weights_only=True)
-        for part in ("model", "head"):
-            for name, value in one[part].items():
-                torch.testing.assert_close(ddp[part][name], value, atol=1e-5, rtol=1e-4,
+        parts = {"model": ref["model"], "head": ref["head"],
+                 "teacher": ref["teacher"].get("model", {}),
+                 "eval_ema": ref["eval_ema"].get("model", {})}
+        assert bool(parts["head"]) == (method in ("selfflow", "repa"))  # a head only if used
+        assert parts["eval_ema"], "every method keeps an evaluation EMA"
+        for part, tensors in parts.items():
+            got = ddp[part] if part in ("model", "head") else ddp[part].get("model", {})
+            assert got.keys() == tensors.keys()
+            for name, value in tensors.items():
+                torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4,
                                            msg=lambda m, step=step, part=part, name=name:
-                                           f"step {step} {part}.{name}: {m}")
-        for name, value in one["teacher"]["model"].items():
-            torch.testing.assert_close(ddp["teacher"]["model"][name], value, atol=1e-5,
-                                       rtol=1e-4)
+                                           f"{method} step {step} {part}.{name}: {m}")
     # logged losses are of the global batch: equal on both ranks and to the 1-process run's
     assert ranks[0]["losses"] == ranks[1]["losses"] == ddp["losses"]
-    assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
+    assert ddp["losses"] == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
+
+
+# -- which weights samples come from -----------------------------------------------------------
+
+def method_changes(method: str, store: str) -> dict:
+    """``tiny``'s changes for each method (the toy preset is Self-Flow with dual timesteps)."""
+    if method in ("selfflow", "gamma0"):
+        return {} if method == "selfflow" else {"objective": ObjectiveConfig(gamma=0.0)}
+    spec = attrs.evolve(tiny("-", store).modalities["toy"],
+                        scheduler=SingleTimestep.Config() if method == "vanilla"
+                        else DualTimestep.Config())
+    return {"teacher": NoTeacher.Config(), "modalities": {"toy": spec}}
+
+
+@pytest.mark.parametrize("method", ["vanilla", "dts", "gamma0", "selfflow"])
+def test_a_projection_head_only_where_a_representation_loss_is_computed(tmp_path, toy_store,
+                                                                       method):
+    changes = method_changes(method, toy_store)
+    tr = Trainer(tiny(tmp_path, toy_store, steps=3, **changes), components=components(),
+                 progress=False)
+    head = tr.model.objective.head
+    assert (head is None) == (method != "selfflow")
+    optimized = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in tr.model.parameters()}  # nothing idle in DDP's graph
+    tr.fit()
+    state = checkpoint.load(checkpoint.path_for(tmp_path / "checkpoints", 3))
+    assert (state["head"] == {}) == (method != "selfflow")
+    more = Trainer(tiny(tmp_path, toy_store, steps=4, **changes), components=components(),
+                   progress=False)
+    assert more.fit()["start_step"] == 3
+
+
+def test_older_checkpoints_resume_without_their_unused_head_or_an_eval_ema(tmp_path, toy_store,
+                                                                           monkeypatch):
+    """A vanilla checkpoint written when such runs built an unused head and kept no evaluation
+    EMA: it resumes, the head dropped, the evaluation EMA started from the resumed student, and
+    trains on exactly as a run of today's code."""
+    changes = method_changes("vanilla", toy_store)
+    with monkeypatch.context() as m:  # as before: a head whatever the objective
+        m.setattr(assembly, "uses_representation", lambda *a: True)
+        old = Trainer(tiny(tmp_path / "old", toy_store, steps=3, eval_ema_decay=None,
+                           **changes), components=components(), progress=False)
+        assert old.model.objective.head is not None and old.eval_ema is None
+        old.fit()
+    state = checkpoint.load(checkpoint.path_for(tmp_path / "old" / "checkpoints", 3))
+    assert state["head"] and state["eval_ema"] == {}
+    # a config from before eval_ema_warmup existed (and with the old default, null)
+    config = json.loads(state["config"])
+    del config["eval_ema_warmup"]
+    state["config"] = json.dumps(config, sort_keys=True)
+    torch.save(state, checkpoint.path_for(tmp_path / "old" / "checkpoints", 3))
+
+    resumed = Trainer(tiny(tmp_path / "old", toy_store, steps=5, **changes),
+                      components=components(), progress=False)
+    assert resumed.fit()["start_step"] == 3 and resumed.eval_ema.updates == 2
+    # the same with today's code: 3 steps (a 3-step cosine schedule), resumed to 5
+    Trainer(tiny(tmp_path / "new", toy_store, steps=3, eval_ema_decay=None, **changes),
+            components=components(), progress=False).fit()
+    today = Trainer(tiny(tmp_path / "new", toy_store, steps=5, **changes),
+                    components=components(), progress=False)
+    today.fit()
+    assert resumed.losses == today.losses and resumed.eval_ema.updates == today.eval_ema.updates
+    for a, b in [(resumed.backbone, today.backbone),
+                 (resumed.eval_ema.model, today.eval_ema.model)]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = resumed.optimizer.state_dict(), today.optimizer.state_dict()
+    assert oa["state"].keys() == ob["state"].keys()
+    assert all(torch.equal(oa["state"][i][k], ob["state"][i][k])
+               for i in oa["state"] for k in oa["state"][i])
+
+
+@pytest.mark.parametrize("method", ["vanilla", "selfflow"])
+def test_every_method_samples_from_its_evaluation_ema(tmp_path, toy_store, method):
+    changes = method_changes(method, toy_store)
+    # decay 0.5 without warm-up: another average than the EMA teacher's (0.99 with warm-up)
+    tr = Trainer(tiny(tmp_path, toy_store, steps=3, eval_ema_decay=0.5, eval_ema_warmup=False,
+                      **changes), components=components(), progress=False)
+    summary = tr.fit()
+    assert tr.eval_weights() == "eval_ema" and tr.eval_model() is tr.eval_ema.model
+    ema = tr.eval_ema.model.state_dict()
+    student = tr.backbone.state_dict()
+    assert any(not torch.equal(ema[k], student[k]) for k in ema)  # not the raw student
+    if method == "selfflow":
+        teacher = tr.teacher.model.state_dict()
+        assert any(not torch.equal(ema[k], teacher[k]) for k in ema)  # nor the teacher
+    folder = Path(summary["samples_dir"])
+    info = json.loads((folder / "sample_info.json").read_text())
+    assert info == {"weights": "eval_ema", "decay": 0.5, "warmup": False, "updates": 3,
+                    "step": 3, "method": method, "checkpoint": None,
+                    "sampling": to_data(make_converter(), tr.config.sampling)}
+
+    # `selfflow sample` / load_for_sampling: the same weights, so the same samples
+    config, _, model = load_for_sampling(tmp_path, components())
+    loaded = model.state_dict()
+    assert loaded.keys() == ema.keys() and all(torch.equal(loaded[k], ema[k]) for k in ema)
+    result = sample_run(tmp_path, components(), out_dir=tmp_path / "again")
+    assert result.weights == "evaluation EMA" and result.info["weights"] == "eval_ema"
+    again = json.loads((tmp_path / "again" / "sample_info.json").read_text())
+    assert again == {**info, "checkpoint": str(checkpoint.path_for(tmp_path / "checkpoints", 3))}
+    assert np.array_equal(np.load(tmp_path / "again" / "toy" / "samples.npy"),
+                          np.load(folder / "toy" / "samples.npy"))
+
+
+def test_the_evaluation_ema_is_on_by_default_with_warm_up():
+    config = TrainerConfig(modalities=toy().modalities)
+    assert (config.eval_ema_decay, config.eval_ema_warmup) == (0.9999, True)
+    data = to_data(make_converter(), config)
+    old = {k: v for k, v in data.items() if k != "eval_ema_warmup"}  # a config of before
+    assert structure(make_converter(Components()), old, TrainerConfig) == config
 
 
 # -- hooks and label dropout --------------------------------------------------------------------

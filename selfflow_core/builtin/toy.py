@@ -44,7 +44,6 @@ class WaveSource(Source):
 
 class ToyModality(ModalityAdapter):
     name = "toy"
-    default_mask_ratio = 0.25
 
     @attrs.frozen(kw_only=True)
     class Config(ModalityConfig):

@@ -206,7 +206,8 @@ def parser() -> argparse.ArgumentParser:
         "sample", help="generate samples from a checkpoint",
         description="Generate samples from a run's checkpoint with the weights it holds (the "
         "evaluation EMA, else the EMA teacher, else the raw student) and the run's sampling "
-        "settings, each option replacing one. Never overwrites the training's samples.")
+        "settings, each option replacing one. Never overwrites the training's samples; the "
+        "folder's sample_info.json says which weights they came from.")
     sm.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT",
                     help="a run directory (its latest checkpoint), its checkpoints/ folder or a "
                     "checkpoint (step-N.pt or step-N.dcp)")

@@ -26,8 +26,9 @@ def shrink(config: TrainerConfig, *, run_dir: str, stores: Mapping[str, str],
     path: the store records what it holds) and ``batch_size``; ``modality`` (name -> field
     changes) shrinks the data itself; a change given as a mapping to a field holding an attrs
     config changes that config's fields in turn (``{"video": {"frames": 4}}`` keeps the nested
-    video config but for its frames). The run: a 4x32 DiT, an EMA teacher of decay 0.9 with
-    warm-up (a 20-step run would never leave 0.999's initial average), ``lr`` with 5 warm-up
+    video config but for its frames). The run: a 4x32 DiT, an EMA teacher and an evaluation
+    EMA of decay 0.9 with warm-up (a 20-step run would never leave 0.999's initial average; the
+    same for both, so every method samples the teacher's kind of weights), ``lr`` with 5 warm-up
     steps, ``steps`` steps with a log line every quarter, a checkpoint at half-way and at the end,
     and ``samples`` samples of ``sample_steps`` steps (keeping the preset's shift). ``changes``
     override any other ``TrainerConfig`` field.
@@ -47,7 +48,7 @@ def shrink(config: TrainerConfig, *, run_dir: str, stores: Mapping[str, str],
         optim=OptimConfig(lr=lr, warmup_steps=5), steps=steps, log_every=max(1, steps // 4),
         checkpoint=CheckpointConfig(every=max(1, steps // 2), keep=2),
         sampling=SamplingConfig(count=samples, steps=sample_steps, shift=config.sampling.shift),
-        run_dir=run_dir, **changes)
+        run_dir=run_dir, **{"eval_ema_decay": 0.9, "eval_ema_warmup": True, **changes})
 
 
 def _evolve(config: Any, changes: Mapping[str, Any]) -> Any:

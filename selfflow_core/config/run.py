@@ -21,20 +21,33 @@ from selfflow_core.teachers import EMATeacher
 from selfflow_core.timesteps import DualTimestep
 
 
+def _scheduler_or_default(scheduler: SchedulerConfig | None, spec: ModalitySpec
+                          ) -> SchedulerConfig:
+    """``ModalitySpec.scheduler`` left out (None): the modality's own default."""
+    if scheduler is not None:
+        return scheduler
+    return spec.modality.default_scheduler() or DualTimestep.Config()
+
+
 @attrs.frozen(kw_only=True)
 class ModalitySpec:
     """One modality of a run: its adapter, its zarr store, its timestep plan and its share.
 
     ``source``: raw data to encode into ``store`` when the store does not exist yet (e.g.
-    ``"digits"``); empty means the store must exist. ``probability``: share of batches (paper
-    App. D: each batch holds one modality). ``weight``: loss weight. ``batch_size``: samples per
-    optimizer step across all ranks and accumulation steps.
+    ``"digits"``); empty means the store must exist. ``scheduler``: left out (or None), the
+    modality's paper settings, ``modality.default_scheduler()`` (the core's
+    ``DualTimestep.Config()`` where it declares none), filled in when the spec is made, so the
+    config's data, ``selfflow config show`` and checkpoints hold the scheduler the run uses.
+    ``probability``: share of optimizer steps (paper App. D: each batch holds one modality; all
+    ``grad_accum`` micro-batches of a step hold the same one). ``weight``: loss weight.
+    ``batch_size``: samples per optimizer step across all ranks and accumulation steps.
     """
 
     modality: ModalityConfig
     store: str
     source: str = ""
-    scheduler: SchedulerConfig = attrs.field(factory=DualTimestep.Config)
+    scheduler: SchedulerConfig = attrs.field(
+        default=None, converter=attrs.Converter(_scheduler_or_default, takes_self=True))
     batch_size: int = attrs.field(default=64, validator=v.ge(1))
     probability: float = attrs.field(default=1.0, validator=v.gt(0))
     weight: float = attrs.field(default=1.0, validator=v.ge(0))
@@ -96,7 +109,16 @@ class TrainerConfig:
     steps: int = attrs.field(default=1000, validator=v.ge(1))
     grad_accum: int = attrs.field(default=1, validator=v.ge(1))
     label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
-    eval_ema_decay: float | None = None
+    #: the evaluation EMA of the student: what samples come from, for every method alike
+    #: (vanilla, DTS, Self-Flow, REPA), in the trainer and in ``selfflow sample``. With
+    #: ``eval_ema_warmup`` its decay at update n is ``min(decay, (1 + n) / (10 + n))``, as the
+    #: EMA teacher's ``warmup`` (a run shorter than ~1 / (1 - decay) steps would otherwise sample
+    #: an average still mostly of its random initialisation; for paper-length runs it is the
+    #: plain 0.9999 after ~90k steps). None: no evaluation EMA, samples then come from the EMA
+    #: teacher if the run has one, else the raw student. Neither changes training: both may
+    #: change on resume (an EMA added then starts from the resumed student).
+    eval_ema_decay: float | None = 0.9999
+    eval_ema_warmup: bool = True
     #: 0 <= seed < 2**32: data order and noise are seeded by ``(seed, step)`` pairs
     seed: int = attrs.field(default=0, validator=[v.ge(0), v.lt(2**32)])
     run_dir: str = "runs/selfflow"

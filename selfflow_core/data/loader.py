@@ -4,8 +4,10 @@ Per store, every epoch is a fresh permutation seeded by ``(seed, store index, ep
 ``world_size`` equal shards (the last ``len % world_size`` samples of the permutation are left out
 that epoch, so ranks get equal counts). Each rank's shards, epoch after epoch, form one stream
 that is cut into batches, so a batch may hold the end of one epoch and the start of the next.
-With several stores, a mixing draw seeded by ``(seed, step)`` picks the store of each batch; the
-draw is the same on every rank, so all ranks see the same modality at each step.
+With several stores, a mixing draw seeded by ``(seed, group number)`` picks the store of each
+group of ``group`` consecutive batches (the trainer's ``grad_accum`` micro-batches of one optimizer
+step: paper App. D holds one modality per batch); the draw is the same on every rank, so all ranks
+see the same modality at each step.
 
 Stores holding ``<name>_mean`` / ``<name>_std`` get ``<name>`` drawn by :func:`sample_posterior`
 with noise seeded by ``(seed, rank, step)``.
@@ -32,6 +34,8 @@ from selfflow_core.data.store import LatentStore
 from selfflow_core.types import TokenBatch
 
 STATE_VERSION = 1
+#: what a state saved before a key existed had
+LEGACY_IDENTITY = {"group": 1}
 _PERMUTATION, _MIXING, _POSTERIOR = 0, 1, 2  # keep the seeded streams apart
 
 
@@ -102,9 +106,9 @@ class _BatchPlan(BaseNode):
     """Yields ``(store index, sample indices, state after this batch)``; starts from ``start``."""
 
     def __init__(self, shards: list[_Shards], probabilities: np.ndarray, seed: int,
-                 start: Mapping[str, Any]) -> None:
+                 start: Mapping[str, Any], group: int = 1) -> None:
         super().__init__()
-        self.shards, self.seed = shards, seed
+        self.shards, self.seed, self.group = shards, seed, group
         self.cumulative = np.cumsum(probabilities / probabilities.sum())
         self.start = {"step": int(start["step"]), "counts": [int(c) for c in start["counts"]]}
 
@@ -114,10 +118,11 @@ class _BatchPlan(BaseNode):
         self.step, self.counts = int(state["step"]), [int(c) for c in state["counts"]]
 
     def choose(self, step: int) -> int:
-        """The store giving batch ``step``: a draw seeded by ``(seed, step)``."""
+        """The store giving batch ``step``: a draw seeded by ``(seed, step // group)``, one for
+        each group of ``group`` consecutive batches."""
         if len(self.shards) == 1:
             return 0
-        u = np.random.default_rng([self.seed, _MIXING, step]).random()
+        u = np.random.default_rng([self.seed, _MIXING, step // self.group]).random()
         return min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.shards) - 1)
 
     def next(self) -> tuple[int, np.ndarray, int, dict[str, Any]]:
@@ -156,9 +161,11 @@ class LatentLoader:
     a loader built with the same arguments continues exactly from it after ``load_state_dict``."""
 
     def __init__(self, sources: Sequence[LoaderSource], *, seed: int, rank: int, world_size: int,
-                 num_workers: int, prefetch: int) -> None:
+                 num_workers: int, prefetch: int, group: int = 1) -> None:
         self.sources = list(sources)
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        # batches that share one mixing draw; with one store there is nothing to draw
+        self.group = group if len(self.sources) > 1 else 1
         self.num_workers, self.prefetch = num_workers, prefetch
         self.shards = [_Shards(len(s.store), s.batch_size, i, seed, rank, world_size)
                        for i, s in enumerate(self.sources)]
@@ -167,7 +174,8 @@ class LatentLoader:
 
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "sources": [[len(s.store), s.batch_size, s.probability] for s in self.sources]}
+                "sources": [[len(s.store), s.batch_size, s.probability] for s in self.sources],
+                "group": self.group}
 
     def _load(self, item: tuple[int, np.ndarray, int, dict]
               ) -> tuple[int, TokenBatch | _Failure, dict]:
@@ -185,7 +193,7 @@ class LatentLoader:
 
     def _pipeline(self) -> Loader:
         node: BaseNode = _BatchPlan(self.shards, np.array([s.probability for s in self.sources]),
-                                    self.seed, self._state)
+                                    self.seed, self._state, self.group)
         if self.num_workers > 0:
             node = ParallelMapper(node, self._load, num_workers=self.num_workers, method="thread",
                                   in_order=True)
@@ -220,22 +228,30 @@ class LatentLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state`` on the next ``iter()``; refuses a state of another setup."""
         mine = self._identity()
-        theirs = {k: state.get(k) for k in mine}
+        # a state from before groups: each batch had its own draw (the same as a group of 1)
+        theirs = {k: state.get(k, LEGACY_IDENTITY.get(k)) for k in mine}
         if theirs != mine or state.get("version") != STATE_VERSION:
             differ = [k for k in (*mine, "version")
-                      if state.get(k) != {**mine, "version": STATE_VERSION}[k]]
+                      if state.get(k, LEGACY_IDENTITY.get(k))
+                      != {**mine, "version": STATE_VERSION}[k]]
             raise ValueError(f"loader state does not fit this loader (differs in {differ}): it "
-                             "was saved with other seed, rank, world size or stores")
+                             "was saved with other seed, rank, world size, stores or group of "
+                             "batches per modality draw (grad_accum)")
         self._state = {"step": int(state["step"]), "counts": [int(c) for c in state["counts"]]}
         self._generation += 1
 
 
 def build_loader(sources: Sequence[LoaderSource], *, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, prefetch: int = 2) -> LatentLoader:
+                 world_size: int = 1, num_workers: int = 0, prefetch: int = 2,
+                 group: int = 1) -> LatentLoader:
     """The training loader over ``sources`` for ``rank`` of ``world_size``: each batch is one
-    store read, tokenized on ``num_workers`` threads (0: inline), ``prefetch`` batches ahead."""
+    store read, tokenized on ``num_workers`` threads (0: inline), ``prefetch`` batches ahead.
+    With several sources, each run of ``group`` consecutive batches (counted from the first:
+    the trainer's ``grad_accum`` micro-batches of one optimizer step) comes from one source."""
     if not sources:
         raise ValueError("build_loader: no sources")
+    if group < 1:
+        raise ValueError(f"build_loader: group must be at least 1, got {group}")
     if not 0 <= rank < world_size:
         raise ValueError(f"build_loader: rank {rank} not in 0..{world_size - 1}")
     for s in sources:
@@ -244,4 +260,4 @@ def build_loader(sources: Sequence[LoaderSource], *, seed: int, rank: int = 0,
                              f"{world_size} rank(s) {len(s.store) // world_size}, fewer than "
                              f"the batch size {s.batch_size}")
     return LatentLoader(sources, seed=seed, rank=rank, world_size=world_size,
-                        num_workers=num_workers, prefetch=prefetch)
+                        num_workers=num_workers, prefetch=prefetch, group=group)

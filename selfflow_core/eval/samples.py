@@ -1,7 +1,11 @@
 """Generating samples: one modality from a model (`write_samples`, used by the trainer), and from a
 checkpoint (or a run directory: its latest one): rebuild the run from the config stored inside,
 load the weights (evaluation EMA, else the EMA teacher, else the raw student) and write samples to
-a folder of their own."""
+a folder of their own.
+
+Every method keeps an evaluation EMA by default (``TrainerConfig.eval_ema_decay``), so vanilla,
+DTS, Self-Flow and REPA samples come from the same kind of weights. Each samples folder holds a
+``sample_info.json`` (:func:`sample_info`) saying which weights they came from."""
 
 from __future__ import annotations
 
@@ -14,13 +18,53 @@ import torch
 from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.config.run import TrainerConfig
 from selfflow_core.errors import CheckpointError
+from selfflow_core.interfaces import TeacherStrategy
+from selfflow_core.objective import uses_representation
 from selfflow_core.plugins.manager import Components
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import ModalityRuntime, build_modalities, build_model
 from selfflow_core.sampling import SamplingConfig, sample
 
-#: where a checkpoint's sampling weights come from, in order of preference
-WEIGHTS = (("eval_ema", "evaluation EMA"), ("teacher", "EMA teacher"))
+#: the weights samples can come from (``sample_info.json``'s ``weights``), in order of preference,
+#: in words
+WEIGHTS = {"eval_ema": "evaluation EMA", "ema_teacher": "EMA teacher", "student": "raw student"}
+#: the checkpoint entry of each averaged kind of weights
+_STATE_KEYS = {"eval_ema": "eval_ema", "ema_teacher": "teacher"}
+INFO_FILE = "sample_info.json"
+
+
+def method_of(config: TrainerConfig, teacher: TeacherStrategy) -> str:
+    """The run's method: ``"vanilla"`` or ``"dts"`` without a representation loss (single or
+    dual timesteps), ``"selfflow"`` with the EMA teacher's, else the teacher's kind (``"repa"``)."""
+    if not uses_representation(config.objective, teacher):
+        single = all(s.scheduler.kind == "single" for s in config.modalities.values())
+        return "vanilla" if single else "dts"
+    return "selfflow" if config.teacher.kind == "ema" else config.teacher.kind
+
+
+def sample_info(config: TrainerConfig, teacher: TeacherStrategy, weights: str, *, step: int,
+                updates: int | None, sampling: SamplingConfig,
+                checkpoint: Path | None = None) -> dict:
+    """What ``sample_info.json`` records: ``weights`` (a key of :data:`WEIGHTS`), their
+    ``decay``, ``warmup`` and number of EMA ``updates`` (None for the raw student), the training
+    ``step``, the run's ``method`` (:func:`method_of`), the ``sampling`` settings and the
+    ``checkpoint`` read (None: the trainer's own model)."""
+    decay, warmup = {"eval_ema": (config.eval_ema_decay, config.eval_ema_warmup),
+                     "ema_teacher": (getattr(config.teacher, "decay", None),
+                                     getattr(config.teacher, "warmup", None))
+                     }.get(weights, (None, None))
+    return {"weights": weights, "decay": decay, "warmup": warmup,
+            "updates": updates if weights != "student" else None, "step": step,
+            "method": method_of(config, teacher), "sampling": to_data(make_converter(), sampling),
+            "checkpoint": None if checkpoint is None else str(checkpoint)}
+
+
+def write_info(out_dir: Path, info: dict) -> Path:
+    """``out_dir/sample_info.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / INFO_FILE
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -44,29 +88,35 @@ def _load(path: Path, components: Components, device: str):
     config = structure(make_converter(components), json.loads(state["config"]), TrainerConfig,
                        source=f"config stored in {path}")
     modalities = build_modalities(config)
-    model = build_model(config, modalities, config.teacher.build()).backbone
-    which, weights = next(((name, state[key]["model"]) for key, name in WEIGHTS
-                           if state.get(key, {}).get("model")), ("raw student", state["model"]))
+    teacher = config.teacher.build()
+    model = build_model(config, modalities, teacher).backbone
+    which = next((w for w, key in _STATE_KEYS.items() if state.get(key, {}).get("model")),
+                 "student")
+    source = state[_STATE_KEYS[which]] if which != "student" else {"model": state["model"]}
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(source["model"])
     except RuntimeError as exc:  # the weights are not of the model its own config describes
         first = (str(exc).splitlines() or [""])[0][:200]
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the model of its "
                               f"stored config ({first})") from None
-    return config, modalities, model.to(device).eval(), which, int(state["step"])
+    step = int(state["step"])
+    info = sample_info(config, teacher, which, step=step, updates=source.get("updates"),
+                       sampling=config.sampling, checkpoint=path)
+    return config, modalities, model.to(device).eval(), info
 
 
 def load_for_sampling(path: str | Path, components: Components, device: str = "cpu"):
     """(config, modalities, model in eval mode) from a checkpoint (or a run directory: its latest
-    one), with the evaluation EMA's weights, else the EMA teacher's, else the raw student's."""
+    one), with the evaluation EMA's weights, else the EMA teacher's, else the raw student's (as
+    the trainer's own samples: :meth:`Trainer.eval_model`)."""
     return _load(find_checkpoint(path), components, device)[:3]
 
 
 @attrs.frozen
 class SampleResult:
-    """What :func:`sample_run` did: the checkpoint and its step, which weights
+    """What :func:`sample_run` did: the checkpoint and its step, which weights in words
     (``"evaluation EMA"``, ``"EMA teacher"`` or ``"raw student"``), the sampling settings used,
-    the output folder and the files written."""
+    the output folder, the files written and what its ``sample_info.json`` says (``info``)."""
 
     checkpoint: Path
     step: int
@@ -74,6 +124,7 @@ class SampleResult:
     sampling: SamplingConfig
     out_dir: Path
     paths: list[Path]
+    info: dict = attrs.field(factory=dict)
 
 
 def _fresh_dir(samples: Path, step: int) -> Path:
@@ -109,8 +160,9 @@ def sample_run(path: str | Path, components: Components, *, out_dir: str | Path 
                                      cfg_scale=cfg_scale, seed=seed).items() if v is not None}
     _sampling(SamplingConfig(), changes)  # a bad option is refused before anything is loaded
     path = find_checkpoint(path)
-    config, modalities, model, which, step = _load(path, components, device)
-    sampling = _sampling(config.sampling, changes)
+    config, modalities, model, info = _load(path, components, device)
+    step, sampling = info["step"], _sampling(config.sampling, changes)
+    info = {**info, "sampling": to_data(make_converter(), sampling)}
     # <run_dir>/checkpoints/step-N.pt; a checkpoint elsewhere gets samples/ beside it
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out = Path(out_dir) if out_dir else _fresh_dir(run_dir / "samples", step)
@@ -123,7 +175,8 @@ def sample_run(path: str | Path, components: Components, *, out_dir: str | Path 
         if not out_dir and not any(out.iterdir()):
             out.rmdir()  # no empty folder left by a failed (or interrupted) call
         raise
-    return SampleResult(path, step, which, sampling, out, paths)
+    write_info(out, info)
+    return SampleResult(path, step, WEIGHTS[info["weights"]], sampling, out, paths, info)
 
 
 def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str | None = None,

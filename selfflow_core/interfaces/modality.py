@@ -12,12 +12,21 @@ import numpy as np
 from torch import Tensor
 
 from selfflow_core.interfaces.base import ComponentConfig
+from selfflow_core.interfaces.timesteps import SchedulerConfig
 from selfflow_core.types import TokenBatch
 
 
 @attrs.frozen(kw_only=True)
 class ModalityConfig(ComponentConfig):
     """Base config of modality adapters; ``build()`` returns a :class:`ModalityAdapter`."""
+
+    def default_scheduler(self) -> SchedulerConfig | None:
+        """The timestep scheduler of a :class:`~selfflow_core.ModalitySpec` that names none:
+        this modality's paper settings (mask ratio, p(t) and its shift, low-SNR tail), e.g.
+        ``DualTimestep.Config(distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05),
+        mask_ratio=0.1)`` for video. ``None`` (the default): the core's
+        ``DualTimestep.Config()``, uniform p(t) and mask ratio 0.25 (the paper's images)."""
+        return None
 
 
 @attrs.frozen(kw_only=True)
@@ -54,8 +63,6 @@ class ModalityAdapter(abc.ABC):
     name: ClassVar[str] = ""
     #: the field that is generated (tokenized/detokenized); others are labels or conditioning
     latent_field: ClassVar[str] = "latents"
-    #: the paper's mask ratio for this modality (the dual-timestep default)
-    default_mask_ratio: ClassVar[float] = 0.25
 
     @property
     @abc.abstractmethod

@@ -1,5 +1,6 @@
 """Turning a validated ``TrainerConfig`` into live objects: the modalities (adapter, scheduler,
-id offset) and the trainable model (backbone + projection head)."""
+id offset) and the trainable model (backbone + projection head, the head only where a
+representation loss is computed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from selfflow_core.config.run import TrainerConfig
 from selfflow_core.interfaces import ModalityAdapter, TimestepScheduler
-from selfflow_core.objective import SelfFlowObjective
+from selfflow_core.objective import SelfFlowObjective, uses_representation
 
 
 @attrs.define
@@ -48,9 +49,25 @@ def build_model(config: TrainerConfig, modalities: list[ModalityRuntime],
     dims = [d for m in modalities for d in m.adapter.token_dims]
     classes = max(m.adapter.num_classes for m in modalities)
     backbone = config.backbone.build(token_dims=dims, num_classes=classes)
+    # no projection head where no representation loss is computed (vanilla, DTS, gamma 0)
     objective = SelfFlowObjective(config.objective, depth=backbone.depth, width=backbone.width,
-                                  target_width=teacher.feature_dim)
+                                  target_width=teacher.feature_dim,
+                                  representation=uses_representation(config.objective, teacher))
     return StudentWithHead(backbone, objective)
+
+
+def drop_unused_head(state: dict) -> dict:
+    """A checkpoint (one file) of a run without representation loss, written when such runs
+    still built a projection head they never used: without the head and its (empty) optimizer
+    entries, so that the run resumes. The head's parameters are the model's last
+    (:class:`StudentWithHead`: the backbone's, then the head's)."""
+    opt = state["optimizer"]
+    ids = [i for group in opt["param_groups"] for i in group["params"]]
+    gone = set(ids[len(ids) - len(state["head"]):])
+    groups = [{**g, "params": [i for i in g["params"] if i not in gone]}
+              for g in opt["param_groups"]]
+    kept = {i: s for i, s in opt["state"].items() if i not in gone}
+    return {**state, "head": {}, "optimizer": {**opt, "state": kept, "param_groups": groups}}
 
 
 def store_path(spec) -> str:

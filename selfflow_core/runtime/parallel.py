@@ -6,12 +6,12 @@ gradients. Checkpoints are one file, written by rank 0.
 ``parallel="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over a 1-D device mesh of
 all ranks (``init_device_mesh("cuda" | "cpu", (world,))``; gloo on CPU works). Every transformer
 block of the backbone is its own unit, then the root (the rest of the backbone and the
-projection head), so a rank holds 1/world of every parameter, gradient and AdamW moment and
-all-gathers one block at a time. (The rest of the backbone is not a unit of its own: FSDP2 hooks
-the backward on the tensors of a module's output, and the backbone returns a ``BackboneOutput``,
-which FSDP2 cannot look into.) Parameters stay fp32 (bf16 comes from the trainer's autocast on
-CUDA, as under DDP). Checkpoints are directories of shards
-(:mod:`selfflow_core.runtime.checkpoint.dcp`).
+projection head, where the run has one: none without a representation loss), so a rank holds
+1/world of every parameter, gradient and AdamW moment and all-gathers one block at a time.
+(The rest of the backbone is not a unit of its own: FSDP2 hooks the backward on the tensors of a
+module's output, and the backbone returns a ``BackboneOutput``, which FSDP2 cannot look into.)
+Parameters stay fp32 (bf16 comes from the trainer's autocast on CUDA, as under DDP). Checkpoints
+are directories of shards (:mod:`selfflow_core.runtime.checkpoint.dcp`).
 
 The EMA teacher (and the evaluation EMA) are sharded exactly like the student: same units, same
 rows on the same rank. The EMA update is then a local ``lerp`` of each shard on the matching

@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 
 from selfflow_core.builtin.dit import MAX_POSITION_AXES, DiT
-from selfflow_core.interfaces import BackboneConfig, ModalityAdapter, ModalityConfig
+from selfflow_core.interfaces import (
+    BackboneConfig,
+    ModalityAdapter,
+    ModalityConfig,
+    SchedulerConfig,
+)
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.testing.checks import (
@@ -107,7 +112,11 @@ class ModalityContract:
             f"{type(self.config).kind!r}")
         assert isinstance(adapter.token_dim, int) and adapter.token_dim >= 1
         assert isinstance(adapter.num_classes, int) and adapter.num_classes >= 0
-        assert 0 <= adapter.default_mask_ratio <= 0.5, "DTS mask ratios are in [0, 0.5]"
+        default = self.config.default_scheduler()  # a spec naming no scheduler gets it
+        assert default is None or isinstance(default, SchedulerConfig), (
+            f"config.default_scheduler() returned {default!r}, not a SchedulerConfig or None")
+        if default is not None:
+            default.build()
         assert adapter.latent_field in adapter.fields(), (
             f"latent_field {adapter.latent_field!r} is not one of fields() "
             f"{sorted(adapter.fields())}")

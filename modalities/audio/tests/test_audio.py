@@ -31,7 +31,17 @@ from selfflow_audio import sources as sources_module
 from selfflow_audio.features import stft
 from selfflow_audio.presets import debug_tiny, default
 
-from selfflow_core import Components, ConfigError, make_converter, structure, to_data, validate
+from selfflow_core import (
+    Components,
+    ConfigError,
+    DualTimestep,
+    LogitNormal,
+    ModalitySpec,
+    make_converter,
+    structure,
+    to_data,
+    validate,
+)
 from selfflow_core.cli.main import main
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.testing import ModalityContract, ModalityPluginContract
@@ -75,11 +85,14 @@ class TestAudioPlugin(ModalityPluginContract):
 
 
 def test_preset_schedules_and_widths():
+    # paper App. A.2, B: mask ratio 0.5, logit-normal trainshift 1.0 (Self-Flow's audio
+    # setting); a spec naming no scheduler gets it
+    paper = DualTimestep.Config(distribution=LogitNormal.Config(shift=1.0), mask_ratio=0.5)
+    assert AudioModality.Config().default_scheduler() == paper
+    assert ModalitySpec(modality=AudioModality.Config(), store="x.zarr").scheduler == paper
     for preset in (default(), debug_tiny()):
         spec = preset.modalities["audio"]
-        assert spec.scheduler.mask_ratio == AudioModality.default_mask_ratio == 0.5
-        assert spec.scheduler.distribution.kind == "logit_normal"
-        assert spec.scheduler.distribution.shift == 1.0
+        assert spec.scheduler == spec.modality.default_scheduler() == paper
     # a token wider than the backbone cannot carry its noise: samples keep a noise floor
     preset = default()
     assert preset.backbone.width > preset.modalities["audio"].modality.build().token_dim
@@ -181,7 +194,7 @@ def test_a_missing_codec_file_on_the_command_line_is_one_error_line(capsys):
 
 def test_shapes_and_normalization():
     m = AudioModality.Config().build()
-    assert m.name == "audio" and m.default_mask_ratio == 0.5
+    assert m.name == "audio"
     assert m.latent_shape == (128, 32) and m.clip_samples == 127 * 128
     assert m.num_tokens == 64 and m.token_dim == 2 * 32
     assert m.token_seconds == pytest.approx(2 * 128 / 16000)

@@ -102,7 +102,11 @@ class TestAudioVideoPlugin(ModalityPluginContract):
 def test_default_preset_settings():
     spec = default().modalities["audio_video"]
     assert spec.modality.video.condition_first_frame
-    assert spec.scheduler.mask_ratio == AudioVideoModality.default_mask_ratio
+    # the video's schedule (the paper gives no joint one); a spec naming none gets it too
+    assert spec.scheduler == spec.modality.default_scheduler() == VideoModality.Config(
+        ).default_scheduler()
+    assert spec.scheduler.mask_ratio == 0.1
+    assert attrs.evolve(spec, scheduler=None).scheduler == spec.scheduler
     # both token widths fit the backbone (a wider token leaves a noise floor in the samples)
     assert default().backbone.width > max(spec.modality.build().token_dims)
 

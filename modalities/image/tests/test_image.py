@@ -18,7 +18,14 @@ from selfflow_image import (
     make_grid,
 )
 
-from selfflow_core import TILE_SEPARATOR, Components, tile_images
+from selfflow_core import (
+    TILE_SEPARATOR,
+    Components,
+    DualTimestep,
+    ModalitySpec,
+    Uniform,
+    tile_images,
+)
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
 
@@ -80,9 +87,20 @@ def test_config_through_the_converter():
         structure(conv, {"kind": "image", "encoder": {"kind": "diffusers_vae"}}, ModalityConfig)
 
 
+def test_paper_schedule_is_the_default_and_the_presets():
+    """Paper App. A.2-A.3: uniform p(t), mask ratio 0.25; a spec naming no scheduler gets it."""
+    from selfflow_image.presets import debug_tiny, default
+
+    paper = DualTimestep.Config(distribution=Uniform.Config(), mask_ratio=0.25)
+    assert ImageModality.Config().default_scheduler() == paper
+    assert ModalitySpec(modality=ImageModality.Config(), store="x.zarr").scheduler == paper
+    for preset in (default(), debug_tiny()):
+        spec = preset.modalities["image"]
+        assert spec.scheduler == spec.modality.default_scheduler() == paper
+
+
 def test_defaults(adapter: ImageModality):
     assert adapter.name == "image" and ImageModality.Config.kind == "image"
-    assert adapter.default_mask_ratio == 0.25
     assert adapter.num_classes == 10
     assert adapter.token_dim == 1 * 2 * 2
     assert adapter.num_tokens == 16

@@ -26,7 +26,7 @@ from selfflow_robotics.evaluate import main as eval_main
 from selfflow_robotics.presets import MASK_RATIO, debug_tiny, default
 from selfflow_robotics.sim import run_expert_episode
 
-from selfflow_core import Components
+from selfflow_core import Components, ModalitySpec
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.data.store import encode_store
 from selfflow_core.interfaces import ModalityConfig
@@ -60,11 +60,13 @@ def chunked():
 # ---- registration and config ------------------------------------------------------------------
 
 def test_preset_schedules():
+    ours = DualTimestep.Config(distribution=Uniform.Config(), mask_ratio=0.25)  # paper: none
+    assert RoboticsModality.Config().default_scheduler() == ours
+    assert ModalitySpec(modality=SMALL, store="x.zarr").scheduler == ours
     for preset in (default(), debug_tiny()):
         spec = preset.modalities["robotics"]
-        assert spec.scheduler == DualTimestep.Config(distribution=Uniform.Config(),
-                                                     mask_ratio=MASK_RATIO)
-    assert MASK_RATIO == RoboticsModality.default_mask_ratio == 0.25
+        assert spec.scheduler == spec.modality.default_scheduler() == ours
+    assert MASK_RATIO == 0.25
 
 
 def test_config_through_the_converter():

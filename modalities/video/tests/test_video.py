@@ -14,7 +14,7 @@ from PIL import Image
 from selfflow_video import MovingDigitsSource, VideoModality, tile, write_video_files
 from selfflow_video.presets import debug_tiny, default
 
-from selfflow_core import TILE_SEPARATOR, Components
+from selfflow_core import TILE_SEPARATOR, Components, LogitNormal, ModalitySpec
 from selfflow_core.builtin.dit import DiT
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
 from selfflow_core.interfaces import ModalityConfig
@@ -70,11 +70,15 @@ class TestVideoPlugin(ModalityPluginContract):
 
 
 def test_preset_schedules_and_widths():
+    # paper App. A.2-A.3: mask ratio 0.1, logit-normal shift 2.95, 5 % low-SNR tail; a spec
+    # naming no scheduler gets it
+    paper = DualTimestep.Config(
+        distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=0.1)
+    assert VideoModality.Config().default_scheduler() == paper
+    assert ModalitySpec(modality=VideoModality.Config(), store="x.zarr").scheduler == paper
     for preset in (default(), debug_tiny()):
         spec = preset.modalities["video"]
-        assert spec.scheduler.mask_ratio == VideoModality.default_mask_ratio == 0.1
-        assert spec.scheduler.distribution.shift == 2.95
-        assert spec.scheduler.distribution.tail_fraction == 0.05
+        assert spec.scheduler == spec.modality.default_scheduler() == paper
     # a token wider than the backbone cannot carry its noise: samples keep a noise floor
     preset = default()
     assert preset.backbone.width > preset.modalities["video"].modality.build().token_dim
@@ -95,7 +99,7 @@ def test_config_through_the_converter():
 
 
 def test_shapes(adapter: VideoModality):
-    assert adapter.name == "video" and adapter.default_mask_ratio == 0.1
+    assert adapter.name == "video"
     assert adapter.latent_shape == (8, 1, 16, 16)
     assert adapter.grid == (4, 4, 4) and adapter.num_tokens == 64
     assert adapter.token_dim == 2 * 1 * 4 * 4

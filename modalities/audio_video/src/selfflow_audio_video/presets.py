@@ -37,7 +37,9 @@ def default() -> TrainerConfig:
     label dropout 0.1. Not supported by the core: the paper's noise augmentation of the
     conditioning frame (t ~ U[0, 0.2]); it is held clean. Changed for a run of 1k steps: lr
     1e-3 with warm-up and cosine decay (1e-4 assumes hundreds of thousands of steps) and an EMA
-    teacher of decay 0.999 with warm-up (0.9999 averages over ~10k steps, longer than the run).
+    teacher of decay 0.999 with warm-up (0.9999 averages over ~10k steps, longer than the run);
+    samples come from an evaluation EMA of the same decay 0.999 with warm-up, for the same
+    reason (for Self-Flow the teacher's very weights; a vanilla or DTS run gets the same average).
     """
     modality = AudioVideoModality.Config(
         video=VideoModality.Config(size=16, frames=8, patch=8, temporal_patch=1,
@@ -53,6 +55,7 @@ def default() -> TrainerConfig:
                 mask_ratio=0.1))},
         backbone=DiT.Config(depth=4, width=96, heads=4),
         teacher=EMATeacher.Config(decay=0.999, warmup=True),
+        eval_ema_decay=0.999, eval_ema_warmup=True,  # as the teacher's (1k steps << 10k)
         optim=OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1),
         checkpoint=CheckpointConfig(every=500, keep=3),
         sampling=SamplingConfig(count=10, steps=40, method="heun", cfg_scale=2.0, shift=2.95),

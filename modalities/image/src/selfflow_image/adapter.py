@@ -25,9 +25,11 @@ from torch import Tensor
 
 from selfflow_core import (
     TILE_SEPARATOR,
+    DualTimestep,
     ModalityConfig,
     SelfFlowError,
     Source,
+    Uniform,
     tile_images,
     to_uint8,
     upscale,
@@ -234,7 +236,6 @@ class ImageModality(PatchAdapter):
     """Images as ``patch x patch`` tokens of their latents, with ``(row, col)`` positions."""
 
     name = "image"
-    default_mask_ratio = 0.25
 
     @attrs.frozen(kw_only=True)
     class Config(ModalityConfig):
@@ -275,6 +276,11 @@ class ImageModality(PatchAdapter):
 
         def problems(self) -> list[str]:
             return [f"encoder.{p}" for p in self.encoder.problems()]
+
+        def default_scheduler(self) -> DualTimestep.Config:
+            """Paper App. A.2-A.3 (ImageNet and single-modality T2I): uniform p(t), mask
+            ratio 0.25."""
+            return DualTimestep.Config(distribution=Uniform.Config(), mask_ratio=0.25)
 
         def build(self) -> ImageModality:
             return ImageModality(self)

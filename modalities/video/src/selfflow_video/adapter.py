@@ -22,6 +22,8 @@ from attrs import validators as v
 from torch import Tensor
 
 from selfflow_core import (
+    DualTimestep,
+    LogitNormal,
     ModalityConfig,
     Source,
     tile_images,
@@ -82,7 +84,6 @@ class VideoModality(PatchAdapter):
     """Clips as ``temporal_patch x patch x patch`` tube tokens with ``(t, row, col)`` positions."""
 
     name = "video"
-    default_mask_ratio = 0.1  # paper App. A.3: video uses 0.1 (temporal redundancy)
 
     @attrs.frozen(kw_only=True)
     class Config(ModalityConfig):
@@ -147,6 +148,12 @@ class VideoModality(PatchAdapter):
             if value and value not in SOURCES:
                 raise ValueError(f"'prompt_source' must be '' or one of {', '.join(SOURCES)} "
                                  f"(got {value!r})")
+
+        def default_scheduler(self) -> DualTimestep.Config:
+            """Paper App. A.2-A.3 (WAN2.2 video): mask ratio 0.1 (temporal redundancy),
+            logit-normal p(t) with shift 2.95 and 5 % of draws from U[0.95, 1] (low SNR)."""
+            return DualTimestep.Config(
+                distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=0.1)
 
         def build(self) -> VideoModality:
             return VideoModality(self)

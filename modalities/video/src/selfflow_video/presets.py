@@ -30,8 +30,10 @@ def default() -> TrainerConfig:
     and 5 % of draws from U[0.95, 1] (the low-SNR tail); layers 0.3/0.7 of depth; gamma 0.8;
     AdamW, clip 1.0, label dropout 0.1. Changed for a run of 1k steps: lr 1e-3 with warm-up
     and cosine decay (1e-4 assumes ~600k steps) and an EMA teacher of decay 0.999 with warm-up
-    (0.9999 averages over ~10k steps, longer than the whole run). Sampling uses shift 2.95 like
-    training (the paper's 15.0 is for WAN2.2 latents at 192p) and Heun with CFG 2.
+    (0.9999 averages over ~10k steps, longer than the whole run); samples come from an
+    evaluation EMA of the same decay 0.999 with warm-up, for the same reason (for Self-Flow the
+    teacher's very weights; a vanilla or DTS run gets the same average). Sampling uses shift
+    2.95 like training (the paper's 15.0 is for WAN2.2 latents at 192p) and Heun with CFG 2.
     """
     return TrainerConfig(
         modalities={"video": ModalitySpec(
@@ -43,6 +45,7 @@ def default() -> TrainerConfig:
                 mask_ratio=0.1))},
         backbone=DiT.Config(depth=4, width=96, heads=4),
         teacher=EMATeacher.Config(decay=0.999, warmup=True),
+        eval_ema_decay=0.999, eval_ema_warmup=True,  # as the teacher's (1k steps << 10k)
         optim=OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1),
         checkpoint=CheckpointConfig(every=500, keep=3),
         sampling=SamplingConfig(count=20, steps=40, method="heun", cfg_scale=2.0, shift=2.95),

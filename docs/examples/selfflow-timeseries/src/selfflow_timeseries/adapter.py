@@ -19,7 +19,15 @@ import attrs
 import numpy as np
 import torch
 from attrs import validators as v
-from selfflow_core import FieldSpec, ModalityAdapter, ModalityConfig, Source, TokenBatch
+from selfflow_core import (
+    DualTimestep,
+    FieldSpec,
+    ModalityAdapter,
+    ModalityConfig,
+    Source,
+    TokenBatch,
+    Uniform,
+)
 from selfflow_core.tokens import (
     class_labels,
     expand_batch,
@@ -134,7 +142,6 @@ class TimeseriesModality(ModalityAdapter):
     their index along time."""
 
     name = "timeseries"
-    default_mask_ratio = 0.25
 
     @attrs.frozen(kw_only=True)
     class Config(ModalityConfig):
@@ -161,6 +168,11 @@ class TimeseriesModality(ModalityAdapter):
             patch = getattr(self, "patch", 1)  # validators may run before `patch` is set
             if value % patch:
                 raise ValueError(f"'length' must be a multiple of patch {patch} (got {value})")
+
+        def default_scheduler(self) -> DualTimestep.Config:
+            """The timesteps of a run that names no scheduler: t and s from uniform p(t), and a
+            quarter of the tokens take s (the paper: 0.25 images, 0.1 video, 0.5 audio)."""
+            return DualTimestep.Config(distribution=Uniform.Config(), mask_ratio=0.25)
 
         def build(self) -> TimeseriesModality:
             return TimeseriesModality(self)

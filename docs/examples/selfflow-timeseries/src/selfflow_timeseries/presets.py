@@ -6,13 +6,11 @@ import attrs
 from selfflow_core import (
     CheckpointConfig,
     DiT,
-    DualTimestep,
     EMATeacher,
     ModalitySpec,
     OptimConfig,
     SamplingConfig,
     TrainerConfig,
-    Uniform,
 )
 
 from selfflow_timeseries.adapter import TimeseriesModality
@@ -30,8 +28,7 @@ def default() -> TrainerConfig:
     return TrainerConfig(
         modalities={"timeseries": ModalitySpec(
             modality=modality, store="data/timeseries.zarr", source="sensors", batch_size=64,
-            scheduler=DualTimestep.Config(distribution=Uniform.Config(),
-                                          mask_ratio=TimeseriesModality.default_mask_ratio))},
+            scheduler=modality.default_scheduler())},
         backbone=DiT.Config(depth=4, width=64, heads=4),
         teacher=EMATeacher.Config(decay=0.99, warmup=True),
         optim=OptimConfig(lr=1e-3, warmup_steps=50),
