@@ -134,9 +134,11 @@ class TrainerConfig:
     #: ``None``: half the cores this process may use (``os.sched_getaffinity``, shared among
     #: torchrun's local processes), at least 1 and never above torch's current count; torch's
     #: count as it is when ``OMP_NUM_THREADS`` is set. Half (1 on 2 cores), because measured on
-    #: a shared 2-core CPU, 2 threads ran the image preset 6x slower than 1 while other jobs ran
-    #: and 8-15x slower with a busy process per core: a thread sharing its core stalls every
-    #: step (benchmarks/RESULTS.md, "CPU threads"). May change on resume.
+    #: a 2-core CPU, 2 threads ran the image preset 2x slower than 1 with one busy process per
+    #: core and 6-15x slower on a machine shared with other jobs (a thread sharing its core
+    #: stalls every step), while on the idle machine they were only 1.2-1.4x faster
+    #: (benchmarks/RESULTS.md, "CPU threads"): set it to the cores of a machine you have to
+    #: yourself. May change on resume.
     threads: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))
     #: scan every stored value (NaN/Inf, damaged chunks) before training; off for huge stores
     verify_stores: bool = True
