@@ -43,17 +43,6 @@ from selfflow_core.types import LossTerms, TokenBatch
 CHECKPOINT_FORMAT = 1
 
 
-def _saved_config(path: Path) -> dict | None:
-    """The config stored in the checkpoint at ``path``, read without loading its tensors (a
-    file is memory-mapped, a sharded one's small meta file read); None when it cannot be read."""
-    try:
-        state = (checkpoint.load_meta(path) if path.is_dir() else
-                 torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        return json.loads(state["config"])
-    except Exception:  # noqa: BLE001 - damage is for resume() to report, with its own message
-        return None
-
-
 class Trainer:
     def __init__(self, config: TrainerConfig, *, components: Components | None = None,
                  dist: Dist | None = None, progress: bool = True) -> None:
@@ -248,9 +237,8 @@ class Trainer:
                 # KeyboardInterrupt, not in the generator's finalizer at interpreter exit
                 # ("Exception ignored in: <generator LatentLoader.__iter__>"); a later fit()
                 # continues from the same batch (the loader keeps its position)
-                if callable(getattr(self.batches, "close", None)):
-                    self.batches.close()
-                    self.batches = iter(self.loader)
+                self.batches.close()
+                self.batches = iter(self.loader)
             finally:
                 if lock is not None:
                     lock.release()
@@ -380,7 +368,7 @@ class Trainer:
         latest checkpoint, raised from ``__init__`` (reading only the checkpoint's config; one
         that cannot be read is left for :meth:`resume` to name)."""
         path = checkpoint.latest(self.run_dir / "checkpoints")
-        saved = _saved_config(path) if path is not None else None
+        saved = checkpoint.saved_config(path) if path is not None else None
         drift = config_drift(saved, self.config_data) if saved is not None else []
         if drift:
             checkpoint.load_meta(path)  # damaged rather than different: that error instead

@@ -4,6 +4,7 @@ entry point: :func:`load` and :func:`load_meta` take either kind."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from selfflow_core.runtime.checkpoint.files import (
 from selfflow_core.runtime.checkpoint.rng import rng_state, set_rng_state
 
 __all__ = ["CheckpointError", "latest", "list_checkpoints", "load", "load_meta", "path_for",
-           "prune", "remove_stale_temps", "rng_state", "save", "set_rng_state"]
+           "prune", "remove_stale_temps", "rng_state", "save", "saved_config", "set_rng_state"]
 
 
 def _is_sharded(path: Path) -> bool:
@@ -42,3 +43,16 @@ def load_meta(path: Path, map_location: str | torch.device = "cpu") -> dict[str,
     part later); a file checkpoint comes back whole."""
     path = Path(path)
     return dcp.load_meta(path, map_location) if _is_sharded(path) else load_file(path, map_location)
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The run config stored in the checkpoint at ``path``, read without loading its tensors (a
+    file is memory-mapped, a sharded one's small meta file read; checksums are not checked);
+    None when it cannot be read (damage is for :func:`load` to report)."""
+    path = Path(path)
+    try:
+        state = (dcp.load_meta(path) if _is_sharded(path) else
+                 torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        return json.loads(state["config"])
+    except Exception:  # noqa: BLE001 - any damage: None, and resume() says what is wrong
+        return None
