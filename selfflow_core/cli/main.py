@@ -14,6 +14,7 @@ from selfflow_core.config.resolve import resolve_config
 from selfflow_core.config.validate import source_problems
 from selfflow_core.errors import CheckpointError, ConfigError, SelfFlowError
 from selfflow_core.plugins.manager import Components
+from selfflow_core.sampling import METHODS
 
 
 def _drop_none(data):
@@ -115,11 +116,17 @@ def cmd_sample(args, components):
             f"latest checkpoint), its checkpoints/ folder, or one checkpoint file")
     result = sample_run(args.checkpoint, components, out_dir=args.out, count=args.count,
                         steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
-                        seed=args.seed)
+                        seed=args.seed, condition_t=args.condition_t,
+                        sde_last_step=args.sde_last_step,
+                        sde_diffusion_norm=args.sde_diffusion_norm)
     s = result.sampling
+    method = s.method
+    if s.method == "sde":
+        method += f" (last step {s.sde_last_step:g}, diffusion norm {s.sde_diffusion_norm:g})"
+    held = f", conditioning at t = {s.condition_t:g}" if s.condition_t else ""
     print(f"sampled {s.count} per modality from {result.checkpoint} (step {result.step}) with "
-          f"the {result.weights} weights: {s.method}, {s.steps} steps, cfg scale {s.cfg_scale:g}, "
-          f"seed {s.seed}; wrote {len(result.paths)} file(s) to {result.out_dir}")
+          f"the {result.weights} weights: {method}, {s.steps} steps, cfg scale {s.cfg_scale:g}"
+          f"{held}, seed {s.seed}; wrote {len(result.paths)} file(s) to {result.out_dir}")
     for p in result.paths:
         print(p)
 
@@ -161,6 +168,21 @@ def _at_least(low, kind=int):
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not value >= low:  # (also refuses a float nan)
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return convert
+
+
+def _within(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a number in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+    def convert(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (low < value if low_open else low <= value) and value < high  # refuses nan
+        if not inside:
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if low_open else '['}{low:g}, {high:g}), got {text}")
         return value
     return convert
 
@@ -216,11 +238,19 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", default=None, help="output folder (default: a new "
                     "<run_dir>/samples/sample-<step>-<n>/)")
     sm.add_argument("--count", type=_at_least(1), default=None, help="samples per modality")
-    sm.add_argument("--steps", type=_at_least(1), default=None, help="ODE solver steps")
-    sm.add_argument("--method", choices=["euler", "heun"], default=None)
+    sm.add_argument("--steps", type=_at_least(1), default=None, help="solver steps")
+    sm.add_argument("--method", choices=list(METHODS), default=None,
+                    help="euler or heun (ODE), or sde (Euler-Maruyama, the paper's ImageNet "
+                    "sampler)")
     sm.add_argument("--cfg-scale", type=_at_least(0.0, float), default=None,
                     help="classifier-free guidance scale (1: none)")
     sm.add_argument("--seed", type=int, default=None)
+    sm.add_argument("--condition-t", type=_within(0.0, 1.0), default=None,
+                    help="time in [0, 1) the conditioning tokens are held at (0: clean)")
+    sm.add_argument("--sde-last-step", type=_within(0.0, 1.0, low_open=True), default=None,
+                    help="sde: length of the final noise-free step, in (0, 1)")
+    sm.add_argument("--sde-diffusion-norm", type=_at_least(0.0, float), default=None,
+                    help="sde: diffusion scale (0: the Euler ODE with the last step)")
     pl = sub.add_parser("plugins", help="list plugins and the components each registered")
     pl.add_argument("--json", action="store_true")
     nm = sub.add_parser(

@@ -47,8 +47,10 @@ def sample_info(config: TrainerConfig, teacher: TeacherStrategy, weights: str, *
                 checkpoint: Path | None = None) -> dict:
     """What ``sample_info.json`` records: ``weights`` (a key of :data:`WEIGHTS`), their
     ``decay``, ``warmup`` and number of EMA ``updates`` (None for the raw student), the training
-    ``step``, the run's ``method`` (:func:`method_of`), the ``sampling`` settings and the
-    ``checkpoint`` read (None: the trainer's own model)."""
+    ``step``, the run's ``method`` (:func:`method_of`), the ``sampling`` settings (every field of
+    :class:`SamplingConfig`: the sampler's ``method``, ``steps``, ``shift``, ``cfg_scale``,
+    ``condition_t``, ``sde_last_step``, ``sde_diffusion_norm``, ...) and the ``checkpoint`` read
+    (None: the trainer's own model)."""
     decay, warmup = {"eval_ema": (config.eval_ema_decay, config.eval_ema_warmup),
                      "ema_teacher": (getattr(config.teacher, "decay", None),
                                      getattr(config.teacher, "warmup", None))
@@ -151,13 +153,17 @@ def _sampling(base: SamplingConfig, changes: dict) -> SamplingConfig:
 def sample_run(path: str | Path, components: Components, *, out_dir: str | Path | None = None,
                count: int | None = None, steps: int | None = None, method: str | None = None,
                cfg_scale: float | None = None, seed: int | None = None,
-               device: str = "cpu") -> SampleResult:
+               condition_t: float | None = None, sde_last_step: float | None = None,
+               sde_diffusion_norm: float | None = None, device: str = "cpu") -> SampleResult:
     """Write samples of every modality of a run from a checkpoint (``path``: see
     :func:`find_checkpoint`); options left ``None`` keep the run's settings. Without ``out_dir``
     the files go to a new ``<run_dir>/samples/sample-<step>-<n>/``, so the training's own samples
     (``samples/step-N/``) and earlier calls' are never overwritten."""
     changes = {k: v for k, v in dict(count=count, steps=steps, method=method,
-                                     cfg_scale=cfg_scale, seed=seed).items() if v is not None}
+                                     cfg_scale=cfg_scale, seed=seed, condition_t=condition_t,
+                                     sde_last_step=sde_last_step,
+                                     sde_diffusion_norm=sde_diffusion_norm).items()
+               if v is not None}
     _sampling(SamplingConfig(), changes)  # a bad option is refused before anything is loaded
     path = find_checkpoint(path)
     config, modalities, model, info = _load(path, components, device)
@@ -182,18 +188,24 @@ def sample_run(path: str | Path, components: Components, *, out_dir: str | Path 
 def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str | None = None,
                       count: int | None = None, steps: int | None = None, method: str | None = None,
                       cfg_scale: float | None = None, seed: int | None = None,
+                      condition_t: float | None = None, sde_last_step: float | None = None,
+                      sde_diffusion_norm: float | None = None,
                       device: str = "cpu") -> list[Path]:
     """:func:`sample_run`'s files: samples of every modality of the run; options left ``None``
     keep the run's settings."""
     return sample_run(path, components, out_dir=out_dir, count=count, steps=steps, method=method,
-                      cfg_scale=cfg_scale, seed=seed, device=device).paths
+                      cfg_scale=cfg_scale, seed=seed, condition_t=condition_t,
+                      sde_last_step=sde_last_step, sde_diffusion_norm=sde_diffusion_norm,
+                      device=device).paths
 
 
-def generate(model, m: ModalityRuntime, cfg, *, null_label: int, device: torch.device,
-             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def generate(model, m: ModalityRuntime, cfg: SamplingConfig, *, null_label: int,
+             device: torch.device, labels: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``cfg.count`` generated token sequences of one modality (classes cycled unless
-    ``labels`` are given) and their labels. Under FSDP2 every rank must call it (the model is
-    sharded); only one saves."""
+    ``labels`` are given) and their labels, drawn with every setting of ``cfg`` (method, steps,
+    shift, guidance, ``condition_t`` and the SDE's). Under FSDP2 every rank must call it (the
+    model is sharded); only one saves."""
     gen = torch.Generator(device).manual_seed(cfg.seed)
     prompt = m.adapter.prompt(cfg.count).to(device)
     prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
@@ -204,7 +216,9 @@ def generate(model, m: ModalityRuntime, cfg, *, null_label: int, device: torch.d
     was_training = model.training
     model.eval()
     tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
-                    cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen)
+                    cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen,
+                    condition_t=cfg.condition_t, sde_last_step=cfg.sde_last_step,
+                    sde_diffusion_norm=cfg.sde_diffusion_norm)
     model.train(was_training)
     return tokens, labels
 
