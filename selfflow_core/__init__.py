@@ -71,7 +71,14 @@ from selfflow_core.plugins.registry import PresetRegistry, Registry
 from selfflow_core.runtime.checkpoint import latest as latest_checkpoint
 from selfflow_core.sampling import SamplingConfig, sample
 from selfflow_core.teachers import EMATeacher, NoTeacher
-from selfflow_core.timesteps import DualTimestep, LogitNormal, SingleTimestep, Uniform
+from selfflow_core.timesteps import (
+    DualTimestep,
+    LogitNormal,
+    PerKindTimestep,
+    PlateauLogitNormal,
+    SingleTimestep,
+    Uniform,
+)
 from selfflow_core.trainer import Trainer
 from selfflow_core.types import BackboneOutput, LossTerms, TimestepPlan, TokenBatch
 
@@ -85,9 +92,10 @@ __all__ = [
     # compose
     "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher", "JsonlTracker",
     "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig", "OptimConfig",
-    "SamplingConfig", "SelfFlowObjective", "SingleTimestep", "ToyModality", "TrainerConfig",
-    "Uniform", "apply_overrides", "interpolate", "make_converter", "read_file", "resolve_config",
-    "shrink", "structure", "to_data", "validate", "velocity_target",
+    "PerKindTimestep", "PlateauLogitNormal", "SamplingConfig", "SelfFlowObjective",
+    "SingleTimestep", "ToyModality", "TrainerConfig", "Uniform", "apply_overrides", "interpolate",
+    "make_converter", "read_file", "resolve_config", "shrink", "structure", "to_data", "validate",
+    "velocity_target",
     # run
     "LoaderSource", "Trainer", "build_loader", "check_store", "encode_store", "latest_checkpoint",
     "load_for_sampling", "open_store", "sample", "sample_checkpoint", "TILE_SEPARATOR",

@@ -119,10 +119,13 @@ class Trainer:
 
     def _draw(self, batch: TokenBatch, m: ModalityRuntime, gen: torch.Generator):
         """Plan, noise and label dropout for the *global* batch, sliced to this rank's rows, so
-        the numbers do not depend on how many processes share the batch."""
+        the numbers do not depend on how many processes share the batch. The scheduler sees the
+        adapter's own modality ids; the batch returned has them offset into the backbone's
+        table."""
         w, r = self.dist.world_size, self.dist.rank
         full = batch if w == 1 else batch.repeat_samples(w)
         plan = m.scheduler.plan(full, generator=gen)
+        batch = attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
         noise = torch.randn(full.tokens.shape, generator=gen, device=self.device)
         drop = torch.rand(full.tokens.shape[0], generator=gen, device=self.device)
         rows = slice(r, None, w)
@@ -135,13 +138,11 @@ class Trainer:
         return batch, plan, noise[rows]
 
     def _next_batch(self) -> tuple[ModalityRuntime, TokenBatch]:
-        """The next batch (of one modality) on the device, its modality ids offset into the
-        backbone's table."""
+        """The next batch (of one modality) on the device, as its adapter made it."""
         source, batch = next(self.batches)
         m = self.modalities[source]
         self.current_modality = m.name
-        batch = batch.to(self.device)
-        return m, attrs.evolve(batch, modality_ids=batch.modality_ids + m.id_offset)
+        return m, batch.to(self.device)
 
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed((self.config.seed << 32) + step)

@@ -9,6 +9,8 @@ from selfflow_core import (
     LogitNormal,
     NoTeacher,
     NullTracker,
+    PerKindTimestep,
+    PlateauLogitNormal,
     SingleTimestep,
     ToyModality,
     Uniform,
@@ -31,8 +33,10 @@ def selfflow_register_backbones(registry):
 def selfflow_register_timestep_schedulers(registry, distributions):
     registry.add(SingleTimestep.Config)
     registry.add(DualTimestep.Config)
+    registry.add(PerKindTimestep.Config)
     distributions.add(Uniform.Config)
     distributions.add(LogitNormal.Config)
+    distributions.add(PlateauLogitNormal.Config)
 
 
 @hookimpl

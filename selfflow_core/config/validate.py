@@ -15,6 +15,7 @@ from selfflow_core.config.run import TrainerConfig
 from selfflow_core.errors import ConfigError
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.plugins.manager import Components
+from selfflow_core.timesteps import PerKindTimestep
 
 __all__ = ["ADDED_KEYS", "RESUMABLE_CHANGES", "config_data", "config_drift", "problems",
            "validate"]
@@ -49,6 +50,12 @@ def problems(config: TrainerConfig, components: Components, *, world_size: int =
         out += [f"{where}.modality.{p}" for p in own]
         if spec.source and not own:
             out += [f"{where}.source: {p}" for p in source_problems(spec.modality, spec.source)]
+        if isinstance(spec.scheduler, PerKindTimestep.Config) and not own:
+            groups = len(spec.modality.build().token_dims)
+            if len(spec.scheduler.kinds) != groups:
+                out.append(f"{where}.scheduler.kinds: {len(spec.scheduler.kinds)} schedulers for "
+                           f"{groups} kind(s) of token of modality {spec.modality.kind!r} (one "
+                           f"per entry of its token_dims, in order)")
     return out
 
 

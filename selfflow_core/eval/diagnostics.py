@@ -226,15 +226,17 @@ def loss_by_timestep(backbone, batch: TokenBatch, *, buckets: int = 5, seed: int
 
 
 @torch.no_grad()
-def objective_metrics(model, teacher, batch: TokenBatch, scheduler, *, seed: int = 0
-                      ) -> dict[str, float]:
+def objective_metrics(model, teacher, batch: TokenBatch, scheduler, *, seed: int = 0,
+                      id_offset: int = 0) -> dict[str, float]:
     """The objective's metrics (``flow``, ``rep``, ``feature_cos``, ``loss``) for one draw of the
     scheduler's plan and noise fixed by ``seed``; ``model`` is the trainer's
-    ``StudentWithHead`` (``trainer.model``)."""
+    ``StudentWithHead`` (``trainer.model``). ``batch`` has the adapter's own modality ids (the
+    scheduler plans on those), offset by ``id_offset`` for the backbone, as the trainer does."""
     device = _device(model)
     gen = torch.Generator(device).manual_seed(seed)
     batch = batch.to(device)
     plan = scheduler.plan(batch, generator=gen)
+    batch = attrs.evolve(batch, modality_ids=batch.modality_ids + id_offset)
     noise = torch.randn(batch.tokens.shape, generator=gen, device=device)
     terms = model(teacher, batch, plan, noise)
     return {k: float(v) for k, v in terms.metrics.items()}

@@ -24,7 +24,7 @@ from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.sampling import sample
 from selfflow_core.teachers import EMATeacher
 from selfflow_core.testing import ModalityContract, ModalityPluginContract, randomize_parameters
-from selfflow_core.timesteps import DualTimestep, Uniform
+from selfflow_core.timesteps import DualTimestep, PerKindTimestep, Uniform
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed "
@@ -102,13 +102,31 @@ class TestAudioVideoPlugin(ModalityPluginContract):
 def test_default_preset_settings():
     spec = default().modalities["audio_video"]
     assert spec.modality.video.condition_first_frame
-    # the video's schedule (the paper gives no joint one); a spec naming none gets it too
-    assert spec.scheduler == spec.modality.default_scheduler() == VideoModality.Config(
-        ).default_scheduler()
-    assert spec.scheduler.mask_ratio == 0.1
+    # each kind its own modality's schedule (App. B/C, F); a spec naming none gets it too
+    assert spec.scheduler == spec.modality.default_scheduler() == PerKindTimestep.Config(
+        kinds=(VideoModality.Config().default_scheduler(),
+               AudioModality.Config().default_scheduler()))
+    video, audio = spec.scheduler.kinds
+    assert (video.mask_ratio, audio.mask_ratio) == (0.1, 0.5)
+    assert (video.distribution.shift, audio.distribution.shift) == (2.95, 1.0)
+    assert (video.condition_noise, audio.condition_noise) == (0.2, 0.0)
     assert attrs.evolve(spec, scheduler=None).scheduler == spec.scheduler
     # both token widths fit the backbone (a wider token leaves a noise floor in the samples)
     assert default().backbone.width > max(spec.modality.build().token_dims)
+
+
+def test_the_docs_per_kind_toml_is_the_default_schedule():
+    """docs/concepts.md's TOML for a per-kind schedule structures to audio_video's default."""
+    import re
+    import tomllib
+
+    from selfflow_core.interfaces import SchedulerConfig
+
+    page = (Path(__file__).resolve().parents[3] / "docs" / "concepts.md").read_text()
+    block = re.search(r"```toml\n(\[modalities\.audio_video\.scheduler\].*?)```", page, re.S)
+    data = tomllib.loads(block.group(1))["modalities"]["audio_video"]["scheduler"]
+    got = structure(make_converter(Components()), data, SchedulerConfig)
+    assert got == AudioVideoModality.Config().default_scheduler()
 
 
 def test_config_through_the_converter():

@@ -70,10 +70,12 @@ class TestVideoPlugin(ModalityPluginContract):
 
 
 def test_preset_schedules_and_widths():
-    # paper App. A.2-A.3: mask ratio 0.1, logit-normal shift 2.95, 5 % low-SNR tail; a spec
-    # naming no scheduler gets it
+    # paper App. A.2-A.3: mask ratio 0.1, logit-normal shift 2.95, 5 % low-SNR tail, and
+    # App. E/F: a conditioning first frame noise-augmented at U[0, 0.2]; a spec naming no
+    # scheduler gets it
     paper = DualTimestep.Config(
-        distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=0.1)
+        distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=0.1,
+        condition_noise=0.2)
     assert VideoModality.Config().default_scheduler() == paper
     assert ModalitySpec(modality=VideoModality.Config(), store="x.zarr").scheduler == paper
     for preset in (default(), debug_tiny()):

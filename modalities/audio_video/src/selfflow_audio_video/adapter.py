@@ -33,7 +33,7 @@ from selfflow_core import (
     FieldSpec,
     ModalityAdapter,
     ModalityConfig,
-    SchedulerConfig,
+    PerKindTimestep,
     Source,
     TokenBatch,
 )
@@ -118,11 +118,14 @@ class AudioVideoModality(ModalityAdapter):
             if value not in (0, CLASSES):
                 raise ValueError(f"'classes' must be 0 or {CLASSES} (got {value!r})")
 
-        def default_scheduler(self) -> SchedulerConfig | None:
-            """The video's (``video.default_scheduler()``: mask ratio 0.1, logit-normal p(t)
-            with shift 2.95 and a 5 % low-SNR tail): the paper gives no joint settings, video
-            tokens are the majority and its joint model starts from video or mixed runs."""
-            return self.video.default_scheduler()
+        def default_scheduler(self) -> PerKindTimestep.Config:
+            """Each kind of token with its own modality's paper settings (App. B/C, F): video
+            tokens (id 0) as ``video.default_scheduler()`` (mask ratio 0.1, logit-normal p(t)
+            with shift 2.95 and a 5 % low-SNR tail, the first frame noise-augmented at
+            t ~ U[0, 0.2]); audio tokens (id 1) as ``audio.default_scheduler()`` (mask ratio
+            0.5, logit-normal p(t) with trainshift 1.0). Each kind draws its own t and s."""
+            return PerKindTimestep.Config(kinds=(self.video.default_scheduler(),
+                                                 self.audio.default_scheduler()))
 
         def build(self) -> AudioVideoModality:
             return AudioVideoModality(self)

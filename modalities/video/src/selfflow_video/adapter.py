@@ -4,8 +4,8 @@ Offline, a source (:mod:`selfflow_video.sources`) yields clips in ``[-1, 1]``; t
 pixels (identity encoder) and ``labels`` pass through. Online, :meth:`VideoModality.tokenize`
 cuts a clip into ``temporal_patch x patch x patch`` tubes, ordered time-major then row-major,
 each with a 3-D float position ``(t, row, col)`` in patch units. With ``condition_first_frame``
-the tokens of the first temporal patch are conditioning (image-to-video): held clean and out of
-the loss, and :meth:`VideoModality.prompt` takes them from ``fields``.
+the tokens of the first temporal patch are conditioning (image-to-video): given, out of the
+loss and noise-augmented by the default scheduler (``condition_noise``), and :meth:`VideoModality.prompt` takes them from ``fields``.
 """
 
 from __future__ import annotations
@@ -151,9 +151,12 @@ class VideoModality(PatchAdapter):
 
         def default_scheduler(self) -> DualTimestep.Config:
             """Paper App. A.2-A.3 (WAN2.2 video): mask ratio 0.1 (temporal redundancy),
-            logit-normal p(t) with shift 2.95 and 5 % of draws from U[0.95, 1] (low SNR)."""
+            logit-normal p(t) with shift 2.95 and 5 % of draws from U[0.95, 1] (low SNR); with
+            ``condition_first_frame``, the first frame noise-augmented at t ~ U[0, 0.2]
+            (App. E/F; no conditioning tokens otherwise, and the setting does nothing)."""
             return DualTimestep.Config(
-                distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=0.1)
+                distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05), mask_ratio=0.1,
+                condition_noise=0.2)
 
         def build(self) -> VideoModality:
             return VideoModality(self)

@@ -26,13 +26,14 @@ def default() -> TrainerConfig:
     two 8-px digits, Moving-MNIST style). After 600-1000 steps samples are blurry moving
     digit-like shapes; crisp digits need several thousand steps.
 
-    Paper settings kept (App. A.3): mask ratio 0.1 for video; logit-normal p(t) with shift 2.95
-    and 5 % of draws from U[0.95, 1] (the low-SNR tail); layers 0.3/0.7 of depth; gamma 0.8;
-    AdamW, clip 1.0, label dropout 0.1. Changed for a run of 1k steps: lr 1e-3 with warm-up
-    and cosine decay (1e-4 assumes ~600k steps) and an EMA teacher of decay 0.999 with warm-up
-    (0.9999 averages over ~10k steps, longer than the whole run); samples come from an
-    evaluation EMA of the same decay 0.999 with warm-up, for the same reason (for Self-Flow the
-    teacher's very weights; a vanilla or DTS run gets the same average). Sampling uses shift
+    Paper settings kept (App. A.3): mask ratio 0.1 for video; logit-normal p(t) with shift 2.95 and
+    5 % of draws from U[0.95, 1] (the low-SNR tail); a conditioning first frame (with
+    ``condition_first_frame``, image-to-video) noise-augmented at t ~ U[0, 0.2] (App. E/F); layers
+    0.3/0.7 of depth; gamma 0.8; AdamW, clip 1.0, label dropout 0.1. Changed for a run of 1k steps:
+    lr 1e-3 with warm-up and cosine decay (1e-4 assumes ~600k steps) and an EMA teacher of decay
+    0.999 with warm-up (0.9999 averages over ~10k steps, longer than the whole run); samples come
+    from an evaluation EMA of the same decay 0.999 with warm-up, for the same reason (for Self-Flow
+    the teacher's very weights; a vanilla or DTS run gets the same average). Sampling uses shift
     2.95 like training (the paper's 15.0 is for WAN2.2 latents at 192p) and Heun with CFG 2.
     """
     return TrainerConfig(
@@ -42,7 +43,7 @@ def default() -> TrainerConfig:
             store="data/moving-digits.zarr", source="moving_digits", batch_size=32,
             scheduler=DualTimestep.Config(
                 distribution=LogitNormal.Config(shift=2.95, tail_fraction=0.05),
-                mask_ratio=0.1))},
+                mask_ratio=0.1, condition_noise=0.2))},
         backbone=DiT.Config(depth=4, width=96, heads=4),
         teacher=EMATeacher.Config(decay=0.999, warmup=True),
         eval_ema_decay=0.999, eval_ema_warmup=True,  # as the teacher's (1k steps << 10k)
