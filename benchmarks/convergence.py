@@ -7,6 +7,15 @@ Methods differ only in config and all run through the same ``Trainer``:
     selfflow  DualTimestep   + EMATeacher         (Self-Flow)
     repa      SingleTimestep + REPATeacher        (REPA; gamma = 0.5, the REPA paper's lambda)
 
+and, on request (``--methods ...,repa_label_free``), ``repa_label_free``: REPA with a frozen encoder
+trained without labels (a masked autoencoder of the same architecture, initialisation and steps).
+The default ``repa`` encoder is a classifier of this data, trained with its labels: the strongest
+teacher at hand, and the one the recorded results used; the difference between the two is what
+the labels add to REPA's lead (REPA's own DINOv2 is self-supervised). REPA's projector is REPA's
+three-layer MLP of hidden width ``--repa-hidden`` (2048, REPA's; at the 4x64 size it has ~13x the
+backbone's parameters and dominates a REPA step's CPU time, so a smaller width is the cheap
+look, not REPA's setting).
+
 Modalities (``--modality``): ``image`` (sklearn digits), ``audio`` (espeak-ng spoken digits) and
 ``video`` (moving digits). Fixed evaluators per modality (:mod:`evaluators`), trained once, stored
 under ``--assets/<modality>`` and reused by every later run (their SHA-256 goes into every
@@ -63,12 +72,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, print_table, write_json
-from evaluators import REPA_FEATURES, build_assets
+from evaluators import LABEL_FREE_FILE, LABEL_FREE_KEY, REPA_FEATURES, build_assets
 from plots import plot_convergence
 
 from selfflow_core.plugins.hookspecs import hookimpl
 
 METHODS = ("vanilla", "dts", "selfflow", "repa")
+#: REPA with the label-free encoder: not a default method (its encoder is trained on first use)
+LABEL_FREE = "repa_label_free"
+REPA_METHODS = ("repa", LABEL_FREE)
 
 
 # ---- modalities --------------------------------------------------------------------------------
@@ -179,6 +191,7 @@ class Evaluator:
 
 def make_config(job: dict):
     from selfflow_repa import REPATeacher
+    from selfflow_repa.projector import REPA_HIDDEN
 
     from selfflow_core.builtin.dit import DiT
     from selfflow_core.builtin.trackers import NullTracker
@@ -200,9 +213,11 @@ def make_config(job: dict):
     gamma = 0.8
     if method == "selfflow":
         teacher = EMATeacher.Config(decay=job["ema_decay"], warmup=job["ema_warmup"])
-    elif method == "repa":
-        teacher = REPATeacher.Config(encoder=job["encoder"], feature_dim=REPA_FEATURES,
-                                     sha256=job["encoder_sha256"])
+    elif method in REPA_METHODS:
+        which = "encoder" if method == "repa" else "encoder_label_free"
+        teacher = REPATeacher.Config(encoder=job[which], feature_dim=REPA_FEATURES,
+                                     sha256=job[f"{which}_sha256"],
+                                     projector_hidden=job["args"].get("repa_hidden", REPA_HIDDEN))
         gamma = 0.5  # REPA's lambda (the core's default 0.8 is Self-Flow's gamma)
     else:
         teacher = NoTeacher.Config()
@@ -478,6 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ema-decays-no-warmup", default="0.99,0.999,0.9999",
                     help="EMA sweep, without warm-up")
     ap.add_argument("--mask-ratios", default="0.1,0.25,0.4,0.5")
+    ap.add_argument("--repa-hidden", type=int, default=2048,
+                    help="hidden width of REPA's three-layer projector (2048: REPA's)")
     ap.add_argument("--video-count", type=int, default=512)
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs (one thread each)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "selfflow-convergence"))
@@ -489,6 +506,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="skip runs an interrupted invocation with the same settings finished")
     args = ap.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(args.methods) - {*METHODS, LABEL_FREE}:
+        ap.error(f"--methods: unknown {sorted(unknown)}; choose from "
+                 f"{', '.join((*METHODS, LABEL_FREE))}")
     sweeps = set() if args.sweeps == "none" else set(args.sweeps.split(","))
     if unknown := sweeps - {"size", "length", "ema", "mask"}:
         ap.error(f"--sweeps: unknown {sorted(unknown)}; choose from size, length, ema, mask")
@@ -507,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder = Path(args.assets) / args.modality
     meta = build_assets(folder, {"modality": args.modality, "source": setup.source},
                         real.tokens, real.labels, extractor=setup.extractor,
-                        noise=setup.asset_noise)
+                        noise=setup.asset_noise, label_free=LABEL_FREE in args.methods)
     extractor = load_encoder(folder / "fd_extractor.pt")
     with torch.no_grad():
         real_feats = extractor(real.tokens.float()).double().numpy()
@@ -528,20 +548,27 @@ def main(argv: list[str] | None = None) -> dict:
     base = {"setup": setup, "store": str(store), "batch": args.batch, "lr": args.lr,
             "encoder": str(folder / "repa_encoder.pt"),
             "encoder_sha256": meta["repa_encoder"]["sha256"],
+            "encoder_label_free": str(folder / LABEL_FREE_FILE),
+            "encoder_label_free_sha256": meta.get(LABEL_FREE_KEY, {}).get("sha256", ""),
             "extractor": str(folder / "fd_extractor.pt"), "real": real,
             "real_stats": real_stats, "args": vars(args)}
     jobs = plan_runs(args, base, sweeps)
     todo = sorted(jobs.values(), key=lambda j: -j["steps"] * j["size"][0] * j["size"][1] ** 2)
     print(f"{len(todo)} runs ({args.modality}, {args.jobs} parallel, 1 thread each); assets in "
           f"{folder}; FD extractor held-out acc {meta['fd_extractor']['heldout_acc']:.3f}, "
-          f"REPA encoder held-out acc {meta['repa_encoder']['heldout_acc']:.3f}", flush=True)
+          f"REPA encoder held-out acc {meta['repa_encoder']['heldout_acc']:.3f}"
+          + (f"; label-free REPA encoder: ridge-probe held-out acc "
+             f"{meta[LABEL_FREE_KEY]['probe_heldout_acc']:.3f} (the label-trained one's "
+             f"{meta[LABEL_FREE_KEY]['probe_heldout_acc_label_trained']:.3f})"
+             if LABEL_FREE_KEY in meta else ""), flush=True)
     weak = [k for k in ("fd_extractor", "repa_encoder") if meta[k]["heldout_acc"] < 0.5]
     if weak:
         print(f"WARNING: {', '.join(weak)} classify held-out data poorly (< 50 %): FD and REPA "
               f"results of this modality say little", flush=True)
     # finished runs are appended to a partial file; --resume skips them (same evaluation settings)
     fixed = {k: getattr(args, k) for k in ("modality", "batch", "lr", "samples", "sample_steps",
-                                           "sample_seed", "probe_t", "video_count", "eval_ema")}
+                                           "sample_seed", "probe_t", "video_count", "eval_ema",
+                                           "repa_hidden")}
     tag = hashlib.sha256(json.dumps([fixed, meta["fd_extractor"]["sha256"]], sort_keys=True)
                          .encode()).hexdigest()[:12]
     partial = work / f"partial-{tag}.jsonl"
@@ -594,7 +621,17 @@ def main(argv: list[str] | None = None) -> dict:
         "repa": {"encoder": str(folder / "repa_encoder.pt"),
                  "encoder_sha256": meta["repa_encoder"]["sha256"], "gamma": 0.5,
                  "feature_dim": REPA_FEATURES,
-                 "encoder_heldout_acc": meta["repa_encoder"]["heldout_acc"]},
+                 "encoder_heldout_acc": meta["repa_encoder"]["heldout_acc"],
+                 "encoder_training": "classifier of the data (labels)",
+                 "projector": f"Linear(d, {args.repa_hidden}) - SiLU - Linear({args.repa_hidden}, "
+                              f"{args.repa_hidden}) - SiLU - Linear({args.repa_hidden}, "
+                              f"{REPA_FEATURES})",
+                 **({"label_free_encoder": str(folder / LABEL_FREE_FILE),
+                     "label_free_encoder_sha256": meta[LABEL_FREE_KEY]["sha256"],
+                     "label_free_encoder_training": meta[LABEL_FREE_KEY]["objective"],
+                     "label_free_encoder_probe_heldout_acc":
+                         meta[LABEL_FREE_KEY]["probe_heldout_acc"]}
+                    if LABEL_FREE_KEY in meta else {})},
         "training": {"batch": args.batch, "lr": args.lr, "warmup": 20, "schedule": "constant",
                      "selfflow_ema": f"decay {args.ema_decay} with warm-up",
                      "mask_ratio": setup.mask_ratio, "gamma_selfflow": 0.8,

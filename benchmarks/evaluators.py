@@ -7,7 +7,17 @@ as TorchScript with their SHA-256 and reused by every later run.
   features wherever in the sequence a word or a moving digit occurs).
 - REPA's frozen external encoder: a one-block token transformer giving per-token features.
   Another architecture and seed than the FD extractor, so REPA is not aligned to the very
-  features it is scored with.
+  features it is scored with. Two of them:
+
+  - ``repa_encoder.pt`` (the default, method ``repa``): trained with the labels, as a classifier
+    of the very data the flow model learns (the strongest teacher one can get here, and the one
+    every recorded REPA result used).
+  - ``repa_encoder_label_free.pt`` (method ``repa_label_free``, built on first use): the same
+    architecture, initialisation, seed, steps and input noise, trained without labels as a
+    masked autoencoder (:func:`selfflow_repa.train_masked_autoencoder`), like REPA's DINOv2,
+    which is self-supervised. The gap between the two methods is what the labels add.
+    Its entry records a ridge probe's held-out accuracy of both encoders' mean-pooled
+    features (the labels are read only for that, after training).
 """
 
 from __future__ import annotations
@@ -58,9 +68,10 @@ EXTRACTORS = {"mlp": FDExtractor, "conv": ConvExtractor}
 
 class TokenEncoder(nn.Module):
     """REPA's external encoder: tokens -> width-32 embedding + learned positions -> one pre-norm
-    transformer block (2 heads) -> LayerNorm -> per-token features [B, N, 32]."""
+    transformer block (2 heads) -> LayerNorm -> per-token features [B, N, 32]. ``classes``
+    adds the classifier head of the label-trained encoder (None: no head, the label-free one)."""
 
-    def __init__(self, n: int, c: int, classes: int, d: int = REPA_FEATURES) -> None:
+    def __init__(self, n: int, c: int, classes: int | None, d: int = REPA_FEATURES) -> None:
         super().__init__()
         self.inp = nn.Linear(c, d)
         self.pos = nn.Parameter(torch.randn(1, n, d) * 0.02)
@@ -69,7 +80,8 @@ class TokenEncoder(nn.Module):
         self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.heads = 2
-        self.head = nn.Linear(d, classes)
+        # the classifier head of the label-trained encoder (None: the label-free one)
+        self.head = nn.Linear(d, classes) if classes is not None else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.inp(tokens) + self.pos
@@ -112,11 +124,85 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+LABEL_FREE_FILE, LABEL_FREE_KEY = "repa_encoder_label_free.pt", "repa_encoder_label_free"
+#: the label-free encoder's settings: the label-trained one's seed (so the same initial weights),
+#: its steps and input noise, and the masked autoencoder's mask ratio
+LABEL_FREE_SEED, LABEL_FREE_MASK = 4321, 0.5
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, seed: int) -> float:
+    """Held-out accuracy (20 %, split from ``seed``) of a closed-form ridge probe (1e-2) on
+    standardised features ``[S, D]``: how linearly the classes sit in an encoder's features."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(features), generator=g)
+    n_test = len(features) // 5
+    test, train = perm[:n_test], perm[n_test:]
+    f = features.double()
+    mu, sd = f[train].mean(0), f[train].std(0).clamp_min(1e-6)
+    f = torch.cat([(f - mu) / sd, torch.ones(len(f), 1, dtype=f.dtype)], 1)
+    y = F.one_hot(labels.long(), int(labels.max()) + 1).double()
+    a = f[train]
+    w = torch.linalg.solve(a.T @ a + 1e-2 * torch.eye(a.shape[1], dtype=f.dtype), a.T @ y[train])
+    return float(((f[test] @ w).argmax(1) == labels[test]).double().mean())
+
+
+def train_label_free_encoder(tokens: torch.Tensor, *, steps: int, noise: float) -> tuple:
+    """REPA's label-free encoder from ``tokens`` alone (no labels are given to it): the
+    label-trained encoder's architecture (without its classifier head) and initialisation,
+    trained as a masked autoencoder. Returns (encoder, info)."""
+    from selfflow_repa import train_masked_autoencoder
+
+    x = tokens.float()
+    _, n, c = x.shape
+    torch.manual_seed(LABEL_FREE_SEED)
+    enc = TokenEncoder(n, c, None)
+    info = train_masked_autoencoder(enc, x, seed=LABEL_FREE_SEED, steps=steps,
+                                    mask_ratio=LABEL_FREE_MASK, noise=noise)
+    return enc, info
+
+
+def _label_free(folder: Path, meta: dict, x: torch.Tensor, y: torch.Tensor, steps: int,
+                noise: float) -> dict:
+    """``meta`` with the label-free encoder: trained once and added, or checked (hash and
+    settings) when the folder has it already."""
+    from selfflow_repa import save_encoder
+    from selfflow_repa.teacher import load_encoder
+
+    path, settings = folder / LABEL_FREE_FILE, {"steps": steps, "noise": noise,
+                                                "seed": LABEL_FREE_SEED,
+                                                "mask_ratio": LABEL_FREE_MASK}
+    if LABEL_FREE_KEY in meta:
+        info = meta[LABEL_FREE_KEY]
+        if (path.is_file() and sha256(path) == info["sha256"]
+                and info.get("settings") == settings):
+            return meta
+        raise SystemExit(f"{folder} holds a label-free REPA encoder that does not match this "
+                         f"benchmark (settings or hash differ); delete the folder to rebuild it")
+    enc, info = train_label_free_encoder(x, steps=steps, noise=noise)
+    info["sha256"] = save_encoder(enc, path)
+    info.update(features=REPA_FEATURES, settings=settings, architecture="TokenEncoder")
+    with torch.no_grad():  # evaluation only, after training: how class-separable the features are
+        info["probe_heldout_acc"] = probe_accuracy(enc(x).mean(1), y, seed=LABEL_FREE_SEED)
+        label_trained = load_encoder(folder / "repa_encoder.pt")
+        info["probe_heldout_acc_label_trained"] = probe_accuracy(
+            label_trained(x).mean(1), y, seed=LABEL_FREE_SEED)
+    return {**meta, LABEL_FREE_KEY: info}
+
+
+def _write_meta(meta_path: Path, meta: dict) -> None:
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
+
+
 def build_assets(folder: Path, spec: dict, tokens: torch.Tensor, labels: torch.Tensor, *,
-                 extractor: str = "mlp", steps: int = 600, noise: float = 0.05) -> dict:
+                 extractor: str = "mlp", steps: int = 600, noise: float = 0.05,
+                 label_free: bool = False) -> dict:
     """Train (once) and export the FD extractor and the REPA encoder into ``folder``; later
     calls with the same ``spec`` reuse them. A folder whose spec or hashes differ is an error,
-    never silently rebuilt: results computed with other evaluators are not comparable."""
+    never silently rebuilt: results computed with other evaluators are not comparable.
+    ``label_free`` also trains (once, then reuses) the label-free REPA encoder, from ``tokens``
+    alone; a folder without it gains it, the other assets unchanged."""
     from selfflow_repa import save_encoder
 
     meta_path = folder / "assets.json"
@@ -128,16 +214,21 @@ def build_assets(folder: Path, spec: dict, tokens: torch.Tensor, labels: torch.T
     if noise != 0.05:
         spec["noise"] = noise
     files = (("fd_extractor.pt", "fd_extractor"), ("repa_encoder.pt", "repa_encoder"))
+    x, y = tokens.float(), labels.long()
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("spec") == spec and all(
                 (folder / f).is_file() and sha256(folder / f) == meta[k]["sha256"]
                 for f, k in files):
+            if label_free:  # checks the label-free encoder, or adds it
+                had = LABEL_FREE_KEY in meta
+                meta = _label_free(folder, meta, x, y, steps, noise)
+                if not had:
+                    _write_meta(meta_path, meta)
             return meta
         raise SystemExit(f"{folder} holds assets that do not match this benchmark "
                          f"(spec or hash differ); delete the folder to rebuild them")
     folder.mkdir(parents=True, exist_ok=True)
-    x, y = tokens.float(), labels.long()
     _, n, c = x.shape
     classes = int(y.max()) + 1
     torch.manual_seed(1234)
@@ -153,7 +244,7 @@ def build_assets(folder: Path, spec: dict, tokens: torch.Tensor, labels: torch.T
     fd_info["architecture"] = extractor
     meta = {"spec": spec, "fd_extractor": fd_info, "repa_encoder": enc_info,
             "note": "trained once by benchmarks/convergence.py; fixed across runs"}
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    if label_free:
+        meta = _label_free(folder, meta, x, y, steps, noise)
+    _write_meta(meta_path, meta)
     return meta

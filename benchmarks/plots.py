@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-COLORS = {"vanilla": "tab:gray", "dts": "tab:blue", "selfflow": "tab:red", "repa": "tab:green"}
+COLORS = {"vanilla": "tab:gray", "dts": "tab:blue", "selfflow": "tab:red", "repa": "tab:green",
+          "repa_label_free": "tab:olive"}
 
 
 def _pyplot():

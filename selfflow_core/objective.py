@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import Tensor, nn
 
+from selfflow_core.errors import CheckpointError
 from selfflow_core.flow import interpolate, velocity_target
 from selfflow_core.interfaces import Backbone, TeacherStrategy
 from selfflow_core.types import LossTerms, TimestepPlan, TokenBatch
@@ -62,6 +63,14 @@ class ProjectionHead(nn.Sequential):
                          nn.Linear(2 * width, target_width or width))
 
 
+def _widths(state: dict) -> str:
+    """A head's widths from its state dict, e.g. ``64 -> 128 -> 6`` (its Linear weights)."""
+    shapes = [tuple(v.shape) for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not shapes:
+        return "no head"
+    return " -> ".join(str(w) for w in [shapes[0][1], *(s[0] for s in shapes)])
+
+
 def masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -75,17 +84,40 @@ def uses_representation(config: ObjectiveConfig, teacher: TeacherStrategy) -> bo
 class SelfFlowObjective(nn.Module):
     """Holds the projection head; ``forward`` computes one step's :class:`LossTerms`.
 
+    The head is ``head`` when given (a teacher strategy's own,
+    :meth:`~selfflow_core.interfaces.TeacherStrategy.projection_head`), else a
+    :class:`ProjectionHead` of output width ``target_width``.
     ``representation=False`` (the run's teacher gives no targets) or ``gamma = 0`` builds no head
     (``head`` is None, the state dict empty): a head outside the graph would leave DDP waiting
     for gradients that never come."""
 
     def __init__(self, config: ObjectiveConfig, *, depth: int, width: int,
-                 target_width: int | None = None, representation: bool = True) -> None:
+                 target_width: int | None = None, representation: bool = True,
+                 head: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.student_layer, self.teacher_layer = config.layers(depth)
-        self.head = (ProjectionHead(width, target_width)
-                     if representation and config.gamma > 0 else None)
+        if head is not None and not isinstance(head, nn.Module):
+            raise TypeError(f"a projection head must be a torch.nn.Module, got "
+                            f"{type(head).__name__}")
+        used = representation and config.gamma > 0
+        self.head = (head if head is not None else ProjectionHead(width, target_width)
+                     ) if used else None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`; a head of another shape (a checkpoint
+        written with another projection head) is a :class:`~selfflow_core.CheckpointError`."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            lines = [x.strip() for x in str(exc).splitlines()]
+            first = " ".join(lines[1:] or lines)[:200]  # past "Error(s) in loading ...:"
+            raise CheckpointError(
+                f"the checkpoint's projection head ({_widths(state_dict)}) does not fit this "
+                f"run's ({_widths(self.state_dict())}): {first}. A checkpoint written with "
+                f"another head (e.g. a REPA run from before REPA's three-layer projector) "
+                f"cannot be resumed; train in a run directory of its own (run_dir=...)"
+            ) from None
 
     def forward(self, student: Backbone, teacher: TeacherStrategy, batch: TokenBatch,
                 plan: TimestepPlan, noise: Tensor) -> LossTerms:

@@ -37,6 +37,16 @@ class TeacherStrategy(abc.ABC):
     def features(self, x_t: Tensor, t: Tensor, batch: TokenBatch, *, layer: int) -> Tensor | None:
         """Target features [B, N, D] for the teacher's view ``x_t`` at times ``t`` (no grad)."""
 
+    def projection_head(self, width: int) -> nn.Module | None:
+        """The projection head this strategy's targets call for, or None (the default) for the
+        core's ``ProjectionHead`` (Self-Flow's Linear(d, 2d) - SiLU - Linear(2d, D)).
+
+        A head maps the student's block-``l`` features ``[..., width]`` to the targets' width
+        (``feature_dim``, else ``width``). It is trained with the backbone and saved as the
+        checkpoint's ``head``; it is asked for only where a representation loss is computed
+        (e.g. REPA's teacher returns REPA's three-layer projector)."""
+        return None
+
     @property
     def model(self) -> nn.Module | None:
         """The teacher network, if it has one (the EMA teacher is also an evaluation model)."""

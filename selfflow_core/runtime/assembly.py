@@ -1,6 +1,6 @@
 """Turning a validated ``TrainerConfig`` into live objects: the modalities (adapter, scheduler,
 id offset) and the trainable model (backbone + projection head, the head only where a
-representation loss is computed)."""
+representation loss is computed: the teacher strategy's own, else the core's)."""
 
 from __future__ import annotations
 
@@ -49,10 +49,14 @@ def build_model(config: TrainerConfig, modalities: list[ModalityRuntime],
     dims = [d for m in modalities for d in m.adapter.token_dims]
     classes = max(m.adapter.num_classes for m in modalities)
     backbone = config.backbone.build(token_dims=dims, num_classes=classes)
-    # no projection head where no representation loss is computed (vanilla, DTS, gamma 0)
+    # no projection head where no representation loss is computed (vanilla, DTS, gamma 0); the
+    # teacher's own head where it has one (REPA's projector), else the core's
+    representation = uses_representation(config.objective, teacher)
     objective = SelfFlowObjective(config.objective, depth=backbone.depth, width=backbone.width,
                                   target_width=teacher.feature_dim,
-                                  representation=uses_representation(config.objective, teacher))
+                                  representation=representation,
+                                  head=teacher.projection_head(backbone.width)
+                                  if representation else None)
     return StudentWithHead(backbone, objective)
 
 

@@ -4,8 +4,10 @@ REPA (Yu et al., arXiv 2410.06940) aligns the student's block-``l`` hidden state
 projection head, to the features a frozen external encoder computes on the *clean* data, with a
 negative-cosine loss. In selfflow that is a teacher whose :meth:`REPATeacher.features` ignores the
 noisy view and the layer it is given and returns ``encoder(batch.tokens)``; the core's objective
-does the rest (projection head of output width :attr:`REPATeacher.feature_dim`, per-token cosine
-over the generated tokens, weight ``objective.gamma``; REPA's paper uses 0.5).
+does the rest (per-token cosine over the generated tokens, weight ``objective.gamma``; REPA's
+paper uses 0.5) through REPA's own head: :meth:`REPATeacher.projection_head` gives the core REPA's
+three-layer projector (:class:`~selfflow_repa.projector.REPAProjector`, hidden 2048 by default),
+in place of Self-Flow's two-layer head.
 
 The encoder is configured by a *path*, never by code: a TorchScript archive written with
 ``torch.jit.save`` (:func:`save_encoder` writes one). Loading it runs no Python pickle and imports
@@ -30,6 +32,7 @@ from attrs import validators as v
 from torch import Tensor, nn
 
 from selfflow_core import Backbone, ConfigError, TeacherConfig, TeacherStrategy
+from selfflow_repa.projector import REPA_HIDDEN, REPA_LAYERS, REPAProjector
 
 
 class EncoderError(ConfigError):
@@ -115,14 +118,22 @@ class REPATeacher(TeacherStrategy):
     class Config(TeacherConfig):
         """- ``encoder``: path of a TorchScript file mapping clean tokens ``[B, N, C]`` to
           features ``[B, N, feature_dim]`` (configs hold a path, never code).
-        - ``feature_dim``: the encoder's feature width (the projection head's output width).
+        - ``feature_dim``: the encoder's feature width (the projector's output width).
         - ``sha256``: optional; when set, the encoder file must have this SHA-256.
+        - ``projector_hidden``: the projector's hidden width (REPA's 2048).
+        - ``projector_layers``: its Linear layers, SiLU between them (REPA's 3):
+          ``Linear(d, hidden) - SiLU - Linear(hidden, hidden) - SiLU - Linear(hidden,
+          feature_dim)``. Checkpoints of another projector do not resume.
         """
 
         kind = "repa"
         encoder: str = attrs.field(validator=[v.instance_of(str), _nonempty])
         feature_dim: int = attrs.field(validator=[v.instance_of(int), v.ge(1)])
         sha256: str = ""
+        projector_hidden: int = attrs.field(default=REPA_HIDDEN,
+                                            validator=[v.instance_of(int), v.ge(1)])
+        projector_layers: int = attrs.field(default=REPA_LAYERS,
+                                            validator=[v.instance_of(int), v.ge(1)])
 
         def problems(self) -> list[str]:
             """Checked by ``selfflow config check`` and before a run builds anything."""
@@ -143,6 +154,12 @@ class REPATeacher(TeacherStrategy):
     @property
     def feature_dim(self) -> int:
         return self.config.feature_dim
+
+    def projection_head(self, width: int) -> REPAProjector:
+        """REPA's projector from the student's ``width`` to ``feature_dim`` (the core builds
+        no head of its own for a REPA run)."""
+        return REPAProjector(width, self.config.feature_dim, hidden=self.config.projector_hidden,
+                             layers=self.config.projector_layers)
 
     def attach(self, student: Backbone) -> None:
         param = next(student.parameters(), None)
