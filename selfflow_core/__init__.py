@@ -9,6 +9,8 @@ Plugins import only from here, :mod:`selfflow_core.tokens` and :mod:`selfflow_co
 from __future__ import annotations
 
 from selfflow_core.builtin.dit import DiT
+from selfflow_core.builtin.mmdit import MMDiT
+from selfflow_core.builtin.text import ByteTextEncoder
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
 from selfflow_core.config.converter import (
@@ -57,6 +59,10 @@ from selfflow_core.interfaces import (
     Source,
     TeacherConfig,
     TeacherStrategy,
+    TextEncoder,
+    TextEncoderConfig,
+    TextEncoding,
+    TextSpec,
     TimeDistribution,
     TimeDistributionConfig,
     TimestepScheduler,
@@ -86,12 +92,14 @@ __all__ = [
     # extend
     "Backbone", "BackboneConfig", "BackboneOutput", "ComponentConfig", "FieldSpec", "LossTerms",
     "ModalityAdapter", "ModalityConfig", "PresetRegistry", "Registry", "SchedulerConfig", "Source",
-    "TeacherConfig", "TeacherStrategy", "TimeDistribution", "TimeDistributionConfig",
+    "TeacherConfig", "TeacherStrategy", "TextEncoder", "TextEncoderConfig", "TextEncoding",
+    "TextSpec", "TimeDistribution", "TimeDistributionConfig",
     "TimestepPlan", "TimestepScheduler", "TokenBatch", "Tracker", "TrackerConfig", "Components",
     "hookimpl", "make_plugin_manager", "modality_plugin_hooks",
     # compose
-    "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep", "EMATeacher", "JsonlTracker",
-    "LogitNormal", "ModalitySpec", "NoTeacher", "NullTracker", "ObjectiveConfig", "OptimConfig",
+    "ByteTextEncoder", "CheckpointConfig", "DiagnosticsConfig", "DiT", "DualTimestep",
+    "EMATeacher", "JsonlTracker", "LogitNormal", "MMDiT", "ModalitySpec", "NoTeacher",
+    "NullTracker", "ObjectiveConfig", "OptimConfig",
     "PerKindTimestep", "PlateauLogitNormal", "SamplingConfig", "SelfFlowObjective",
     "SingleTimestep", "ToyModality", "TrainerConfig", "Uniform", "apply_overrides", "interpolate",
     "make_converter", "read_file", "resolve_config", "shrink", "structure", "to_data", "validate",

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from selfflow_core.flow import shift_time
 from selfflow_core.interfaces import Backbone
+from selfflow_core.prompts import empty_prompt, has_text
 from selfflow_core.types import TokenBatch
 
 Method = Literal["euler", "heun", "sde"]
@@ -79,6 +80,9 @@ class SamplingConfig:
     condition_t: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.lt(1.0)])
     sde_last_step: float = attrs.field(default=0.04, validator=[v.gt(0.0), v.lt(1.0)])
     sde_diffusion_norm: float = attrs.field(default=1.0, validator=[v.ge(0.0), v.lt(math.inf)])
+    #: prompt-conditioned runs: the prompts samples are drawn from (sample i gets prompt
+    #: ``i % len(prompts)``); guidance is against the empty prompt
+    prompts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 def time_grid(steps: int, shift: float, device: torch.device | str = "cpu") -> Tensor:
@@ -98,9 +102,14 @@ def sde_time_grid(steps: int, last_step: float, shift: float,
 def _velocity(model: Backbone, x: Tensor, t: Tensor, prompt: TokenBatch, cfg_scale: float,
               null_label: int | None, held_t: float = 0.0) -> Tensor:
     tt = torch.where(prompt.condition, torch.full_like(t, held_t), t)
-    if cfg_scale == 1.0 or prompt.labels is None or null_label is None:
+    labelled = prompt.labels is not None and null_label is not None
+    if cfg_scale == 1.0 or not (labelled or has_text(prompt)):
         return model(x, tt, prompt).velocity
-    unconditional = attrs.evolve(prompt, labels=torch.full_like(prompt.labels, null_label))
+    # the unconditional branch: the null class and the empty prompt (what dropout trained)
+    unconditional = empty_prompt(prompt)
+    if labelled:
+        unconditional = attrs.evolve(unconditional,
+                                     labels=torch.full_like(prompt.labels, null_label))
     both = TokenBatch.cat([prompt, unconditional])
     cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), both).velocity.chunk(2)
     return uncond + cfg_scale * (cond - uncond)

@@ -17,11 +17,12 @@ from selfflow_core.config.run import TrainerConfig
 from selfflow_core.config.validate import config_data, config_drift, validate
 from selfflow_core.data.loader import LoaderSource, build_loader
 from selfflow_core.data.store import encode_store, open_store
-from selfflow_core.errors import CheckpointError, NonFiniteLossError
+from selfflow_core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
-from selfflow_core.eval.samples import generate, sample_info, write_info
+from selfflow_core.eval.samples import generate, prompt_list, sample_info, write_info
 from selfflow_core.eval.samples import save as save_samples
 from selfflow_core.plugins.manager import Components
+from selfflow_core.prompts import CAPTIONS, drop_prompts, has_text
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import (
     ModalityRuntime,
@@ -58,10 +59,14 @@ class Trainer:
         # a checkpoint this config would refuse is refused now: before any store is encoded and
         # before the tracker opens (and so changes) the run's tracking
         self._refuse_drifted_checkpoint()
-        self.modalities = build_modalities(config)
+        #: the run's text encoder (prompt-conditioned runs; None otherwise)
+        self.text_encoder = config.text_encoder.build() if config.text_encoder else None
+        self.modalities = build_modalities(config, self.text_encoder)
         stores = [self._open_store(m) for m in self.modalities]
+        if self.text_encoder is not None:
+            self._check_captions(stores)
         self.loader = build_loader(
-            [LoaderSource(store=store, tokenize=m.adapter.tokenize,
+            [LoaderSource(store=store, tokenize=m.adapter.tokenize, text=self.text_encoder,
                           probability=m.spec.probability,
                           batch_size=m.spec.batch_size
                           // (self.dist.world_size * config.grad_accum))
@@ -73,7 +78,8 @@ class Trainer:
         # config gives the same run in any process; the global RNG is left as it was
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = build_model(config, self.modalities, self.teacher)
+            self.model = build_model(config, self.modalities, self.teacher,
+                                     text=self.text_encoder.spec() if self.text_encoder else None)
         self.model = self.model.to(self.device)
         self.backbone = self.model.backbone
         self.teacher.attach(self.backbone)
@@ -135,7 +141,18 @@ class Trainer:
             null = torch.full_like(batch.labels, self.backbone.num_classes)
             batch = attrs.evolve(batch, labels=torch.where(
                 drop[rows] < self.config.label_dropout, null, batch.labels))
+        if has_text(batch) and self.config.caption_dropout > 0:  # to the empty prompt
+            batch = drop_prompts(batch, drop[rows] < self.config.caption_dropout)
         return batch, plan, noise[rows]
+
+    def _check_captions(self, stores) -> None:
+        """A prompt-conditioned run reads captions: every store must hold them."""
+        missing = [m.spec.store for m, store in zip(self.modalities, stores)
+                   if CAPTIONS not in store.fields]
+        if missing:
+            raise ConfigError([f"$.text_encoder: the store {path} holds no {CAPTIONS!r} field; "
+                               "a run with a text_encoder needs a captioned store (a modality "
+                               "source with captions)" for path in missing])
 
     def _next_batch(self) -> tuple[ModalityRuntime, TokenBatch]:
         """The next batch (of one modality) on the device, as its adapter made it."""
@@ -449,9 +466,11 @@ class Trainer:
         for m in self.modalities:
             out = self.samples_dir() / m.name
             tokens, labels = generate(self.eval_model(), m, self.config.sampling,
-                                      null_label=self.backbone.num_classes, device=self.device)
+                                      null_label=self.backbone.num_classes, device=self.device,
+                                      text=self.text_encoder)
             if self.dist.is_main:
-                paths += save_samples(m, tokens, labels, out)
+                paths += save_samples(m, tokens, labels, out, prompt_list(self.config.sampling)
+                                      if self.text_encoder is not None else None)
         if self.dist.is_main:  # which weights they came from
             write_info(self.samples_dir(), self.sample_info())
         self.tracker.log_images("samples", paths, step=self.step)

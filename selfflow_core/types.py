@@ -27,6 +27,11 @@ class TokenBatch:
     - ``channel_valid`` [B, N, C] bool or None: for sequences mixing token widths, marks the
       channels that carry data; padded channels do not count in the flow loss.
     - ``labels`` [B] long or None: class labels (the null class is ``num_classes``).
+    - ``text`` [B, L, D] float or None: a prompt's embeddings from a frozen text encoder (see
+      :mod:`selfflow_core.interfaces.text`), or ``text_ids`` [B, L] long: its token ids for a
+      trainable one (the backbone embeds them); ``text_mask`` [B, L] bool (set with either):
+      real text tokens (the empty prompt of guidance has none); ``text_pooled`` [B, P] or None.
+      All None: no prompt (class-conditional or unconditional runs).
     - ``padded`` bool or None: a host-side hint, whether any token is padding, set by
       :meth:`with_padding_hint` where the batch is made on the host (the loader does); None:
       unknown, and a backbone that needs it reads ``valid`` back from the device (one sync).
@@ -40,6 +45,10 @@ class TokenBatch:
     condition: Tensor
     labels: Tensor | None = None
     channel_valid: Tensor | None = None
+    text: Tensor | None = None
+    text_ids: Tensor | None = None
+    text_mask: Tensor | None = None
+    text_pooled: Tensor | None = None
     padded: bool | None = None
 
     @classmethod

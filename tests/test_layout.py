@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "selfflow_core"
 
 TOP_LEVEL_MODULES = {"__init__.py", "errors.py", "types.py", "flow.py", "timesteps.py",
-                     "teachers.py", "objective.py", "sampling.py", "trainer.py", "tokens.py"}
+                     "teachers.py", "objective.py", "sampling.py", "trainer.py", "tokens.py",
+                     "prompts.py"}
 SUBPACKAGES = {"interfaces", "plugins", "config", "builtin", "data", "runtime", "eval",
                "testing", "cli"}
 
@@ -22,8 +23,8 @@ SUBPACKAGES = {"interfaces", "plugins", "config", "builtin", "data", "runtime", 
 LAYERS = [
     ("errors", 0), ("types", 0), ("interfaces", 0),
     ("flow", 1), ("timesteps", 1), ("teachers", 1), ("objective", 1), ("sampling", 1),
-    ("tokens", 1), ("plugins.hookspecs", 1), ("plugins.registry", 1),
-    ("plugins.declare", 1), ("builtin.dit", 1),
+    ("tokens", 1), ("prompts", 1), ("plugins.hookspecs", 1), ("plugins.registry", 1),
+    ("plugins.declare", 1), ("builtin.dit", 1), ("builtin.text", 1),
     ("builtin.toy", 1), ("builtin.trackers", 1),
     ("plugins.manager", 2), ("plugins", 2), ("config.converter", 2), ("config.run", 2),
     ("eval.media", 2),

@@ -18,7 +18,7 @@ from attrs import validators as v
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selfflow_core.interfaces import Backbone, BackboneConfig
+from selfflow_core.interfaces import Backbone, BackboneConfig, TextSpec
 from selfflow_core.types import BackboneOutput, TokenBatch
 
 #: name -> (depth, width, heads); the SiT sizes plus small ones for CPU work
@@ -96,7 +96,11 @@ class DiT(Backbone):
             depth, width, heads = SIZES[size]
             return cls(**{"depth": depth, "width": width, "heads": heads, **changes})
 
-        def build(self, *, token_dims: Sequence[int], num_classes: int = 0) -> DiT:
+        def build(self, *, token_dims: Sequence[int], num_classes: int = 0,
+                  text: TextSpec | None = None) -> DiT:
+            if text is not None:
+                raise ValueError("DiT has no text stream; use the mmdit backbone for "
+                                 "prompt-conditioned runs")
             return DiT(self, token_dims=token_dims, num_classes=num_classes)
 
     def __init__(self, config: Config, *, token_dims: Sequence[int], num_classes: int = 0) -> None:

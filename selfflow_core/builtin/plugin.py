@@ -2,11 +2,13 @@
 third-party plugin uses. Loaded by the plugin manager after :mod:`selfflow_core` is imported."""
 
 from selfflow_core import (
+    ByteTextEncoder,
     DiT,
     DualTimestep,
     EMATeacher,
     JsonlTracker,
     LogitNormal,
+    MMDiT,
     NoTeacher,
     NullTracker,
     PerKindTimestep,
@@ -27,6 +29,7 @@ def selfflow_register_modalities(registry):
 @hookimpl
 def selfflow_register_backbones(registry):
     registry.add(DiT.Config)
+    registry.add(MMDiT.Config)
 
 
 @hookimpl
@@ -37,6 +40,11 @@ def selfflow_register_timestep_schedulers(registry, distributions):
     distributions.add(Uniform.Config)
     distributions.add(LogitNormal.Config)
     distributions.add(PlateauLogitNormal.Config)
+
+
+@hookimpl
+def selfflow_register_text_encoders(registry):
+    registry.add(ByteTextEncoder.Config)
 
 
 @hookimpl

@@ -14,6 +14,7 @@ import torch
 from attrs import validators as v
 
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter, ModalityConfig, Source
+from selfflow_core.prompts import CAPTIONS
 from selfflow_core.types import TokenBatch
 
 
@@ -21,9 +22,10 @@ class WaveSource(Source):
     """``count`` deterministic samples: token ``i`` of class ``k`` is a wave of frequency ``k + 1``
     across channels, phase-shifted along the sequence, plus small noise."""
 
-    def __init__(self, count: int, tokens: int, channels: int, classes: int, seed: int) -> None:
+    def __init__(self, count: int, tokens: int, channels: int, classes: int, seed: int,
+                 captions: int = 0) -> None:
         self.count, self.tokens, self.channels, self.classes = count, tokens, channels, classes
-        self.seed = seed
+        self.seed, self.captions = seed, captions
         self.description = f"toy waves: {count} x {tokens} tokens x {channels} ch, seed {seed}"
 
     def __len__(self) -> int:
@@ -39,7 +41,26 @@ class WaveSource(Source):
         waves = np.sin((labels[:, None, None] + 1) * (c / self.channels * 2 * np.pi + 0.3 * i)
                        + phase[:, None, None])
         noise = np.stack([r.normal(0, 0.05, (self.tokens, self.channels)) for r in rng])
-        return {"latents": (waves + noise).astype(np.float32), "labels": labels.astype(np.int64)}
+        out = {"latents": (waves + noise).astype(np.float32), "labels": labels.astype(np.int64)}
+        if self.captions:
+            out[CAPTIONS] = toy_captions(labels, self.captions)
+        return out
+
+
+#: caption templates of the toy waves (a class in words; the last caption of a sample is "")
+TEMPLATES = ("a wave of frequency {}", "{} cycles", "frequency {} waves")
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def toy_captions(labels: np.ndarray, k: int) -> np.ndarray:
+    """``[n, k]`` captions naming each sample's frequency (class + 1) in words; with ``k > 1``
+    the last one is empty (a missing caption, never drawn)."""
+    out = np.empty((len(labels), k), dtype=object)
+    for row, label in enumerate(labels):
+        word = NUMBERS[int(label) % len(NUMBERS)]
+        for j in range(k):
+            out[row, j] = "" if k > 1 and j == k - 1 else TEMPLATES[j % len(TEMPLATES)].format(word)
+    return out
 
 
 class ToyModality(ModalityAdapter):
@@ -53,6 +74,9 @@ class ToyModality(ModalityAdapter):
         classes: int = attrs.field(default=4, validator=v.ge(0))
         count: int = attrs.field(default=512, validator=v.ge(1))
         seed: int = 0
+        #: captions per sample (0: none; > 0 stores a ``captions`` field naming the frequency
+        #: in words, for prompt-conditioned runs)
+        captions: int = attrs.field(default=0, validator=v.ge(0))
 
         def build(self) -> ToyModality:
             return ToyModality(self)
@@ -70,8 +94,11 @@ class ToyModality(ModalityAdapter):
 
     def fields(self):
         c = self.config
-        return {"latents": FieldSpec(shape=(c.tokens, c.channels), dtype="float32"),
-                "labels": FieldSpec(shape=(), dtype="int64")}
+        out = {"latents": FieldSpec(shape=(c.tokens, c.channels), dtype="float32"),
+               "labels": FieldSpec(shape=(), dtype="int64")}
+        if c.captions:
+            out[CAPTIONS] = FieldSpec(shape=(c.captions,), dtype="str")
+        return out
 
     def sources(self):
         return ("waves",)
@@ -80,7 +107,7 @@ class ToyModality(ModalityAdapter):
         if source != "waves":
             raise ValueError(f"toy modality: unknown source {source!r}; sources: waves")
         c = self.config
-        return WaveSource(c.count, c.tokens, c.channels, max(c.classes, 1), c.seed)
+        return WaveSource(c.count, c.tokens, c.channels, max(c.classes, 1), c.seed, c.captions)
 
     def encode(self, raw):
         return raw

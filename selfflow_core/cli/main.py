@@ -114,11 +114,19 @@ def cmd_sample(args, components):
             f"selfflow sample takes one checkpoint, got {len(paths)} paths ({shown}; a shell "
             f"glob such as step-*.pt expands to every checkpoint): give the run directory (its "
             f"latest checkpoint), its checkpoints/ folder, or one checkpoint file")
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"--prompts-file {args.prompts_file}: cannot be read as UTF-8 "
+                               f"text ({type(exc).__name__})"]) from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     result = sample_run(args.checkpoint, components, out_dir=args.out, count=args.count,
                         steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
                         seed=args.seed, condition_t=args.condition_t,
                         sde_last_step=args.sde_last_step,
-                        sde_diffusion_norm=args.sde_diffusion_norm)
+                        sde_diffusion_norm=args.sde_diffusion_norm, prompts=prompts or None)
     s = result.sampling
     method = s.method
     if s.method == "sde":
@@ -251,6 +259,11 @@ def parser() -> argparse.ArgumentParser:
                     help="sde: length of the final noise-free step, in (0, 1)")
     sm.add_argument("--sde-diffusion-norm", type=_at_least(0.0, float), default=None,
                     help="sde: diffusion scale (0: the Euler ODE with the last step)")
+    sm.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                    help="a prompt to sample (repeatable; prompt-conditioned runs); one sample "
+                    "per prompt unless --count")
+    sm.add_argument("--prompts-file", default=None, metavar="FILE",
+                    help="a UTF-8 file of prompts, one per line")
     pl = sub.add_parser("plugins", help="list plugins and the components each registered")
     pl.add_argument("--json", action="store_true")
     nm = sub.add_parser(

@@ -13,6 +13,7 @@ from selfflow_core.interfaces import (
     ModalityConfig,
     SchedulerConfig,
     TeacherConfig,
+    TextEncoderConfig,
     TrackerConfig,
 )
 from selfflow_core.objective import ObjectiveConfig
@@ -109,6 +110,11 @@ class TrainerConfig:
     steps: int = attrs.field(default=1000, validator=v.ge(1))
     grad_accum: int = attrs.field(default=1, validator=v.ge(1))
     label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
+    #: prompt conditioning: the run's text encoder (None: no prompts; class labels as before)
+    #: and the probability a sample's prompt is replaced by the empty one (guidance), drawn with
+    #: the label dropout's draw and seen by student and teacher alike
+    text_encoder: TextEncoderConfig | None = None
+    caption_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
     #: the evaluation EMA of the student: what samples come from, for every method alike
     #: (vanilla, DTS, Self-Flow, REPA), in the trainer and in ``selfflow sample``. With
     #: ``eval_ema_warmup`` its decay at update n is ``min(decay, (1 + n) / (10 + n))``, as the

@@ -36,6 +36,14 @@ def problems(config: TrainerConfig, components: Components, *, world_size: int =
     # a component config may check what its fields alone cannot (e.g. that a file exists)
     for path, component in (("teacher", config.teacher), ("backbone", config.backbone)):
         out += [f"$.{path}.{p}" for p in component.problems()]
+    if config.text_encoder is not None:
+        out += [f"$.text_encoder.{p}" for p in config.text_encoder.problems()]
+        if config.backbone.kind == "dit":
+            out.append("$.backbone: the dit backbone has no text stream; a run with a "
+                       "text_encoder needs one that reads prompts (kind 'mmdit')")
+        if not config.sampling.prompts:
+            out.append("$.sampling.prompts: a run with a text_encoder samples from prompts; "
+                       "give at least one")
     for name, spec in config.modalities.items():
         where = f"$.modalities.{name}"
         per = spec.batch_size / (world_size * config.grad_accum)
@@ -92,7 +100,7 @@ RESUMABLE_CHANGES = {"steps", "run_dir", "log_every", "checkpoint", "sampling", 
 
 
 #: keys newer than some checkpoints, with the value that such a checkpoint's run had
-ADDED_KEYS = {"parallel": "ddp"}
+ADDED_KEYS = {"parallel": "ddp", "text_encoder": None, "caption_dropout": 0.1}
 
 
 def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

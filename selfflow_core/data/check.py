@@ -61,6 +61,15 @@ def _plain(value: Any, where: str) -> Any:
         raise ValueError(f"store schema: {where} is not plain JSON data ({e})") from None
 
 
+#: the ``FieldSpec.dtype`` of a variable-length UTF-8 text field (e.g. ``captions``)
+TEXT_DTYPE = "str"
+
+
+def is_text(dtype: Any) -> bool:
+    """Whether ``dtype`` (a schema name, or a numpy/zarr dtype) is the text field dtype."""
+    return str(dtype) == TEXT_DTYPE or np.dtype(dtype).kind in "UT"
+
+
 def config_hash(schema: Mapping[str, Any]) -> str:
     """Hash of what the store holds (:data:`HASHED_KEYS`): equal hashes mean the same encoding."""
     data = json.dumps({k: schema.get(k) for k in HASHED_KEYS}, sort_keys=True,
@@ -183,7 +192,8 @@ def schema_problems(group: zarr.Group, *, require_complete: bool = True) -> list
         if arr is None:
             problems.append(f"field {name!r}: array missing")
             continue
-        if np.dtype(arr.dtype) != np.dtype(spec.dtype):
+        if (is_text(arr.dtype) != is_text(spec.dtype)
+                or not is_text(spec.dtype) and np.dtype(arr.dtype) != np.dtype(spec.dtype)):
             problems.append(f"field {name!r}: dtype {arr.dtype} but the schema says {spec.dtype}")
         if tuple(arr.shape[1:]) != spec.shape:
             problems.append(f"field {name!r}: per-sample shape {tuple(arr.shape[1:])} but the "

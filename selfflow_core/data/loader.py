@@ -10,7 +10,8 @@ step: paper App. D holds one modality per batch); the draw is the same on every 
 see the same modality at each step.
 
 Stores holding ``<name>_mean`` / ``<name>_std`` get ``<name>`` drawn by :func:`sample_posterior`
-with noise seeded by ``(seed, rank, step)``.
+with noise seeded by ``(seed, rank, step)``; stores holding ``captions`` (prompt-conditioned
+runs) get one caption per sample drawn the same way (:mod:`selfflow_core.prompts`).
 
 The pipeline's whole state is ``{"step", "counts"}`` (batches given overall and per store) plus
 what checks that a state fits the loader: plain ints, floats and lists, safe for JSON and
@@ -31,12 +32,20 @@ from torch import Tensor
 from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, Prefetcher
 
 from selfflow_core.data.store import LatentStore
+from selfflow_core.interfaces import TextEncoder
+from selfflow_core.prompts import (
+    TEXT_EMBEDDINGS,
+    caption_fields,
+    choose_caption_indices,
+    stored_encoding,
+    with_text,
+)
 from selfflow_core.types import TokenBatch
 
 STATE_VERSION = 1
 #: what a state saved before a key existed had
 LEGACY_IDENTITY = {"group": 1}
-_PERMUTATION, _MIXING, _POSTERIOR = 0, 1, 2  # keep the seeded streams apart
+_PERMUTATION, _MIXING, _POSTERIOR, _CAPTION = 0, 1, 2, 3  # keep the seeded streams apart
 
 
 def sample_posterior(fields: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
@@ -63,6 +72,9 @@ class LoaderSource:
     tokenize: Callable[[dict[str, Tensor]], TokenBatch]
     batch_size: int = attrs.field(validator=v.ge(1))
     probability: float = attrs.field(default=1.0, validator=v.gt(0.0))
+    #: the run's text encoder (prompt-conditioned runs): one of each sample's stored captions,
+    #: drawn per step, becomes the batch's text (:mod:`selfflow_core.prompts`)
+    text: TextEncoder | None = None
 
 
 @attrs.frozen
@@ -182,14 +194,26 @@ class LatentLoader:
         s, indices, step, state = item
         source = self.sources[s]
         try:
-            fields = {k: torch.from_numpy(a) for k, a in source.store.read(indices).items()}
+            numeric, captions = caption_fields(source.store.read(indices))
+            fields = {k: torch.from_numpy(a) for k, a in numeric.items()}
             if _has_posterior(list(fields)):
-                seed = np.random.SeedSequence([self.seed, _POSTERIOR, self.rank, step])
-                gen = torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
-                fields = sample_posterior(fields, gen)
-            return s, source.tokenize(fields).with_padding_hint(), state
+                fields = sample_posterior(fields, self._generator(_POSTERIOR, step))
+            batch = source.tokenize(fields)
+            if source.text is not None and captions is not None:
+                chosen = choose_caption_indices(captions, self._generator(_CAPTION, step))
+                if TEXT_EMBEDDINGS in numeric:  # a frozen encoder's, precomputed
+                    encoding = stored_encoding(numeric, chosen)
+                else:                          # a trainable encoder's ids, online
+                    encoding = source.text.encode([str(captions[i, k]) if k >= 0 else ""
+                                                   for i, k in enumerate(chosen)])
+                batch = with_text(batch, encoding)
+            return s, batch.with_padding_hint(), state
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there as is
             return s, _Failure(exc), state
+
+    def _generator(self, stream: int, step: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.seed, stream, self.rank, step])
+        return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
 
     def _pipeline(self) -> Loader:
         node: BaseNode = _BatchPlan(self.shards, np.array([s.probability for s in self.sources]),

@@ -32,6 +32,7 @@ from selfflow_core.data.check import (
     data_problems,
     field_specs,
     is_local,
+    is_text,
     nonfinite_problem,
     open_group,
     scan,
@@ -50,6 +51,8 @@ __all__ = ["FORMAT_VERSION", "EncodedSource", "LatentStore", "StoreError", "Stor
 CHUNK_BYTES = 512 * 1024
 #: stores up to this many bytes are read into memory on first use (random batches then cost no I/O)
 CACHE_BYTES = 2 * 1024**3
+#: the size of one string of a text field when choosing its chunks (captions are short)
+TEXT_BYTES = 128
 COMPRESSORS = {
     "none": lambda: None,
     "zstd": lambda: ZstdCodec(level=3),
@@ -68,8 +71,10 @@ def codecs(compressor: str) -> tuple:
 
 
 def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Samples per chunk: the largest power of two whose chunk fits ``chunk_bytes`` (at least 1)."""
-    per_sample = np.dtype(spec.dtype).itemsize * math.prod(spec.shape)
+    """Samples per chunk: the largest power of two whose chunk fits ``chunk_bytes`` (at least 1);
+    a text field counts :data:`TEXT_BYTES` per string."""
+    itemsize = TEXT_BYTES if is_text(spec.dtype) else np.dtype(spec.dtype).itemsize
+    per_sample = itemsize * math.prod(spec.shape)
     return 1 << (max(1, chunk_bytes // max(per_sample, 1)).bit_length() - 1)
 
 
@@ -168,7 +173,8 @@ class StoreWriter:
                     n = chunks if isinstance(chunks, int) else (chunks or {}).get(name)
                     n = n or chunk_samples(spec)
                     self.group.create_array(
-                        name, shape=(0, *spec.shape), dtype=spec.dtype, chunks=(n, *spec.shape),
+                        name, shape=(0, *spec.shape),
+                        dtype=str if is_text(spec.dtype) else spec.dtype, chunks=(n, *spec.shape),
                         compressors=codecs(compressor),
                         config={"write_empty_chunks": True})
             problems = schema_problems(self.group, require_complete=False)
@@ -288,10 +294,17 @@ class StoreWriter:
         if len(set(sizes.values())) != 1 or None in sizes.values():
             raise StoreError(self.name, [f"batch fields have different sample counts: {sizes}"])
         for name, spec in self.specs.items():
-            value, dtype = data[name], np.dtype(spec.dtype)
+            value = data[name]
             if tuple(value.shape[1:]) != spec.shape:
                 raise StoreError(self.name, [f"field {name!r}: batch per-sample shape "
                                              f"{tuple(value.shape[1:])} != schema {spec.shape}"])
+            if is_text(spec.dtype):
+                if value.size and not all(isinstance(x, str) for x in value.reshape(-1).tolist()):
+                    raise StoreError(self.name, [f"field {name!r}: a text field takes str "
+                                                 "values only"])
+                data[name] = value.astype(np.dtypes.StringDType())
+                continue
+            dtype = np.dtype(spec.dtype)
             if not np.can_cast(value.dtype, dtype, casting="same_kind"):
                 raise StoreError(self.name, [f"field {name!r}: batch dtype {value.dtype} cannot "
                                              f"be stored as {dtype}"])

@@ -17,10 +17,11 @@ import torch
 
 from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.config.run import TrainerConfig
-from selfflow_core.errors import CheckpointError
-from selfflow_core.interfaces import TeacherStrategy
+from selfflow_core.errors import CheckpointError, ConfigError
+from selfflow_core.interfaces import TeacherStrategy, TextEncoder
 from selfflow_core.objective import uses_representation
 from selfflow_core.plugins.manager import Components
+from selfflow_core.prompts import with_text
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import ModalityRuntime, build_modalities, build_model
 from selfflow_core.sampling import SamplingConfig, sample
@@ -31,6 +32,8 @@ WEIGHTS = {"eval_ema": "evaluation EMA", "ema_teacher": "EMA teacher", "student"
 #: the checkpoint entry of each averaged kind of weights
 _STATE_KEYS = {"eval_ema": "eval_ema", "ema_teacher": "teacher"}
 INFO_FILE = "sample_info.json"
+#: each sample's prompt (prompt-conditioned runs), in the samples folder
+PROMPTS_FILE = "prompts.json"
 
 
 def method_of(config: TrainerConfig, teacher: TeacherStrategy) -> str:
@@ -89,9 +92,11 @@ def _load(path: Path, components: Components, device: str):
     state = checkpoint.load(path)
     config = structure(make_converter(components), json.loads(state["config"]), TrainerConfig,
                        source=f"config stored in {path}")
-    modalities = build_modalities(config)
+    text = config.text_encoder.build() if config.text_encoder is not None else None
+    modalities = build_modalities(config, text)
     teacher = config.teacher.build()
-    model = build_model(config, modalities, teacher).backbone
+    model = build_model(config, modalities, teacher,
+                        text=text.spec() if text is not None else None).backbone
     which = next((w for w, key in _STATE_KEYS.items() if state.get(key, {}).get("model")),
                  "student")
     source = state[_STATE_KEYS[which]] if which != "student" else {"model": state["model"]}
@@ -104,7 +109,7 @@ def _load(path: Path, components: Components, device: str):
     step = int(state["step"])
     info = sample_info(config, teacher, which, step=step, updates=source.get("updates"),
                        sampling=config.sampling, checkpoint=path)
-    return config, modalities, model.to(device).eval(), info
+    return config, modalities, model.to(device).eval(), info, text
 
 
 def load_for_sampling(path: str | Path, components: Components, device: str = "cpu"):
@@ -154,7 +159,8 @@ def sample_run(path: str | Path, components: Components, *, out_dir: str | Path 
                count: int | None = None, steps: int | None = None, method: str | None = None,
                cfg_scale: float | None = None, seed: int | None = None,
                condition_t: float | None = None, sde_last_step: float | None = None,
-               sde_diffusion_norm: float | None = None, device: str = "cpu") -> SampleResult:
+               sde_diffusion_norm: float | None = None, prompts: list[str] | None = None,
+               device: str = "cpu") -> SampleResult:
     """Write samples of every modality of a run from a checkpoint (``path``: see
     :func:`find_checkpoint`); options left ``None`` keep the run's settings. Without ``out_dir``
     the files go to a new ``<run_dir>/samples/sample-<step>-<n>/``, so the training's own samples
@@ -162,11 +168,17 @@ def sample_run(path: str | Path, components: Components, *, out_dir: str | Path 
     changes = {k: v for k, v in dict(count=count, steps=steps, method=method,
                                      cfg_scale=cfg_scale, seed=seed, condition_t=condition_t,
                                      sde_last_step=sde_last_step,
-                                     sde_diffusion_norm=sde_diffusion_norm).items()
+                                     sde_diffusion_norm=sde_diffusion_norm,
+                                     prompts=list(prompts) if prompts else None).items()
                if v is not None}
     _sampling(SamplingConfig(), changes)  # a bad option is refused before anything is loaded
+    if prompts and "count" not in changes:
+        changes["count"] = len(prompts)  # one sample per prompt given
     path = find_checkpoint(path)
-    config, modalities, model, info = _load(path, components, device)
+    config, modalities, model, info, text = _load(path, components, device)
+    if prompts and text is None:
+        raise ConfigError([f"prompts: the run of {path} is not prompt-conditioned (its config "
+                           "has no text_encoder); sample it without prompts"])
     step, sampling = info["step"], _sampling(config.sampling, changes)
     info = {**info, "sampling": to_data(make_converter(), sampling)}
     # <run_dir>/checkpoints/step-N.pt; a checkpoint elsewhere gets samples/ beside it
@@ -176,7 +188,7 @@ def sample_run(path: str | Path, components: Components, *, out_dir: str | Path 
     try:
         for m in modalities:
             paths += write_samples(model, m, sampling, out / m.name, null_label=model.num_classes,
-                                   device=torch.device(device))
+                                   device=torch.device(device), text=text)
     except BaseException:
         if not out_dir and not any(out.iterdir()):
             out.rmdir()  # no empty folder left by a failed (or interrupted) call
@@ -189,23 +201,28 @@ def sample_checkpoint(path: str | Path, components: Components, *, out_dir: str 
                       count: int | None = None, steps: int | None = None, method: str | None = None,
                       cfg_scale: float | None = None, seed: int | None = None,
                       condition_t: float | None = None, sde_last_step: float | None = None,
-                      sde_diffusion_norm: float | None = None,
+                      sde_diffusion_norm: float | None = None, prompts: list[str] | None = None,
                       device: str = "cpu") -> list[Path]:
     """:func:`sample_run`'s files: samples of every modality of the run; options left ``None``
     keep the run's settings."""
     return sample_run(path, components, out_dir=out_dir, count=count, steps=steps, method=method,
                       cfg_scale=cfg_scale, seed=seed, condition_t=condition_t,
                       sde_last_step=sde_last_step, sde_diffusion_norm=sde_diffusion_norm,
-                      device=device).paths
+                      prompts=prompts, device=device).paths
+
+
+def prompt_list(cfg: SamplingConfig) -> list[str]:
+    """The prompt of each of ``cfg.count`` samples: ``cfg.prompts`` cycled."""
+    return [cfg.prompts[i % len(cfg.prompts)] for i in range(cfg.count)] if cfg.prompts else []
 
 
 def generate(model, m: ModalityRuntime, cfg: SamplingConfig, *, null_label: int,
-             device: torch.device, labels: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+             device: torch.device, labels: torch.Tensor | None = None,
+             text: TextEncoder | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``cfg.count`` generated token sequences of one modality (classes cycled unless
-    ``labels`` are given) and their labels, drawn with every setting of ``cfg`` (method, steps,
-    shift, guidance, ``condition_t`` and the SDE's). Under FSDP2 every rank must call it (the
-    model is sharded); only one saves."""
+    ``labels`` are given; with the run's ``text`` encoder, ``cfg.prompts`` cycled) and their
+    labels, drawn with every setting of ``cfg`` (method, steps, shift, guidance, ``condition_t``
+    and the SDE's). Under FSDP2 every rank must call it (the model is sharded); only one saves."""
     gen = torch.Generator(device).manual_seed(cfg.seed)
     prompt = m.adapter.prompt(cfg.count).to(device)
     prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
@@ -213,6 +230,8 @@ def generate(model, m: ModalityRuntime, cfg: SamplingConfig, *, null_label: int,
         labels = torch.arange(cfg.count, device=device) % m.adapter.num_classes
     if labels is not None:
         prompt = attrs.evolve(prompt, labels=labels.to(device))
+    if text is not None:
+        prompt = with_text(prompt, text.encode(prompt_list(cfg)))
     was_training = model.training
     model.eval()
     tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
@@ -224,14 +243,23 @@ def generate(model, m: ModalityRuntime, cfg: SamplingConfig, *, null_label: int,
 
 
 def save(m: ModalityRuntime, tokens: torch.Tensor, labels: torch.Tensor | None,
-         out_dir: Path) -> list[Path]:
-    """Decode generated tokens and write them with the modality's adapter; the files written."""
-    return m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
-                                  None if labels is None else labels.cpu(), out_dir)
+         out_dir: Path, prompts: list[str] | None = None) -> list[Path]:
+    """Decode generated tokens and write them with the modality's adapter; the files written.
+    With ``prompts`` (one per sample), ``prompts.json`` lists each sample's prompt."""
+    paths = m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
+                                   None if labels is None else labels.cpu(), out_dir)
+    if prompts:
+        listing = Path(out_dir) / PROMPTS_FILE
+        listing.write_text(json.dumps({f"{i:03d}": p for i, p in enumerate(prompts)}, indent=2,
+                                      ensure_ascii=False) + "\n", encoding="utf-8")
+        paths.append(listing)
+    return paths
 
 
 def write_samples(model, m: ModalityRuntime, cfg, out_dir: Path, *, null_label: int,
-                  device: torch.device, labels: torch.Tensor | None = None) -> list[Path]:
+                  device: torch.device, labels: torch.Tensor | None = None,
+                  text: TextEncoder | None = None) -> list[Path]:
     """:func:`generate` then :func:`save`."""
-    tokens, labels = generate(model, m, cfg, null_label=null_label, device=device, labels=labels)
-    return save(m, tokens, labels, out_dir)
+    tokens, labels = generate(model, m, cfg, null_label=null_label, device=device, labels=labels,
+                              text=text)
+    return save(m, tokens, labels, out_dir, prompt_list(cfg) if text is not None else None)

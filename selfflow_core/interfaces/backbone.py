@@ -14,7 +14,9 @@ from selfflow_core.types import BackboneOutput, TokenBatch
 
 @attrs.frozen(kw_only=True)
 class BackboneConfig(ComponentConfig):
-    """Base config of backbones. ``build(token_dims=..., num_classes=...)`` -> :class:`Backbone`."""
+    """Base config of backbones. ``build(token_dims=..., num_classes=..., text=None)`` ->
+    :class:`Backbone`; ``text`` (a :class:`~selfflow_core.interfaces.TextSpec`) is passed only
+    in prompt-conditioned runs, to a backbone with a text stream."""
 
     @property
     def depth(self) -> int | None:

@@ -44,6 +44,12 @@ def selfflow_register_trackers(registry: Registry) -> None:
 
 
 @hookspec
+def selfflow_register_text_encoders(registry: Registry) -> None:
+    """Register :class:`~selfflow_core.interfaces.TextEncoderConfig` subclasses (captions ->
+    embeddings or ids for prompt-conditioned runs)."""
+
+
+@hookspec
 def selfflow_register_presets(registry: PresetRegistry) -> None:
     """Register preset functions returning a ``TrainerConfig``: ``registry.add("image", default)``.
     ``selfflow train NAME`` runs them."""

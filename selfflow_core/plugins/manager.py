@@ -21,6 +21,7 @@ from selfflow_core.interfaces import (
     ModalityConfig,
     SchedulerConfig,
     TeacherConfig,
+    TextEncoderConfig,
     TimeDistributionConfig,
     TrackerConfig,
 )
@@ -118,6 +119,7 @@ class Components:
                                                 credit)
         self.teachers: Registry = Registry("teacher", TeacherConfig, credit)
         self.trackers: Registry = Registry("tracker", TrackerConfig, credit)
+        self.text_encoders: Registry = Registry("text encoder", TextEncoderConfig, credit)
         self.presets = PresetRegistry(credit)
         # ordinary pluggy hook calls (all plugins at once: wrappers and tracing apply); pluggy
         # calls the last registered first, so the core's fallbacks are set after the plugins'
@@ -128,11 +130,12 @@ class Components:
                                                     distributions=self.distributions)
         hooks.selfflow_register_teachers(registry=self.teachers)
         hooks.selfflow_register_trackers(registry=self.trackers)
+        hooks.selfflow_register_text_encoders(registry=self.text_encoders)
         hooks.selfflow_register_presets(registry=self.presets)
 
     def registries(self) -> Iterator[Registry]:
         yield from (self.modalities, self.backbones, self.schedulers, self.distributions,
-                    self.teachers, self.trackers)
+                    self.teachers, self.trackers, self.text_encoders)
 
     def by_plugin(self) -> dict[str, list[str]]:
         """Plugin name -> ``category:kind`` entries it registered (for ``selfflow plugins``)."""

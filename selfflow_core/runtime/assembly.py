@@ -11,8 +11,9 @@ import attrs
 from torch import nn
 
 from selfflow_core.config.run import TrainerConfig
-from selfflow_core.interfaces import ModalityAdapter, TimestepScheduler
+from selfflow_core.interfaces import ModalityAdapter, TextEncoder, TextSpec, TimestepScheduler
 from selfflow_core.objective import SelfFlowObjective, uses_representation
+from selfflow_core.prompts import CAPTIONS, WithTextEmbeddings
 
 
 @attrs.define
@@ -24,10 +25,15 @@ class ModalityRuntime:
     id_offset: int
 
 
-def build_modalities(config: TrainerConfig) -> list[ModalityRuntime]:
+def build_modalities(config: TrainerConfig, text: TextEncoder | None = None
+                     ) -> list[ModalityRuntime]:
+    """Each modality's adapter, scheduler and id offset. With a frozen ``text`` encoder, a
+    captioned modality's adapter also stores the encoder's output for every caption."""
     out, offset = [], 0
     for name, spec in config.modalities.items():
         adapter = spec.modality.build()
+        if text is not None and not text.trainable and CAPTIONS in adapter.fields():
+            adapter = WithTextEmbeddings(adapter, text)
         out.append(ModalityRuntime(name, spec, adapter, spec.scheduler.build(), offset))
         offset += len(adapter.token_dims)
     return out
@@ -45,10 +51,13 @@ class StudentWithHead(nn.Module):
 
 
 def build_model(config: TrainerConfig, modalities: list[ModalityRuntime],
-                teacher) -> StudentWithHead:
+                teacher, *, text: TextSpec | None = None) -> StudentWithHead:
+    """The backbone for the modalities' token widths and classes (and the text encoder's
+    output, ``text``, in prompt-conditioned runs), with its projection head."""
     dims = [d for m in modalities for d in m.adapter.token_dims]
     classes = max(m.adapter.num_classes for m in modalities)
-    backbone = config.backbone.build(token_dims=dims, num_classes=classes)
+    extra = {"text": text} if text is not None else {}
+    backbone = config.backbone.build(token_dims=dims, num_classes=classes, **extra)
     # no projection head where no representation loss is computed (vanilla, DTS, gamma 0); the
     # teacher's own head where it has one (REPA's projector), else the core's
     representation = uses_representation(config.objective, teacher)

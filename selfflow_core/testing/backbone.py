@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from selfflow_core.interfaces import Backbone, BackboneConfig
+from selfflow_core.interfaces import Backbone, BackboneConfig, TextSpec
 from selfflow_core.testing.checks import check_config_contract, randomize_parameters
 from selfflow_core.types import TokenBatch
 
@@ -20,6 +20,9 @@ class BackboneContract:
     The backbone is built with :attr:`token_dims` (several widths: one sequence mixes modalities,
     narrower ones zero-padded and marked in ``channel_valid``) and :attr:`num_classes`, and its
     parameters are randomised (zero-initialised gates would make most checks trivially true).
+    With :attr:`text` (a :class:`~selfflow_core.interfaces.text.TextSpec`), it is built with
+    ``text=`` too and every batch carries a prompt (ids and/or embeddings as the spec says, a
+    mask with padding, a pooled vector if ``pooled_dim``).
     """
 
     #: the backbone's config (required); depth >= 2
@@ -40,6 +43,10 @@ class BackboneContract:
     exact_atol: ClassVar[float] = 0.0
     #: tolerance of "padding does not change valid tokens' outputs"
     padding_atol: ClassVar[float] = 1e-5
+    #: the prompt the backbone reads (None: built without ``text=``, batches carry no prompt)
+    text: ClassVar[TextSpec | None] = None
+    #: text tokens per sample (at most ``text.max_length``)
+    text_length: ClassVar[int] = 5
 
     # ---- fixtures ---------------------------------------------------------------------------
 
@@ -57,7 +64,9 @@ class BackboneContract:
 
     def make_backbone(self) -> Backbone:
         """The backbone under test, with randomised parameters."""
-        model = self.config.build(token_dims=self.token_dims, num_classes=self.num_classes)
+        extra = {} if self.text is None else {"text": self.text}
+        model = self.config.build(token_dims=self.token_dims, num_classes=self.num_classes,
+                                  **extra)
         return randomize_parameters(model, seed=0, std=0.1)
 
     def make_batch(self) -> TokenBatch:
@@ -75,7 +84,26 @@ class BackboneContract:
             tokens=tokens, positions=positions, modality_ids=ids,
             valid=torch.ones(b, n, dtype=torch.bool), condition=torch.zeros(b, n, dtype=torch.bool),
             labels=labels,
-            channel_valid=channel_valid if len(set(self.token_dims)) > 1 else None)
+            channel_valid=channel_valid if len(set(self.token_dims)) > 1 else None,
+            **self.make_text(b, g))
+
+    def make_text(self, b: int, g: torch.Generator) -> dict[str, Tensor]:
+        """The prompt fields of a batch (none without :attr:`text`): the first sample's last
+        two text tokens are padding (id 0, zero embeddings)."""
+        spec = self.text
+        if spec is None:
+            return {}
+        length = self.text_length
+        mask = torch.ones(b, length, dtype=torch.bool)
+        mask[0, -2:] = False
+        out = {"text_mask": mask}
+        if spec.vocab_size is not None:
+            out["text_ids"] = torch.randint(1, spec.vocab_size, (b, length), generator=g) * mask
+        if spec.dim is not None:
+            out["text"] = torch.randn(b, length, spec.dim, generator=g) * mask[..., None]
+        if spec.pooled_dim:
+            out["text_pooled"] = torch.randn(b, spec.pooled_dim, generator=g)
+        return out
 
     def _exact(self, a: Tensor, b: Tensor, msg: str) -> None:
         torch.testing.assert_close(a, b, rtol=self.exact_rtol, atol=self.exact_atol, msg=msg)
@@ -193,3 +221,37 @@ class BackboneContract:
         bad = [name for name, p in backbone.named_parameters()
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         assert not bad, f"non-finite gradients: {bad}"
+
+    def test_text_conditions_and_padding_is_ignored(self, backbone: Backbone, batch: TokenBatch,
+                                                    t: Tensor) -> None:
+        """A real text token changes every sample's velocity, a padded one changes nothing, and
+        the empty prompt (``text_mask`` all False) gives finite outputs."""
+        if self.text is None:
+            pytest.skip("no text stream (text = None)")
+        ref = backbone(batch.tokens, t, batch).velocity
+        g = torch.Generator().manual_seed(4)
+
+        def changed(where: Tensor) -> TokenBatch:
+            fields = {}
+            if batch.text_ids is not None:
+                other = (batch.text_ids % (self.text.vocab_size - 1)) + 1  # another real id
+                fields["text_ids"] = torch.where(where, other, batch.text_ids)
+            if batch.text is not None:
+                junk = torch.randn(batch.text.shape, generator=g) * 5
+                fields["text"] = torch.where(where[..., None], junk, batch.text)
+            return attrs.evolve(batch, **fields)
+
+        real = torch.zeros_like(batch.text_mask)
+        real[:, 0] = True
+        moved = backbone(batch.tokens, t, changed(real)).velocity
+        for i in range(moved.shape[0]):
+            assert not torch.allclose(moved[i], ref[i], atol=1e-4), (
+                f"changing sample {i}'s first text token did not change its velocity")
+        pad = ~batch.text_mask
+        assert bool(pad.any())
+        same = backbone(batch.tokens, t, changed(pad)).velocity
+        torch.testing.assert_close(same, ref, rtol=0, atol=self.padding_atol,
+                                   msg="a padded text token (text_mask False) changed the output")
+        empty = attrs.evolve(batch, text_mask=torch.zeros_like(batch.text_mask))
+        v_empty = backbone(batch.tokens, t, empty).velocity
+        assert v_empty.shape == batch.tokens.shape and bool(torch.isfinite(v_empty).all())

@@ -5,7 +5,8 @@ pixels (identity encoder) and ``labels`` pass through. Online, :meth:`VideoModal
 cuts a clip into ``temporal_patch x patch x patch`` tubes, ordered time-major then row-major,
 each with a 3-D float position ``(t, row, col)`` in patch units. With ``condition_first_frame``
 the tokens of the first temporal patch are conditioning (image-to-video): given, out of the
-loss and noise-augmented by the default scheduler (``condition_noise``), and :meth:`VideoModality.prompt` takes them from ``fields``.
+loss and noise-augmented by the default scheduler (``condition_noise``), and
+:meth:`VideoModality.prompt` takes them from ``fields``.
 """
 
 from __future__ import annotations
