@@ -23,7 +23,7 @@ pip_install() {  # quiet pip; on failure show its output without the mirror's no
   rm -f "$log"
 }
 DISTS=(-e modalities/image -e plugins/aim)
-for d in modalities/video modalities/audio modalities/audio_video modalities/robotics plugins/repa plugins/multimodal; do
+for d in modalities/video modalities/audio modalities/audio_video modalities/robotics plugins/repa plugins/multimodal plugins/transformers; do
   if [ -f "$d/pyproject.toml" ]; then DISTS+=(-e "$d"); fi
 done
 stamp=.venv/.selfflow-installed

@@ -60,7 +60,7 @@ def stored_encoding(fields, chosen: np.ndarray) -> TextEncoding:
     present = torch.as_tensor(chosen >= 0)
     emb = torch.as_tensor(fields[TEXT_EMBEDDINGS])[rows, k].float()
     mask = torch.as_tensor(fields[TEXT_MASK])[rows, k].bool() & present[:, None]
-    pooled = (torch.as_tensor(fields[TEXT_POOLED])[rows, k].float()
+    pooled = (torch.as_tensor(fields[TEXT_POOLED])[rows, k].float() * present[:, None]
               if TEXT_POOLED in fields else None)
     return TextEncoding(embeddings=emb * mask[..., None], mask=mask, pooled=pooled)
 

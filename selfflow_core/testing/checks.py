@@ -19,7 +19,8 @@ from selfflow_core.plugins.manager import ENTRY_POINT_GROUP, Components, make_pl
 from selfflow_core.types import TokenBatch
 
 #: ``Components`` attribute -> the base config class of that category
-CATEGORIES = ("modalities", "backbones", "schedulers", "distributions", "teachers", "trackers")
+CATEGORIES = ("modalities", "backbones", "schedulers", "distributions", "teachers", "trackers",
+              "text_encoders")
 
 
 def randomize_parameters(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
