@@ -19,6 +19,7 @@ from selfflow_core.data.loader import LoaderSource, build_loader
 from selfflow_core.data.store import encode_store, open_store
 from selfflow_core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
+from selfflow_core.eval.evaluate import prompt_metrics
 from selfflow_core.eval.samples import generate, prompt_list, sample_info, write_info
 from selfflow_core.eval.samples import save as save_samples
 from selfflow_core.plugins.manager import Components
@@ -469,8 +470,12 @@ class Trainer:
                                       null_label=self.backbone.num_classes, device=self.device,
                                       text=self.text_encoder)
             if self.dist.is_main:
-                paths += save_samples(m, tokens, labels, out, prompt_list(self.config.sampling)
-                                      if self.text_encoder is not None else None)
+                prompts = prompt_list(self.config.sampling) if self.text_encoder else None
+                paths += save_samples(m, tokens, labels, out, prompts)
+                if prompts and m.adapter.evaluation_prompts(1):  # a fixed evaluator exists
+                    scores = prompt_metrics(m.adapter, tokens, prompts)
+                    self.tracker.log_metrics({f"eval/{m.name}/{k}": v for k, v in scores.items()},
+                                             step=self.step)
         if self.dist.is_main:  # which weights they came from
             write_info(self.samples_dir(), self.sample_info())
         self.tracker.log_images("samples", paths, step=self.step)

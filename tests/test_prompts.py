@@ -30,7 +30,7 @@ from selfflow_core.sampling import sample
 from selfflow_core.types import BackboneOutput, TokenBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CAPTIONED = ToyModality.Config(tokens=4, channels=3, classes=4, count=64, captions=3)
+CAPTIONED = ToyModality.Config(tokens=4, channels=8, classes=4, count=64, captions=3)
 BYTES = ByteTextEncoder.Config(max_length=32)
 
 
@@ -112,7 +112,7 @@ def test_caption_draws_resume_exactly(captioned_store):
 
 
 def _text_batch(n: int = 4) -> TokenBatch:
-    b = TokenBatch.single(torch.zeros(n, 4, 3), torch.zeros(n, 4, 1))
+    b = TokenBatch.single(torch.zeros(n, 4, 8), torch.zeros(n, 4, 1))
     return with_text(b, BYTES.build().encode([f"prompt {i}" for i in range(n)]))
 
 
@@ -296,3 +296,40 @@ def test_a_prompt_run_needs_a_captioned_store(tmp_path, core_components, toy_sto
                                                    count=64))})
     with pytest.raises((ConfigError, StoreError)):
         Trainer(cfg, components=core_components, progress=False)
+
+
+def test_the_toy_frequency_evaluator_scores_real_and_wrong_waves():
+    adapter = CAPTIONED.build()
+    raw = adapter.open_source("waves").read(0, 32)
+    latents = torch.from_numpy(raw["latents"])
+    right = [f"a wave of frequency {['one', 'two', 'three', 'four'][k]}" for k in raw["labels"]]
+    wrong = [f"a wave of frequency {['two', 'three', 'four', 'one'][k]}" for k in raw["labels"]]
+    assert adapter.prompt_metrics(latents, right)["frequency_acc"] == 1.0
+    assert adapter.prompt_metrics(latents, wrong)["frequency_acc"] == 0.0
+    assert len(adapter.evaluation_prompts(8)) == 8
+    assert ToyModality.Config().build().evaluation_prompts(8) == ()
+
+
+def test_selfflow_evaluate_scores_a_prompt_run(tmp_path, core_components, capsys):
+    import json
+
+    from selfflow_core import Trainer
+    from selfflow_core.cli.main import main
+
+    cfg = prompt_config(tmp_path / "run", str(tmp_path / "s.zarr"), steps=2)
+    Trainer(cfg, components=core_components, progress=False).fit()
+    assert main(["evaluate", str(tmp_path / "run"), "--count", "4", "--steps", "2", "--json",
+                 "--out", str(tmp_path / "eval")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    scores = out["modalities"]["toy"]
+    assert scores["prompts"] == 4 and 0.0 <= scores["frequency_acc"] <= 1.0
+    assert out["step"] == 2 and out["weights"] == "eval_ema"
+    saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert saved == out and (tmp_path / "eval" / "toy" / "prompts.json").is_file()
+    # a run without prompts: one line, no traceback
+    plain = attrs.evolve(cfg, text_encoder=None, run_dir=str(tmp_path / "plain"),
+                         backbone=__import__("selfflow_core").DiT.Config(depth=3, width=16,
+                                                                        heads=2))
+    Trainer(plain, components=core_components, progress=False).fit()
+    assert main(["evaluate", str(tmp_path / "plain")]) != 0
+    assert "not prompt-conditioned" in capsys.readouterr().err

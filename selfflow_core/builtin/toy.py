@@ -127,6 +127,22 @@ class ToyModality(ModalityAdapter):
         c = self.config
         return TokenBatch.single(torch.zeros(n, c.tokens, c.channels), self._positions(n))
 
+    def evaluation_prompts(self, n):
+        """With captions: ``n`` prompts naming frequencies 1..classes in turn."""
+        if not self.config.captions:
+            return ()
+        k = max(self.config.classes, 1)
+        return [TEMPLATES[0].format(NUMBERS[i % k]) for i in range(n)]
+
+    def prompt_metrics(self, latents, prompts):
+        """``frequency_acc``: the fraction of samples whose strongest frequency across channels
+        (averaged over tokens) is the one their prompt names (a fixed evaluator: an FFT)."""
+        spectrum = torch.fft.rfft(latents.float(), dim=-1).abs().mean(1)  # [B, C//2 + 1]
+        found = spectrum[:, 1:].argmax(-1) + 1
+        named = torch.tensor([next(i + 1 for i, w in enumerate(NUMBERS) if w in p.split())
+                              for p in prompts])
+        return {"frequency_acc": float((found == named).float().mean())}
+
     def save_samples(self, latents, labels, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "samples.npy"

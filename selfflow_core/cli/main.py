@@ -139,6 +139,21 @@ def cmd_sample(args, components):
         print(p)
 
 
+def cmd_evaluate(args, components):
+    from selfflow_core.eval.evaluate import evaluate_run
+
+    out = evaluate_run(args.checkpoint, components, count=args.count, prompts=args.prompt,
+                       steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                       out_dir=args.out)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"evaluated {out['checkpoint']} (step {out['step']}, {out['weights']} weights)")
+    for name, metrics in out["modalities"].items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"  {name}: {shown}")
+
+
 def cmd_plugins(args, components):
     registered = components.by_plugin()
     rows = []
@@ -264,6 +279,18 @@ def parser() -> argparse.ArgumentParser:
                     "per prompt unless --count")
     sm.add_argument("--prompts-file", default=None, metavar="FILE",
                     help="a UTF-8 file of prompts, one per line")
+    ev = sub.add_parser("evaluate", help="measure prompt following of a prompt-conditioned "
+                        "run with its modalities' fixed evaluators")
+    ev.add_argument("checkpoint", help="a checkpoint file, or a run directory (its latest)")
+    ev.add_argument("--count", type=_at_least(1), default=40,
+                    help="evaluation prompts per modality")
+    ev.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                    help="evaluate these prompts instead (repeatable)")
+    ev.add_argument("--steps", type=_at_least(1), default=None, help="solver steps")
+    ev.add_argument("--cfg-scale", type=_at_least(0.0, float), default=None)
+    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--out", default=None, help="also keep the samples and evaluation.json here")
+    ev.add_argument("--json", action="store_true")
     pl = sub.add_parser("plugins", help="list plugins and the components each registered")
     pl.add_argument("--json", action="store_true")
     nm = sub.add_parser(
@@ -279,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "encode": cmd_encode, "store": cmd_store,
-            "sample": cmd_sample, "plugins": cmd_plugins, "new-modality": cmd_new_modality}
+            "sample": cmd_sample, "evaluate": cmd_evaluate, "plugins": cmd_plugins,
+            "new-modality": cmd_new_modality}
 #: commands that need no plugins loaded (they work even when an installed plugin is broken)
 NO_PLUGINS = {"new-modality"}
 #: commands that continue where an interrupted run of them stopped

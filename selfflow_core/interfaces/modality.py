@@ -123,3 +123,17 @@ class ModalityAdapter(abc.ABC):
     @abc.abstractmethod
     def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:
         """Decode generated latents and write them (PNG, GIF, WAV, ...); return the files."""
+
+    # ---- prompt-following evaluation (optional) ---------------------------------------------
+
+    def evaluation_prompts(self, n: int) -> Sequence[str]:
+        """``n`` prompts to measure prompt following on (e.g. held-out words); empty (the
+        default): the modality has no prompt evaluator."""
+        return ()
+
+    def prompt_metrics(self, latents: Tensor, prompts: Sequence[str]) -> Mapping[str, float]:
+        """Metrics of generated ``latents`` (the latent field, ``[B, ...]``, as
+        :meth:`detokenize` gives) against the ``prompts`` they were generated from, by a fixed
+        evaluator (``selfflow evaluate``, and logged with the trainer's samples). Only called
+        when :meth:`evaluation_prompts` gives prompts."""
+        raise NotImplementedError(f"{type(self).__qualname__} has no prompt evaluator")
