@@ -83,6 +83,10 @@ class SamplingConfig:
     #: prompt-conditioned runs: the prompts samples are drawn from (sample i gets prompt
     #: ``i % len(prompts)``); guidance is against the empty prompt
     prompts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: score the trainer's samples with their modality's fixed prompt evaluator (where it has
+    #: one) and log ``eval/<modality>/<metric>``; off by default (an evaluator may be costly to
+    #: build, e.g. a reader trained on first use)
+    evaluate: bool = False
 
 
 def time_grid(steps: int, shift: float, device: torch.device | str = "cpu") -> Tensor:

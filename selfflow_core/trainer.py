@@ -472,7 +472,7 @@ class Trainer:
             if self.dist.is_main:
                 prompts = prompt_list(self.config.sampling) if self.text_encoder else None
                 paths += save_samples(m, tokens, labels, out, prompts)
-                if prompts and m.adapter.evaluation_prompts(1):  # a fixed evaluator exists
+                if prompts and self.config.sampling.evaluate and m.adapter.evaluation_prompts(1):
                     scores = prompt_metrics(m.adapter, tokens, prompts)
                     self.tracker.log_metrics({f"eval/{m.name}/{k}": v for k, v in scores.items()},
                                              step=self.step)

@@ -25,6 +25,13 @@ class TestToyModality(ModalityContract):
     entry_points = False        # a built-in: independent of whatever else is installed
 
 
+class TestToyModalityCaptioned(ModalityContract):
+    """With a ``captions`` text field (prompt-conditioned runs)."""
+
+    config = ToyModality.Config(tokens=8, channels=8, classes=4, count=16, captions=3)
+    entry_points = False
+
+
 class TestToyModalityUnconditional(ModalityContract):
     config = ToyModality.Config(tokens=8, channels=4, classes=0, count=8)
     num_samples = 3

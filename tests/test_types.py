@@ -20,7 +20,9 @@ def full_batch(b=3, n=5, c=4) -> TokenBatch:
         tokens=torch.randn(b, n, c, generator=g), positions=torch.rand(b, n, 2, generator=g),
         modality_ids=torch.randint(0, 2, (b, n), generator=g),
         valid=torch.rand(b, n, generator=g) > 0.2, condition=torch.rand(b, n, generator=g) > 0.7,
-        labels=torch.arange(b), channel_valid=torch.rand(b, n, c, generator=g) > 0.3)
+        labels=torch.arange(b), channel_valid=torch.rand(b, n, c, generator=g) > 0.3,
+        text=torch.randn(b, 6, 3, generator=g), text_ids=torch.randint(1, 9, (b, 6), generator=g),
+        text_mask=torch.rand(b, 6, generator=g) > 0.3, text_pooled=torch.randn(b, 2, generator=g))
 
 
 def fields(batch: TokenBatch) -> dict:

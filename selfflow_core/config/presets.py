@@ -30,8 +30,9 @@ def shrink(config: TrainerConfig, *, run_dir: str, stores: Mapping[str, str],
     EMA of decay 0.9 with warm-up (a 20-step run would never leave 0.999's initial average; the
     same for both, so every method samples the teacher's kind of weights), ``lr`` with 5 warm-up
     steps, ``steps`` steps with a log line every quarter, a checkpoint at half-way and at the end,
-    and ``samples`` samples of ``sample_steps`` steps (keeping the preset's shift and
-    ``condition_t``). ``changes`` override any other ``TrainerConfig`` field.
+    and ``samples`` samples of ``sample_steps`` steps (keeping the preset's shift,
+    ``condition_t``, prompts and ``evaluate``). ``changes`` override any ``TrainerConfig``
+    field (a prompt-conditioned preset passes a small text-reading ``backbone``).
     """
     modality = modality or {}
     unknown = sorted((set(stores) | set(modality)) - set(config.modalities))
@@ -42,14 +43,17 @@ def shrink(config: TrainerConfig, *, run_dir: str, stores: Mapping[str, str],
         spec, batch_size=batch_size, store=stores.get(name, spec.store),
         modality=_evolve(spec.modality, modality.get(name, {})))
         for name, spec in config.modalities.items()}
-    return attrs.evolve(
-        config, modalities=specs, backbone=DiT.Config(depth=4, width=32, heads=4),
+    s = config.sampling
+    run = dict(
+        modalities=specs, backbone=DiT.Config(depth=4, width=32, heads=4),
         teacher=EMATeacher.Config(decay=0.9, warmup=True),
         optim=OptimConfig(lr=lr, warmup_steps=5), steps=steps, log_every=max(1, steps // 4),
         checkpoint=CheckpointConfig(every=max(1, steps // 2), keep=2),
-        sampling=SamplingConfig(count=samples, steps=sample_steps, shift=config.sampling.shift,
-                                condition_t=config.sampling.condition_t),
-        run_dir=run_dir, **{"eval_ema_decay": 0.9, "eval_ema_warmup": True, **changes})
+        sampling=SamplingConfig(count=samples, steps=sample_steps, shift=s.shift,
+                                condition_t=s.condition_t, prompts=s.prompts,
+                                evaluate=s.evaluate),
+        run_dir=run_dir, eval_ema_decay=0.9, eval_ema_warmup=True)
+    return attrs.evolve(config, **{**run, **changes})
 
 
 def _evolve(config: Any, changes: Mapping[str, Any]) -> Any:

@@ -104,7 +104,7 @@ def test_defaults(adapter: ImageModality):
     assert adapter.num_classes == 10
     assert adapter.token_dim == 1 * 2 * 2
     assert adapter.num_tokens == 16
-    assert adapter.sources() == ("digits",)
+    assert adapter.sources() == ("digits", "words", "words_heldout")
 
 
 # ---- encode -----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import Tensor
 from selfflow_core import (
     TILE_SEPARATOR,
     DualTimestep,
+    FieldSpec,
     ModalityConfig,
     SelfFlowError,
     Source,
@@ -37,11 +38,23 @@ from selfflow_core import (
 from selfflow_core.tokens import (
     PatchAdapter,
 )
+from selfflow_image.captions import (
+    CAPTIONS_FIELD,
+    MISSING_CAPTIONS,
+    MissingCaptionError,
+    caption_array,
+    captions_field,
+    captions_spec,
+    folder_captions,
+)
 from selfflow_image.encoders import ImageEncoder, ImageEncoderConfig, PixelEncoder
+from selfflow_image.words import VOCABULARY, WordsSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: what a folder source does with a file PIL cannot read (``ImageModality.Config.on_unreadable``)
 ON_UNREADABLE = ("stop", "skip")
+#: the built-in sources (besides a folder path)
+SOURCES = ("digits", "words", "words_heldout")
 
 
 def _to_channels(x: Tensor, channels: int) -> Tensor:
@@ -68,15 +81,39 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+#: caption templates of the digits (``{d}``: the digit, ``{n}``: its name)
+DIGIT_TEMPLATES = ("a handwritten {n}", "the digit {d}", "a handwritten digit {d}",
+                   "the number {n}", "{n}", "a small picture of the digit {d}")
+
+
+def quoted_word(prompt: str) -> str:
+    """The word a prompt asks to render: the text between its first pair of double quotes (the
+    whole prompt, stripped, when it has none)."""
+    parts = prompt.split('"')
+    return parts[1] if len(parts) >= 3 else prompt.strip()
+
+
+def digit_captions(label: int, index: int, k: int) -> list[str]:
+    """``k`` captions of digit ``label`` (sample ``index``): distinct templates in an order
+    drawn from ``index``."""
+    rng = np.random.default_rng(np.random.SeedSequence([7, int(index)]))
+    order = [int(t) for _ in range(-(-k // len(DIGIT_TEMPLATES)))
+             for t in rng.permutation(len(DIGIT_TEMPLATES))]
+    return [DIGIT_TEMPLATES[t].format(d=label, n=DIGIT_NAMES[label]) for t in order[:k]]
+
+
 class DigitsSource(Source):
     """scikit-learn's bundled 8x8 digits (1797 images, labels 0..9) in dataset order, scaled
-    from 0..16 to ``[-1, 1]`` and, for ``size != 8``, upsampled bilinearly. No download."""
+    from 0..16 to ``[-1, 1]`` and, for ``size != 8``, upsampled bilinearly. No download.
+    With ``captions`` > 0, also that many captions per image (:data:`DIGIT_TEMPLATES`)."""
 
-    def __init__(self, size: int = 8, channels: int = 1) -> None:
+    def __init__(self, size: int = 8, channels: int = 1, captions: int = 0) -> None:
         self.images, self.labels = _load_digits()
-        self.size, self.channels = size, channels
+        self.size, self.channels, self.captions = size, channels, captions
+        cap = f", {captions} captions each" if captions else ""
         self.description = (f"sklearn digits: {len(self.labels)} images 8x8 -> "
-                            f"{channels}x{size}x{size}, labels 0..9")
+                            f"{channels}x{size}x{size}, labels 0..9{cap}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,7 +124,12 @@ class DigitsSource(Source):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False).clamp(-1.0, 1.0)
         x = _to_channels(x, self.channels)
-        return {"images": x.numpy(), "labels": self.labels[start:stop].copy()}
+        out = {"images": x.numpy(), "labels": self.labels[start:stop].copy()}
+        if self.captions:
+            out[CAPTIONS_FIELD] = caption_array(
+                [digit_captions(int(y), i, self.captions)
+                 for i, y in enumerate(out["labels"], start)], self.captions)
+        return out
 
 
 class UnreadableImageError(SelfFlowError, ValueError):
@@ -131,12 +173,23 @@ class FolderSource(Source):
     :class:`UnreadableImageError` naming it; with ``"skip"``, every file is decoded once when
     the source is first sized or read, the unreadable ones are left out (the others keep their
     sorted order) and one :class:`UnreadableImagesSkipped` warning lists them (also in
-    :attr:`skipped`)."""
+    :attr:`skipped`).
+
+    With ``captions`` > 0, each image's first ``captions`` captions (from ``.txt`` files and
+    ``metadata.jsonl`` / ``metadata.csv``, see :mod:`selfflow_image.captions`) are read too,
+    padded with ``""``; an image without any is a :class:`MissingCaptionError` naming it
+    (``missing_captions="stop"``) or gets only ``""`` (``"empty"``). Captions are looked up
+    once, on the first :meth:`read` or :attr:`captions_table` (``ImageModality.open_source``
+    reads it, so a missing caption stops before anything is encoded)."""
 
     def __init__(self, root: str | Path, size: int, channels: int,
-                 on_unreadable: str = "stop") -> None:
+                 on_unreadable: str = "stop", captions: int = 0,
+                 missing_captions: str = "stop") -> None:
         if on_unreadable not in ON_UNREADABLE:
             raise ValueError(f"on_unreadable must be one of {ON_UNREADABLE}, got {on_unreadable!r}")
+        if missing_captions not in MISSING_CAPTIONS:
+            raise ValueError(f"missing_captions must be one of {MISSING_CAPTIONS}, got "
+                             f"{missing_captions!r}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
@@ -154,10 +207,16 @@ class FolderSource(Source):
         self._candidates = (files, labels)
         self._kept: tuple[list[Path], np.ndarray] | None = None
         self._skipped: list[tuple[Path, str]] = []
+        self.captions, self.missing_captions = captions, missing_captions
+        self._captions: list[list[str]] | None = None
         classes = f", classes {self.class_names}" if self.class_names else ", unlabelled"
         skip = "; unreadable files skipped" if on_unreadable == "skip" else ""
+        cap = ""
+        if captions:
+            cap = f"; {captions} captions each" + (", missing ones empty"
+                                                     if missing_captions == "empty" else "")
         self.description = (f"image folder {self.root}: {len(files)} images -> "
-                            f"{channels}x{size}x{size}{classes}{skip}")
+                            f"{channels}x{size}x{size}{classes}{skip}{cap}")
 
     # ---- the files ----------------------------------------------------------------------------
 
@@ -208,11 +267,24 @@ class FolderSource(Source):
         self._scanned()
         return list(self._skipped)
 
+    @property
+    def captions_table(self) -> list[list[str]]:
+        """Every caption found for each of :attr:`files` (checked for missing ones once)."""
+        if self._captions is None:
+            table = folder_captions(self.root, self.files)
+            missing = [p for p, caps in zip(self.files, table) if not caps]
+            if missing and self.missing_captions == "stop":
+                raise MissingCaptionError(missing[0], len(missing), len(table))
+            self._captions = table
+        return self._captions
+
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         from PIL import Image
+
+        table = self.captions_table[start:stop] if self.captions else None
 
         mode = "L" if self.channels == 1 else "RGB"
         out = np.empty((stop - start, self.channels, self.size, self.size), dtype=np.float32)
@@ -225,7 +297,10 @@ class FolderSource(Source):
                 raise UnreadableImageError(path, _why(e),
                                            advice=self.on_unreadable == "stop") from e
             out[i] = a.transpose(2, 0, 1) / 127.5 - 1.0
-        return {"images": out, "labels": self.labels[start:stop].copy()}
+        result = {"images": out, "labels": self.labels[start:stop].copy()}
+        if table is not None:
+            result[CAPTIONS_FIELD] = caption_array(table, self.captions)
+        return result
 
 
 #: tile uint8 images ``[B, H, W, C]`` into one grid, ``nrow`` per row (the core's helper)
@@ -251,6 +326,14 @@ class ImageModality(PatchAdapter):
           encoding with an :class:`UnreadableImageError` naming it, or ``"skip"`` it (every
           file is then decoded once more when encoding starts; the skipped files are listed
           in one :class:`UnreadableImagesSkipped` warning). The built-in digits ignore it.
+        - ``captions``: captions per sample ``K`` for prompt conditioning (the store's
+          ``captions`` field, ``[K]`` str; ``""``: missing); ``0`` (default): none, the store
+          holds only ``latents`` and ``labels``.
+        - ``missing_captions``: a folder image without any caption (``captions`` > 0):
+          ``"stop"`` with a :class:`~selfflow_image.captions.MissingCaptionError` naming it,
+          or ``"empty"``: its captions are all ``""``.
+        - ``count`` / ``seed``: samples and seed of the rendered-word sources (``words``,
+          ``words_heldout``); the digits and folders ignore them.
         """
 
         kind = "image"
@@ -262,6 +345,11 @@ class ImageModality(PatchAdapter):
                                                   validator=v.instance_of(ImageEncoderConfig))
         on_unreadable: Literal["stop", "skip"] = attrs.field(default="stop",
                                                              validator=v.in_(ON_UNREADABLE))
+        captions: int = attrs.field(default=0, validator=[v.ge(0), v.le(64)])
+        missing_captions: Literal["stop", "empty"] = attrs.field(
+            default="stop", validator=v.in_(MISSING_CAPTIONS))
+        count: int = attrs.field(default=4096, validator=v.ge(1))
+        seed: int = attrs.field(default=0, validator=v.ge(0))
 
         @channels.validator
         def _check_channels(self, attribute: Any, value: int) -> None:
@@ -332,33 +420,81 @@ class ImageModality(PatchAdapter):
 
     # ---- offline ------------------------------------------------------------------------------
 
+    def fields(self) -> Mapping[str, FieldSpec]:
+        """``latents`` and ``labels``; with ``captions`` > 0 also ``captions`` (``[K]`` str)."""
+        fields = dict(super().fields())
+        if self.config.captions:
+            fields[CAPTIONS_FIELD] = captions_spec(self.config.captions)
+        return fields
+
     def sources(self) -> tuple[str, ...]:
-        return ("digits",)
+        return SOURCES
 
     def open_source(self, source: str) -> Source:
         c = self.config
         if source == "digits":
             if c.classes and c.classes < 10:
                 raise ValueError(f"image source 'digits' has 10 classes but classes={c.classes}")
-            return DigitsSource(c.size, c.channels)
+            return DigitsSource(c.size, c.channels, captions=c.captions)
+        if source in ("words", "words_heldout"):
+            if c.classes and c.classes < len(VOCABULARY):
+                raise ValueError(
+                    f"image source {source!r} labels each image with its word's index in the "
+                    f"vocabulary ({len(VOCABULARY)} classes) but classes={c.classes}; set "
+                    f"classes = 0 (prompt-conditioned or unconditional) or {len(VOCABULARY)}")
+            return WordsSource("train" if source == "words" else "heldout", count=c.count,
+                               size=c.size, channels=c.channels, seed=c.seed,
+                               captions=c.captions)
         path = Path(source).expanduser()
         if path.is_dir():
-            src = FolderSource(path, c.size, c.channels, on_unreadable=c.on_unreadable)
+            src = FolderSource(path, c.size, c.channels, on_unreadable=c.on_unreadable,
+                               captions=c.captions, missing_captions=c.missing_captions)
             if c.classes and len(src.class_names) > c.classes:
                 raise ValueError(f"image folder {str(path)!r} has {len(src.class_names)} classes "
                                  f"({src.class_names}) but classes={c.classes}")
+            if c.captions:
+                src.captions_table  # noqa: B018 - a missing caption stops here, before encoding
             return src
-        raise ValueError(f"image modality: unknown source {source!r}; built-in sources: digits, "
-                         f"or a path to a folder of PNG/JPG images (no folder at that path)")
+        raise ValueError(f"image modality: unknown source {source!r}; built-in sources: "
+                         f"{', '.join(SOURCES)}, or a path to a folder of PNG/JPG images (no "
+                         f"folder at that path)")
 
     @torch.no_grad()
     def encode(self, raw: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         images = torch.as_tensor(np.asarray(raw["images"], dtype=np.float32))
         latents = self.encoder.encode(images)
-        return {"latents": latents.float().cpu().numpy().astype(np.float32, copy=False),
-                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        out = {"latents": latents.float().cpu().numpy().astype(np.float32, copy=False),
+               "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        if self.config.captions:  # passed through as they are; tokenize ignores them
+            out[CAPTIONS_FIELD] = captions_field(raw, self.config.captions)
+        return out
 
     # ---- online -------------------------------------------------------------------------------
+
+    # ---- prompt-following evaluation -------------------------------------------------------
+
+    def evaluation_prompts(self, n: int) -> list[str]:
+        """With captions: ``n`` prompts of held-out words (``words_heldout``'s first caption of
+        each of its first ``n`` samples), for the OCR evaluator. Meaningful for runs trained on
+        the ``words`` source; other captioned runs pass their own prompts to
+        ``selfflow evaluate --prompt``."""
+        if not self.config.captions:
+            return []
+        from selfflow_image.ocr import heldout_prompts
+
+        _, captions = heldout_prompts(n, k=1, size=self.config.size)
+        return [c[0] for c in captions]
+
+    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+        """The fixed OCR reader (:mod:`selfflow_image.ocr`, trained once and cached, its SHA-256
+        recorded) on the decoded samples against the quoted word of each prompt:
+        ``exact_match`` (MARIO-Eval's idea: 1 only for the exact word, lower-cased) and
+        ``char_accuracy`` (1 - edit distance / length), means over the samples."""
+        from selfflow_image.ocr import read_words, word_scores
+
+        targets = [quoted_word(p) for p in prompts]
+        scores = word_scores(read_words(self.decode_images(latents)), targets)
+        return {k: v for k, v in scores.items() if k != "count"}
 
     # ---- samples ------------------------------------------------------------------------------
 

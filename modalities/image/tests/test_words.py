@@ -1,0 +1,242 @@
+"""The rendered-word sources (``words``, ``words_heldout``) and the ``captions`` field."""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from selfflow_image import ImageModality
+from selfflow_image.captions import caption_array, captions_field
+from selfflow_image.words import (
+    COLOURS,
+    MAX_WORD_LENGTH,
+    TEMPLATES,
+    VOCABULARY,
+    WordsSource,
+    draw_style,
+    font,
+    heldout_words,
+    render,
+    sample_rng,
+    to_float,
+    train_words,
+    word_index,
+)
+
+from selfflow_core import encode_store, make_converter, open_store, to_data
+from selfflow_core.testing.fixtures import one_thread as one_thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTED = ImageModality.Config(size=32, channels=3, patch=4, classes=0, captions=4, count=64)
+QUOTED = re.compile(r'"([a-z]+)"')
+
+
+def _words_of(caption: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", caption))
+
+
+# ---- vocabulary and split ---------------------------------------------------------------------
+
+def test_vocabulary_and_split():
+    assert len(VOCABULARY) == len(set(VOCABULARY)) == 200
+    assert all(re.fullmatch(r"[a-z]{3,4}", w) for w in VOCABULARY)
+    assert MAX_WORD_LENGTH == 4
+    train, held = train_words(), heldout_words()
+    assert len(train) == 160 and len(held) == 40 and not set(train) & set(held)
+    assert set(train) | set(held) == set(VOCABULARY)
+    assert sum(len(w) == 3 for w in held) == sum(len(w) == 4 for w in held) == 20
+    # every letter of a held-out word is seen in training (only the combination is new)
+    assert set("".join(held)) <= set("".join(train))
+    # the split is fixed: these belong to it (a changed split would change every benchmark)
+    assert {"arm", "owl", "door", "worm"} <= set(held) and "cat" in train
+
+
+def test_no_template_or_colour_word_is_a_vocabulary_word():
+    """Else a held-out word could reach the training captions through a template."""
+    fixed = set().union(*(_words_of(t.format(w="", c="")) for t in TEMPLATES), COLOURS)
+    assert not fixed & set(VOCABULARY)
+
+
+def test_the_bundled_font_is_truetype():
+    from PIL import ImageFont
+
+    assert isinstance(font(12), ImageFont.FreeTypeFont)
+    assert font(12).getbbox("cat") != font(13).getbbox("cat")
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+def test_rendering_is_deterministic_and_depends_on_the_word():
+    a = WordsSource("train", count=40, captions=4).read(0, 40)
+    b = WordsSource("train", count=40, captions=4).read(0, 40)
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert a["captions"].tolist() == b["captions"].tolist()
+    # reading in pieces, and in another order, gives the same samples
+    src = WordsSource("train", count=40, captions=4)
+    late, early = src.read(30, 40), src.read(0, 10)
+    np.testing.assert_array_equal(late["images"], a["images"][30:])
+    np.testing.assert_array_equal(early["images"], a["images"][:10])
+    # another seed, other renders
+    other = WordsSource("train", count=40, seed=1).read(0, 40)
+    assert not np.array_equal(other["images"], a["images"])
+    # the same style with another word: another image; the same word again: the same image
+    style = draw_style("cat", sample_rng(0, "words", 5), 32)
+    cat = render(style, 32)
+    assert cat.shape == (32, 32, 3) and cat.dtype == np.uint8
+    np.testing.assert_array_equal(cat, render(attrs.evolve(style), 32))
+    for other_word in ("cot", "car", "bat", "cats"):
+        assert not np.array_equal(cat, render(attrs.evolve(style, word=other_word), 32))
+    # samples of different words differ; the ink covers more for a longer word
+    assert len({a["images"][i].tobytes() for i in range(40)}) == 40
+    ink = [np.abs(render(attrs.evolve(style, word=w), 32).astype(int) - cat[0, 0]).sum()
+           for w in ("cat", "cats")]
+    assert ink[1] > ink[0]
+
+
+def test_samples_vary_in_size_position_colour_and_background():
+    src = WordsSource("train", count=400)
+    styles = [src.style(i) for i in range(400)]
+    assert len({s.font_size for s in styles}) >= 3
+    assert len({s.x for s in styles}) >= 5 and len({s.y for s in styles}) >= 5
+    assert {s.colour for s in styles} == set(COLOURS)
+    assert {s.gradient for s in styles} == {"none", "horizontal", "vertical"}
+    assert len({s.background[0] for s in styles}) > 300
+
+
+def test_read_gives_images_labels_and_captions():
+    out = WordsSource("train", count=20, captions=3).read(0, 20)
+    assert out["images"].shape == (20, 3, 32, 32) and out["images"].dtype == np.float32
+    assert out["images"].min() >= -1.0 and out["images"].max() <= 1.0
+    assert out["labels"].dtype == np.int64
+    assert [VOCABULARY[i] for i in out["labels"]] == list(train_words()[:20])
+    assert out["captions"].shape == (20, 3) and out["captions"].dtype == object
+    grey = WordsSource("train", count=4, channels=1).read(0, 4)["images"]
+    assert grey.shape == (4, 1, 32, 32)
+    assert "captions" not in WordsSource("train", count=4).read(0, 4)
+
+
+def test_heldout_words_never_appear_in_the_training_source():
+    src = WordsSource("train", count=640, captions=8)  # every train word 4 times
+    out = src.read(0, len(src))
+    held = set(heldout_words())
+    drawn = [VOCABULARY[i] for i in out["labels"]]
+    assert set(drawn) == set(train_words())
+    for i in range(len(src)):
+        style = src.style(i)
+        assert style.word not in held and style.word == drawn[i]
+        for caption in out["captions"][i]:
+            assert not _words_of(caption) & held, caption
+    # and the images are the renders of those training words
+    np.testing.assert_array_equal(out["images"][7:8], to_float(render(src.style(7), 32)[None], 3))
+    # the held-out source draws exactly the held-out words, in another random stream
+    h = WordsSource("heldout", count=80, captions=2).read(0, 80)
+    assert {VOCABULARY[i] for i in h["labels"]} == held
+
+
+def test_captions_name_the_rendered_word_and_its_colour():
+    src = WordsSource("train", count=200, captions=len(TEMPLATES))
+    named = 0
+    for i in range(0, 200, 7):
+        image, style, captions = src.sample(i)
+        assert len(captions) == len(TEMPLATES) == len(set(captions))  # distinct templates
+        for caption in captions:
+            assert QUOTED.findall(caption) == [style.word], caption
+            colours = _words_of(caption) & set(COLOURS)
+            assert colours <= {style.colour}, (caption, style.colour)
+            named += bool(colours)
+        # the colour named is the colour drawn: the pixels most unlike the background
+        px = image.reshape(-1, 3).astype(float)
+        bg = np.median(px, axis=0)
+        far = px[np.linalg.norm(px - bg, axis=1) > 0.9 * np.linalg.norm(px - bg, axis=1).max()]
+        assert np.abs(far.mean(0) - np.asarray(style.rgb)).max() < 40, (style, far.mean(0))
+    assert named > 0
+
+
+def test_captions_come_from_k_distinct_templates_then_repeat():
+    _, _, caps = WordsSource("train", count=1, captions=4).sample(0)
+    assert len(set(caps)) == 4
+    _, _, many = WordsSource("train", count=1, captions=13).sample(0)
+    assert len(many) == 13 and len(set(many)) == len(TEMPLATES)
+
+
+# ---- the adapter ------------------------------------------------------------------------------
+
+def test_adapter_sources_and_fields():
+    adapter = PROMPTED.build()
+    assert adapter.sources() == ("digits", "words", "words_heldout")
+    fields = adapter.fields()
+    assert set(fields) == {"latents", "labels", "captions"}
+    assert fields["captions"].shape == (4,) and fields["captions"].dtype == "str"
+    assert set(ImageModality.Config().build().fields()) == {"latents", "labels"}
+    assert ImageModality.Config().captions == 0
+    src = adapter.open_source("words_heldout")
+    assert src.split == "heldout" and len(src) == 64
+
+
+def test_adapter_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match=r"200 classes\) but classes=10"):
+        ImageModality.Config(size=32, channels=3, patch=4).build().open_source("words")
+    ImageModality.Config(size=32, channels=3, patch=4, classes=200).build().open_source("words")
+    with pytest.raises(ValueError, match="size >= 24"):
+        ImageModality.Config(size=16, patch=4, classes=0).build().open_source("words")
+    with pytest.raises(ValueError, match="built-in sources: digits, words, words_heldout"):
+        PROMPTED.build().open_source("no-such-source")
+    # a source without captions under a config that wants them
+    with pytest.raises(ValueError, match="gave no captions"):
+        PROMPTED.build().encode(WordsSource("train", count=2).read(0, 2))
+
+
+def test_encode_passes_captions_through_and_tokenize_ignores_them():
+    adapter = PROMPTED.build()
+    raw = adapter.open_source("words").read(0, 6)
+    out = adapter.encode(raw)
+    assert out["captions"].dtype == object and out["captions"].shape == (6, 4)
+    assert out["captions"].tolist() == raw["captions"].tolist()
+    assert all(isinstance(c, str) for c in out["captions"].reshape(-1))
+    np.testing.assert_array_equal(out["latents"], raw["images"])
+    fields = {"latents": torch.from_numpy(out["latents"]),
+              "labels": torch.from_numpy(out["labels"]), "captions": out["captions"]}
+    with_text = adapter.tokenize(fields)
+    without = adapter.tokenize({k: v for k, v in fields.items() if k != "captions"})
+    torch.testing.assert_close(with_text.tokens, without.tokens)
+    assert with_text.labels is None and with_text.text is None and with_text.text_ids is None
+
+
+def test_caption_helpers():
+    arr = caption_array([["a", "b", "c"], [], ["x"]], 2)
+    assert arr.dtype == object and arr.tolist() == [["a", "b"], ["", ""], ["x", ""]]
+    with pytest.raises(TypeError, match="not str"):
+        caption_array([[3]], 1)
+    with pytest.raises(ValueError, match=r"expected \[n, 2\]"):
+        captions_field({"captions": np.array([["a"]], dtype=object)}, 2)
+    with pytest.raises(TypeError, match="must be str"):
+        captions_field({"captions": np.array([[None]], dtype=object)}, 1)
+
+
+def test_digits_captions():
+    adapter = ImageModality.Config(captions=3).build()
+    out = adapter.encode(adapter.open_source("digits").read(0, 12))
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    for label, caps in zip(out["labels"], out["captions"]):
+        assert len(set(caps)) == 3
+        for c in caps:
+            assert str(label) in c.split() or names[label] in c.split(), (label, c)
+
+
+def test_captions_round_trip_through_the_store(tmp_path):
+    path = tmp_path / "words.zarr"
+    adapter = PROMPTED.build()
+    encode_store(adapter, "words", path, adapter_config=to_data(make_converter(), PROMPTED),
+                 progress=False, batch_size=16)
+    store = open_store(path)
+    assert store.schema["fields"]["captions"] == {"shape": [4], "dtype": "str"}
+    got = store.read([0, 5, 63])
+    want = adapter.open_source("words").read(0, 64)
+    assert [[str(c) for c in row] for row in got["captions"]] == \
+        want["captions"][[0, 5, 63]].tolist()
+    np.testing.assert_array_equal(got["latents"], want["images"][[0, 5, 63]])
+    np.testing.assert_array_equal(got["labels"], [word_index(train_words()[i]) for i in (0, 5, 63)])
