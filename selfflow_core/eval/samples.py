@@ -246,8 +246,9 @@ def save(m: ModalityRuntime, tokens: torch.Tensor, labels: torch.Tensor | None,
          out_dir: Path, prompts: list[str] | None = None) -> list[Path]:
     """Decode generated tokens and write them with the modality's adapter; the files written.
     With ``prompts`` (one per sample), ``prompts.json`` lists each sample's prompt."""
-    paths = m.adapter.save_samples(m.adapter.detokenize(tokens).cpu(),
-                                   None if labels is None else labels.cpu(), out_dir)
+    latents, labels = m.adapter.detokenize(tokens).cpu(), None if labels is None else labels.cpu()
+    paths = (m.adapter.save_prompt_samples(latents, labels, list(prompts), out_dir) if prompts
+             else m.adapter.save_samples(latents, labels, out_dir))
     if prompts:
         listing = Path(out_dir) / PROMPTS_FILE
         listing.write_text(json.dumps({f"{i:03d}": p for i, p in enumerate(prompts)}, indent=2,

@@ -124,6 +124,13 @@ class ModalityAdapter(abc.ABC):
     def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:
         """Decode generated latents and write them (PNG, GIF, WAV, ...); return the files."""
 
+    def save_prompt_samples(self, latents: Tensor, labels: Tensor | None,
+                            prompts: Sequence[str], out_dir: Path) -> list[Path]:
+        """Samples of a prompt-conditioned run, ``prompts[i]`` being sample ``i``'s: override
+        to name files after their prompt or show it under its sample; by default
+        :meth:`save_samples` (the core writes ``prompts.json`` beside them either way)."""
+        return self.save_samples(latents, labels, out_dir)
+
     # ---- prompt-following evaluation (optional) ---------------------------------------------
 
     def evaluation_prompts(self, n: int) -> Sequence[str]:

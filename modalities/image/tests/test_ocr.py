@@ -209,3 +209,9 @@ def test_the_t2i_words_preset_trains_from_prompts(tmp_path, monkeypatch):
     out = trainer.samples_dir() / "image"
     assert json.loads((out / "prompts.json").read_text())["000"] == T2I_PROMPTS[0]
     assert (out / "samples.png").is_file()
+    # one file per sample, named after its prompt; the grid is taller than the images alone
+    assert (out / "000-a-sign-that-says-cat.png").is_file()
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out / "samples.png"))
+    assert grid.shape[0] > 2 * 96

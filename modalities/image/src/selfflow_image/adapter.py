@@ -87,6 +87,24 @@ DIGIT_TEMPLATES = ("a handwritten {n}", "the digit {d}", "a handwritten digit {d
                    "the number {n}", "{n}", "a small picture of the digit {d}")
 
 
+def slug(text: str, limit: int = 48) -> str:
+    """``text`` as a file-name part: lower-case letters, digits and single dashes."""
+    out = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+    return "-".join(p for p in out.split("-") if p)[:limit] or "empty"
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
 def quoted_word(prompt: str) -> str:
     """The word a prompt asks to render: the text between its first pair of double quotes (the
     whole prompt, stripped, when it has none)."""
@@ -470,6 +488,35 @@ class ImageModality(PatchAdapter):
         return out
 
     # ---- online -------------------------------------------------------------------------------
+
+    def save_prompt_samples(self, latents: Tensor, labels: Tensor | None, prompts,
+                            out_dir: Path) -> list[Path]:
+        """``samples.png``: a grid with each sample's prompt written under it (Pillow's bundled
+        font), and one ``NNN-<prompt>.png`` per sample, named after its prompt."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images = upscale(self.decode_images(latents), 96)
+        b, h, w, c = images.shape
+        font = ImageFont.load_default(size=11)
+        strip = 28
+        cells = []
+        paths = []
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            name = out_dir / f"{i:03d}-{slug(prompt)}.png"
+            Image.fromarray(img[..., 0] if c == 1 else img).save(name)
+            paths.append(name)
+            cell = Image.new("RGB", (w, h + strip), (255, 255, 255))
+            cell.paste(Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB"), (0, 0))
+            draw = ImageDraw.Draw(cell)
+            for j, line in enumerate(wrap(prompt, max(8, w // 6))[:2]):
+                draw.text((2, h + 1 + 12 * j), line, fill=(0, 0, 0), font=font)
+            cells.append(np.asarray(cell))
+        grid = tile_images(np.stack(cells), nrow=max(1, math.ceil(math.sqrt(max(b, 1)))))
+        path = out_dir / "samples.png"
+        Image.fromarray(grid).save(path)
+        return [path, *paths]
 
     # ---- prompt-following evaluation -------------------------------------------------------
 
