@@ -183,6 +183,8 @@ def test_override_syntax():
     assert parse_override("a=false") == (["a"], False)
     assert parse_override("a=\"5\"") == (["a"], "5")
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("eval_ema_decay=null") == (["eval_ema_decay"], None)  # unset
+    assert parse_override('a="null"') == (["a"], "null")                       # the string
     with pytest.raises(ConfigError) as e:
         apply_overrides({"a": 1}, ["novalue", "a.b=1", "=3"])
     assert len(e.value.problems) == 3

@@ -171,6 +171,29 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, toy_store, co
     assert a6["losses"] == pytest.approx(one.losses, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_fsdp_resume_with_the_evaluation_ema_switched_off_or_on(tmp_path, toy_store):
+    """An evaluation EMA may be switched off or added on resume (RESUMABLE_CHANGES), under FSDP2
+    too: "off" resumes a checkpoint holding sharded eval-EMA tensors without them; "on" resumes a
+    checkpoint without any and restarts the EMA from the (sharded) student."""
+    fsdp = ["parallel=fsdp"]
+    torchrun(tmp_path, {"with": overrides(tmp_path / "with", toy_store, 2, *fsdp,
+                                          "eval_ema_decay=0.9"),
+                        "without": overrides(tmp_path / "without", toy_store, 2, *fsdp,
+                                             "eval_ema_decay=null")})
+    assert checkpoint.load(checkpoint.latest(tmp_path / "with" / "checkpoints"))["eval_ema"]
+    assert not checkpoint.load(checkpoint.latest(tmp_path / "without" / "checkpoints")
+                               )["eval_ema"]
+    ranks = torchrun(tmp_path, {
+        "with": overrides(tmp_path / "with", toy_store, 4, *fsdp, "eval_ema_decay=null"),
+        "without": overrides(tmp_path / "without", toy_store, 4, *fsdp, "eval_ema_decay=0.9")})
+    for name in ("with", "without"):
+        assert [(r[name]["start"], r[name]["step"]) for r in ranks] == [(2, 4), (2, 4)]
+    off = checkpoint.load(checkpoint.latest(tmp_path / "with" / "checkpoints"))
+    on = checkpoint.load(checkpoint.latest(tmp_path / "without" / "checkpoints"))
+    assert not off["eval_ema"] and on["eval_ema"]["updates"] == 2  # restarted at step 2
+
+
 # -- the sharded checkpoint format -----------------------------------------------------------------
 
 def write_sharded(path: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:

@@ -209,10 +209,12 @@ def read_file(path: str | Path) -> dict[str, Any]:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003). Values are TOML literals; bare words are
-    strings (``modality=image``)."""
+    strings (``modality=image``); ``null`` unsets an optional field (``eval_ema_decay=null``)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"override {item!r}: expected dotted.key=value"])
+    if raw.strip() == "null":
+        return key.strip().split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -134,7 +134,12 @@ def load_shards(path: Path, state: dict[str, Any], template: dict[str, Any]) -> 
     """Collective: ``state`` (from :func:`load_meta`) completed with this rank's part of
     every sharded tensor, read in place into the sharded tensors of ``template`` (this run's own
     state dict, same layout)."""
-    _, shards = split(template)
+    rest, shards = split(template)
+    # entries this run keeps nothing of (an evaluation EMA switched off on resume): not read
+    unused = [p for p in state["sharded"] if _key(p) not in shards and rest.get(p[0]) == {}]
+    for p in unused:
+        state[p[0]] = {}
+    state = {**state, "sharded": [p for p in state["sharded"] if p not in unused]}
     wanted = {_key(p) for p in state["sharded"]}
     if wanted != set(shards):
         raise CheckpointError(f"checkpoint {path}: its sharded tensors are not this run's "
