@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -290,3 +291,41 @@ class PatchAdapter(ModalityAdapter):
         return TokenBatch.single(self.prompt_tokens(n, fields), self.positions(n),
                                  labels=class_labels(fields, self.num_classes),
                                  condition=self.condition_mask(n))
+
+
+# ---- captions (prompt-conditioned modalities) -------------------------------------------------
+
+#: the store field of each sample's captions (see :mod:`selfflow_core.prompts`)
+CAPTIONS_FIELD = "captions"
+
+
+def captions_spec(k: int) -> FieldSpec:
+    """The ``captions`` field of ``k`` captions per sample (a variable-length UTF-8 field)."""
+    return FieldSpec(shape=(k,), dtype="str")
+
+
+def caption_array(captions: Iterable[Sequence[str]], k: int) -> np.ndarray:
+    """Per-sample caption lists -> the ``captions`` field: an object array ``[n, k]`` of
+    ``str``, each sample's first ``k`` captions, padded with ``""`` (a missing caption)."""
+    rows = [list(c) for c in captions]
+    out = np.full((len(rows), k), "", dtype=object)
+    for i, row in enumerate(rows):
+        for j, c in enumerate(row[:k]):
+            if not isinstance(c, str):
+                raise TypeError(f"caption {j} of sample {i} is {type(c).__name__}, not str")
+            out[i, j] = c
+    return out
+
+
+def captions_field(raw: Mapping[str, Any], k: int, *, modality: str = "the") -> np.ndarray:
+    """``raw["captions"]`` checked as the field ``[n, k]`` of ``str`` (what ``encode`` stores)."""
+    if CAPTIONS_FIELD not in raw:
+        raise ValueError(f"{modality} source gave no captions, but the config asks for {k} per "
+                         f"sample (captions = {k}); use a source with captions or captions = 0")
+    arr = np.asarray(raw[CAPTIONS_FIELD], dtype=object)
+    if arr.ndim != 2 or arr.shape[1] != k:
+        raise ValueError(f"captions of shape {arr.shape}; expected [n, {k}]")
+    bad = [type(c).__name__ for c in arr.reshape(-1) if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"captions must be str, got {sorted(set(bad))}")
+    return arr

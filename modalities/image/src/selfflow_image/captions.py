@@ -34,10 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow_core import FieldSpec, SelfFlowError
+from selfflow_core import SelfFlowError
+from selfflow_core.tokens import CAPTIONS_FIELD, caption_array, captions_spec
+from selfflow_core.tokens import captions_field as core_captions_field
+
+__all__ = ["CAPTIONS_FIELD", "CaptionMetadataError", "MISSING_CAPTIONS", "MissingCaptionError",
+           "caption_array", "captions_field", "captions_spec", "folder_captions"]
 
 #: the store field of the captions
-CAPTIONS_FIELD = "captions"
 #: names of a metadata file's column giving the image file, in order of preference
 FILE_COLUMNS = ("file_name", "file", "image", "filename", "image_file")
 #: names of its column giving the caption(s), in order of preference
@@ -81,36 +85,9 @@ class CaptionMetadataError(SelfFlowError, ValueError):
 
 # ---- the field -------------------------------------------------------------------------------
 
-def captions_spec(k: int) -> FieldSpec:
-    """The ``captions`` field of ``k`` captions per sample."""
-    return FieldSpec(shape=(k,), dtype="str")
-
-
-def caption_array(captions: Iterable[Sequence[str]], k: int) -> np.ndarray:
-    """Per-sample caption lists -> the ``captions`` field: an object array ``[n, k]`` of
-    ``str``, each sample's first ``k`` captions, padded with ``""``."""
-    rows = [list(c) for c in captions]
-    out = np.full((len(rows), k), "", dtype=object)
-    for i, row in enumerate(rows):
-        for j, c in enumerate(row[:k]):
-            if not isinstance(c, str):
-                raise TypeError(f"caption {j} of sample {i} is {type(c).__name__}, not str")
-            out[i, j] = c
-    return out
-
-
 def captions_field(raw: dict, k: int) -> np.ndarray:
     """``raw["captions"]`` checked as the field ``[n, k]`` of ``str`` (what ``encode`` stores)."""
-    if CAPTIONS_FIELD not in raw:
-        raise ValueError(f"the image source gave no captions, but the config asks for {k} per "
-                         f"sample (captions = {k}); use a source with captions or captions = 0")
-    arr = np.asarray(raw[CAPTIONS_FIELD], dtype=object)
-    if arr.ndim != 2 or arr.shape[1] != k:
-        raise ValueError(f"captions of shape {arr.shape}; expected [n, {k}]")
-    bad = [type(c).__name__ for c in arr.reshape(-1) if not isinstance(c, str)]
-    if bad:
-        raise TypeError(f"captions must be str, got {sorted(set(bad))}")
-    return arr
+    return core_captions_field(raw, k, modality="the image")
 
 
 # ---- folders ---------------------------------------------------------------------------------
