@@ -41,7 +41,6 @@ from selfflow_core.tokens import captions_field as core_captions_field
 __all__ = ["CAPTIONS_FIELD", "CaptionMetadataError", "MISSING_CAPTIONS", "MissingCaptionError",
            "caption_array", "captions_field", "captions_spec", "folder_captions"]
 
-#: the store field of the captions
 #: names of a metadata file's column giving the image file, in order of preference
 FILE_COLUMNS = ("file_name", "file", "image", "filename", "image_file")
 #: names of its column giving the caption(s), in order of preference
