@@ -71,3 +71,36 @@ def write_json(name: str, payload: dict, folder: Path = RESULTS) -> Path:
     tmp.replace(path)
     print(f"wrote {path}")
     return path
+
+
+def selfflow_step(net, teacher, scheduler, batch_fn: Callable[[], object], device,
+                  *, autocast: bool = False) -> Callable[[], None]:
+    """One Self-Flow optimizer step of ``net`` as a closure: a plan and a noise draw for the
+    batch ``batch_fn()`` gives, the objective (student, ``teacher``'s target), backward, clip 1,
+    AdamW, the teacher's update. Seeded: the same sequence in every process."""
+    from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
+
+    torch.manual_seed(0)
+    net = net.to(device)
+    obj = SelfFlowObjective(ObjectiveConfig(), depth=net.depth, width=net.width).to(device)
+    teacher.attach(net)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(obj.parameters()), lr=1e-4)
+    gen = torch.Generator(device).manual_seed(0)
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else None
+
+    def step():
+        batch = batch_fn()
+        plan = scheduler.plan(batch, generator=gen)
+        noise = torch.randn(batch.tokens.shape, generator=gen, device=device)
+        if cast is not None:
+            with cast:
+                terms = obj(net, teacher, batch, plan, noise)
+        else:
+            terms = obj(net, teacher, batch, plan, noise)
+        opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        teacher.update(net, step=0)
+    step.objective = obj
+    return step

@@ -13,38 +13,19 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import print_table, summary, time_interleaved, write_json
+from common import print_table, selfflow_step, summary, time_interleaved, write_json
 
 from selfflow_core.builtin.dit import SIZES, DiT
-from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher, NoTeacher
 from selfflow_core.timesteps import DualTimestep, SingleTimestep
 from selfflow_core.types import TokenBatch
 
 
 def make_step(cfg, token_dim, batch, scheduler, teacher, device):
-    torch.manual_seed(0)
-    net = cfg.build(token_dims=[token_dim], num_classes=10).to(device)
-    obj = SelfFlowObjective(ObjectiveConfig(), depth=net.depth, width=net.width).to(device)
-    teacher.attach(net)
-    opt = torch.optim.AdamW(list(net.parameters()) + list(obj.parameters()), lr=1e-4)
-    gen = torch.Generator(device).manual_seed(0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-
-    def step():
-        plan = scheduler.plan(batch, generator=gen)
-        noise = torch.randn(batch.tokens.shape, generator=gen, device=device)
-        if autocast is not None:
-            with autocast:
-                terms = obj(net, teacher, batch, plan, noise)
-        else:
-            terms = obj(net, teacher, batch, plan, noise)
-        opt.zero_grad(set_to_none=True)
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        teacher.update(net, step=0)
-    return step, obj.teacher_layer, net.depth
+    net = cfg.build(token_dims=[token_dim], num_classes=10)
+    step = selfflow_step(net, teacher, scheduler, lambda: batch, device,
+                         autocast=device.type == "cuda")
+    return step, step.objective.teacher_layer, net.depth
 
 
 def main() -> None:
