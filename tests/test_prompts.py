@@ -333,3 +333,23 @@ def test_selfflow_evaluate_scores_a_prompt_run(tmp_path, core_components, capsys
     Trainer(plain, components=core_components, progress=False).fit()
     assert main(["evaluate", str(tmp_path / "plain")]) != 0
     assert "not prompt-conditioned" in capsys.readouterr().err
+
+
+def test_sampling_evaluate_logs_the_prompt_metrics_of_the_trainers_samples(tmp_path,
+                                                                          core_components):
+    import json
+
+    from selfflow_core import JsonlTracker, Trainer
+
+    cfg = prompt_config(tmp_path / "run", str(tmp_path / "s.zarr"), steps=2,
+                        tracker=JsonlTracker.Config())
+    on = attrs.evolve(cfg, sampling=attrs.evolve(cfg.sampling, evaluate=True))
+    Trainer(on, components=core_components, progress=False).fit()
+    rows = [json.loads(line) for line in
+            (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "eval/toy/frequency_acc" in r]
+    assert len(scored) == 1 and scored[0]["step"] == 2
+    assert 0.0 <= scored[0]["eval/toy/frequency_acc"] <= 1.0
+    off = attrs.evolve(cfg, run_dir=str(tmp_path / "off"))
+    Trainer(off, components=core_components, progress=False).fit()
+    assert "eval/" not in (tmp_path / "off" / "metrics.jsonl").read_text()
