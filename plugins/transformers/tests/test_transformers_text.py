@@ -476,3 +476,44 @@ def test_importing_the_plugin_does_not_import_transformers():
     code = ("import sys, selfflow_transformers.plugin; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---- end to end: a prompt-conditioned run with a frozen encoder --------------------------------
+
+
+@pytest.mark.parametrize("kind", ["t5", "clip"])
+def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny, tmp_path,
+                                                                    monkeypatch):
+    """The trainer encodes a captioned store with the encoder's embeddings beside the captions
+    (the encoder runs while encoding, never while training), trains on them and samples from
+    prompts through the same encoder."""
+    from selfflow_core import (CheckpointConfig, MMDiT, ModalitySpec, NullTracker,
+                               SamplingConfig, ToyModality, Trainer, TrainerConfig, open_store)
+    from selfflow_core.prompts import TEXT_EMBEDDINGS, TEXT_MASK
+
+    no_network(monkeypatch)
+    toy = ToyModality.Config(tokens=4, channels=8, classes=0, count=16, captions=2)
+    encoder = KINDS[kind].Config(path=str(tiny[kind][0]), max_length=16)
+    cfg = TrainerConfig(
+        modalities={"toy": ModalitySpec(modality=toy, store=str(tmp_path / "s.zarr"),
+                                        source="waves", batch_size=4)},
+        backbone=MMDiT.Config(double_blocks=1, single_blocks=2, width=16, heads=2, axes_dim=(8,)),
+        text_encoder=encoder, sampling=SamplingConfig(prompts=("two cycles",), count=2, steps=2),
+        checkpoint=CheckpointConfig(every=2), tracker=NullTracker.Config(), steps=2,
+        log_every=10, run_dir=str(tmp_path / "run"))
+    calls = []
+    original = KINDS[kind].encode
+    monkeypatch.setattr(KINDS[kind], "encode", lambda self, c: calls.append(len(c))
+                        or original(self, c))
+    trainer = Trainer(cfg, components=installed_components(), progress=False)
+    encoded = sum(calls)
+    assert encoded == 16 * 2                       # every caption, once, while encoding
+    store = open_store(tmp_path / "s.zarr")
+    dim = encoder.build().spec().dim
+    assert store.fields[TEXT_EMBEDDINGS].shape == (2, 16, dim)
+    assert store.fields[TEXT_MASK].shape == (2, 16)
+    assert store.schema["encoder"]["text_encoder"]["name"].startswith(kind)
+    trainer.fit()
+    assert trainer.step == 2
+    # training read the store; only the final samples' prompts were encoded again
+    assert sum(calls) - encoded == 2
