@@ -487,8 +487,17 @@ def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny,
     """The trainer encodes a captioned store with the encoder's embeddings beside the captions
     (the encoder runs while encoding, never while training), trains on them and samples from
     prompts through the same encoder."""
-    from selfflow_core import (CheckpointConfig, MMDiT, ModalitySpec, NullTracker,
-                               SamplingConfig, ToyModality, Trainer, TrainerConfig, open_store)
+    from selfflow_core import (
+        CheckpointConfig,
+        MMDiT,
+        ModalitySpec,
+        NullTracker,
+        SamplingConfig,
+        ToyModality,
+        Trainer,
+        TrainerConfig,
+        open_store,
+    )
     from selfflow_core.prompts import TEXT_EMBEDDINGS, TEXT_MASK
 
     no_network(monkeypatch)
