@@ -7,6 +7,12 @@ each with a 3-D float position ``(t, row, col)`` in patch units. With ``conditio
 the tokens of the first temporal patch are conditioning (image-to-video): given, out of the
 loss and noise-augmented by the default scheduler (``condition_noise``), and
 :meth:`VideoModality.prompt` takes them from ``fields``.
+
+With ``captions`` > 0 the moving-digits source also stores ``K`` captions per clip naming each
+digit and the direction it moves in (:mod:`selfflow_video.captions`), for text-to-video (and,
+with ``condition_first_frame``, image + prompt to video); :meth:`VideoModality.prompt_metrics`
+scores generated clips against their prompts with a fixed evaluator
+(:mod:`selfflow_video.evaluator`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -24,6 +30,7 @@ from torch import Tensor
 
 from selfflow_core import (
     DualTimestep,
+    FieldSpec,
     LogitNormal,
     ModalityConfig,
     Source,
@@ -32,10 +39,14 @@ from selfflow_core import (
     upscale,
 )
 from selfflow_core.tokens import (
+    CAPTIONS_FIELD,
     PatchAdapter,
+    captions_field,
+    captions_spec,
 )
 from selfflow_video.sources import (
     CARTPOLE_CLASSES,
+    MOTIONS,
     MOVING_DIGITS_CLASSES,
     CartPoleSource,
     MovingDigitsSource,
@@ -81,6 +92,12 @@ def write_video_files(videos: Tensor | np.ndarray, out_dir: Path, *, fps: float,
     return paths
 
 
+def slug(text: str, limit: int = 48) -> str:
+    """``text`` as a file-name part: lower-case letters, digits and single dashes."""
+    out = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+    return "-".join(p for p in out.split("-") if p)[:limit] or "empty"
+
+
 class VideoModality(PatchAdapter):
     """Clips as ``temporal_patch x patch x patch`` tube tokens with ``(t, row, col)`` positions."""
 
@@ -102,6 +119,15 @@ class VideoModality(PatchAdapter):
         - ``prompt_source``: where :meth:`prompt` takes first frames when ``fields`` has none
           (only with ``condition_first_frame``): a built-in source; ``""`` = the source this
           adapter last opened, else ``moving_digits``.
+        - ``motion``: how moving digits move: ``"diagonal"`` (default; 1-2 px per frame on
+          each axis, random signs, so always diagonally, bouncing from any start) or
+          ``"compass"`` (along one of 8 compass directions, with a run-up of
+          :data:`~selfflow_video.captions.LEAD_FRAMES` frames before the first bounce; the
+          text-to-video presets).
+        - ``captions``: captions per clip ``K`` for prompt conditioning (the store's
+          ``captions`` field, ``[K]`` str), naming each digit and its initial direction
+          (``moving_digits`` only); ``0`` (default): none, the store holds only ``latents``
+          and ``labels``.
         """
 
         kind = "video"
@@ -119,6 +145,9 @@ class VideoModality(PatchAdapter):
         digit_size: int = attrs.field(default=8, validator=v.ge(1))
         frame_skip: int = attrs.field(default=4, validator=v.ge(1))
         prompt_source: str = attrs.field(default="")
+        motion: Literal["diagonal", "compass"] = attrs.field(default="diagonal",
+                                                             validator=v.in_(MOTIONS))
+        captions: int = attrs.field(default=0, validator=[v.ge(0), v.le(64)])
 
         @channels.validator
         def _check_channels(self, attribute: Any, value: int) -> None:
@@ -197,6 +226,13 @@ class VideoModality(PatchAdapter):
 
     # ---- offline ------------------------------------------------------------------------------
 
+    def fields(self) -> Mapping[str, FieldSpec]:
+        """``latents`` and ``labels``; with ``captions`` > 0 also ``captions`` (``[K]`` str)."""
+        fields = dict(super().fields())
+        if self.config.captions:
+            fields[CAPTIONS_FIELD] = captions_spec(self.config.captions)
+        return fields
+
     def sources(self) -> tuple[str, ...]:
         return SOURCES
 
@@ -208,8 +244,12 @@ class VideoModality(PatchAdapter):
                                  f"classes but classes={c.classes}")
             src: Source = MovingDigitsSource(
                 count=c.count, size=c.size, frames=c.frames, channels=c.channels,
-                digits=c.digits, digit_size=c.digit_size, seed=c.seed)
+                digits=c.digits, digit_size=c.digit_size, seed=c.seed, motion=c.motion,
+                captions=c.captions)
         elif source == "cartpole":
+            if c.captions:
+                raise ValueError(f"video source 'cartpole' has no captions, but the config asks "
+                                 f"for {c.captions} per clip; use 'moving_digits' or captions = 0")
             if c.classes and c.classes < CARTPOLE_CLASSES:
                 raise ValueError(f"video source 'cartpole' has {CARTPOLE_CLASSES} classes but "
                                  f"classes={c.classes}")
@@ -226,8 +266,11 @@ class VideoModality(PatchAdapter):
         if videos.shape[1:] != self.latent_shape:
             raise ValueError(f"video: clips have shape {videos.shape[1:]}, the config wants "
                              f"{self.latent_shape}")
-        return {"latents": np.ascontiguousarray(videos),
-                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        out = {"latents": np.ascontiguousarray(videos),
+               "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        if self.config.captions:  # passed through as they are; tokenize ignores them
+            out[CAPTIONS_FIELD] = captions_field(raw, self.config.captions, modality="video")
+        return out
 
     # ---- online -------------------------------------------------------------------------------
 
@@ -293,3 +336,58 @@ class VideoModality(PatchAdapter):
         """Write ``samples.gif`` (clips tiled, ordered by label when given) and
         ``samples_frames.png`` (one row per clip, one column per frame)."""
         return write_video_files(latents, Path(out_dir), fps=self.config.fps, labels=labels)
+
+    def save_prompt_samples(self, latents: Tensor, labels: Tensor | None, prompts,
+                            out_dir: Path) -> list[Path]:
+        """``samples.gif`` (all clips tiled), ``samples_frames.png`` (one row per clip, its
+        prompt written above it with Pillow's bundled font) and one ``NNN-<prompt>.gif`` per
+        clip, named after its prompt."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        out_dir = Path(out_dir)
+        paths = write_video_files(latents, out_dir, fps=self.config.fps, strip=False)
+        frames = upscale(to_uint8(latents), 48)
+        b, t, h, w, c = frames.shape
+        font = ImageFont.load_default(size=11)
+        band = 16
+        rows = []
+        for i, prompt in enumerate(prompts):
+            strip = tile_images(frames[i], t)
+            row = Image.new("RGB", (strip.shape[1], strip.shape[0] + band), (255, 255, 255))
+            row.paste(Image.fromarray(strip[..., 0] if c == 1 else strip).convert("RGB"),
+                      (0, band))
+            ImageDraw.Draw(row).text((3, 2), f"{i:03d}  {prompt}", fill=(0, 0, 0), font=font)
+            rows.append(np.asarray(row))
+        if rows:
+            path = out_dir / "samples_frames.png"
+            Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+            paths.append(path)
+        for i, prompt in enumerate(prompts):
+            paths += write_video_files(latents[i:i + 1], out_dir, fps=self.config.fps,
+                                       stem=f"{i:03d}-{slug(prompt)}", strip=False)
+        return paths
+
+    # ---- prompt-following evaluation -------------------------------------------------------
+
+    def evaluation_prompts(self, n: int) -> list[str]:
+        """With captions and one digit per clip: ``n`` prompts ``a {digit} moving
+        {direction}``, digit ``i % 10`` and direction ``(i // 10) % 8`` (every pair in 80), for
+        the fixed evaluator (:mod:`selfflow_video.evaluator`); else none (the evaluator reads
+        one digit per clip)."""
+        if not self.config.captions or self.config.digits != 1:
+            return []
+        from selfflow_video.evaluator import evaluation_prompts
+
+        return evaluation_prompts(n)
+
+    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+        """The fixed evaluator on generated clips against each prompt's digit and direction:
+        ``digit_acc`` (frames a fixed classifier, trained once and cached with its SHA-256,
+        reads as the prompt's digit), ``direction_acc`` (clips whose intensity centroid moves
+        the prompt's way over the first frames) and ``class_flips`` (consecutive frame pairs
+        whose digit changes). See :mod:`selfflow_video.evaluator`."""
+        from selfflow_video.evaluator import clip_scores, default_classifier
+
+        c = self.config
+        return clip_scores(latents.detach().float().cpu(), list(prompts),
+                           default_classifier(c.size, c.digit_size))

@@ -15,11 +15,20 @@ import importlib.util
 import os
 import warnings
 
+import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from selfflow_core import Source
+from selfflow_core.tokens import CAPTIONS_FIELD, caption_array
+from selfflow_video.captions import (
+    DIRECTION_NAMES,
+    DIRECTIONS,
+    LEAD_FRAMES,
+    clip_captions,
+    direction_of,
+)
 
 #: classes of the built-in sources
 MOVING_DIGITS_CLASSES = 10
@@ -78,55 +87,144 @@ def _bounce(start: float, velocity: float, frames: int, span: int) -> np.ndarray
     return np.round(np.where(p > span, 2 * span - p, p)).astype(np.int64)
 
 
+#: how moving digits move (``VideoModality.Config.motion``)
+MOTIONS = ("diagonal", "compass")
+#: speed of a ``"compass"`` digit along each axis it moves on, px per frame
+COMPASS_SPEED = (1.0, 1.5)
+
+
+@attrs.frozen
+class DigitMotion:
+    """How one digit of a clip moves: its class, the index of its sklearn image, its start
+    ``(row, col)`` and initial velocity ``(d_row, d_col)`` in px (per frame), and its integer
+    top-left corner in every frame (``rows``, ``cols``; bounces included)."""
+
+    digit: int
+    image: int
+    start: tuple[float, float]
+    velocity: tuple[float, float]
+    rows: np.ndarray = attrs.field(eq=False, repr=False)
+    cols: np.ndarray = attrs.field(eq=False, repr=False)
+
+    @property
+    def direction(self) -> str | None:
+        """The compass direction of the initial velocity (:func:`~selfflow_video.captions.
+        direction_of`); ``None`` when the digit cannot move (it fills the canvas)."""
+        if not (np.any(self.rows != self.rows[0]) or np.any(self.cols != self.cols[0])):
+            return None
+        return direction_of(self.velocity)
+
+
+def _run_up_start(rng: np.random.Generator, velocity: float, span: int) -> float:
+    """A start on ``[0, span]`` from which a point at ``velocity`` moves ``LEAD_FRAMES`` frames
+    before it reaches an edge (as far as the span allows)."""
+    travel = min(abs(velocity) * LEAD_FRAMES, span)
+    if velocity > 0:
+        return float(rng.uniform(0.0, span - travel))
+    if velocity < 0:
+        return float(rng.uniform(travel, span))
+    return float(rng.uniform(0.0, span))
+
+
 class MovingDigitsSource(Source):
     """``count`` clips of ``digits`` sklearn digits (``digit_size`` px) bouncing on a
     ``size x size`` canvas for ``frames`` frames; overlapping digits take the brighter pixel.
 
     Clip ``i``: label ``i % 10`` (balanced; any 10 consecutive clips hold every class), its first
     digit is an image of that class; the other digits, all images, start positions and velocities
-    (1-2 px per frame on each axis, random signs) come from ``numpy.random.default_rng([seed,
-    i])``. ``first_classes`` (optional, per index) overrides the first digit's class.
+    come from ``numpy.random.default_rng([seed, i])``. ``clip(i, first_class)`` overrides the
+    first digit's class.
+
+    ``motion``: ``"diagonal"`` (the default, Moving-MNIST style): 1-2 px per frame on each axis,
+    random signs, any start; ``"compass"``: each digit moves along one of the 8 compass
+    directions (:data:`~selfflow_video.captions.DIRECTIONS`) at ``COMPASS_SPEED`` px per frame on
+    each axis it moves on, from a start that leaves it
+    :data:`~selfflow_video.captions.LEAD_FRAMES` frames before its first bounce; the first
+    digit's direction is ``(i // 10) % 8``, so any 80 consecutive clips hold every (class,
+    direction) pair once. With ``captions`` > 0, :meth:`read` also gives that many captions per
+    clip naming each digit and its direction (:mod:`selfflow_video.captions`).
     """
 
     def __init__(self, *, count: int, size: int = 16, frames: int = 8, channels: int = 1,
-                 digits: int = 2, digit_size: int = 8, seed: int = 0) -> None:
+                 digits: int = 2, digit_size: int = 8, seed: int = 0, motion: str = "diagonal",
+                 captions: int = 0) -> None:
         if digit_size > size:
             raise ValueError(f"moving digits: digit_size {digit_size} > canvas size {size}")
+        if motion not in MOTIONS:
+            raise ValueError(f"moving digits: motion must be one of {MOTIONS}, got {motion!r}")
         self.count, self.size, self.frames, self.channels = count, size, frames, channels
         self.digits, self.digit_size, self.seed = digits, digit_size, seed
+        self.motion, self.captions = motion, captions
+        extra = "" if motion == "diagonal" else f", {motion} motion"
+        extra += f", {captions} captions each" if captions else ""
         self.description = (f"moving sklearn digits: {count} clips x {frames} frames, {digits} "
                             f"digit(s) of {digit_size}px on {size}x{size}, seed {seed}; "
-                            f"label = first digit's class")
+                            f"label = first digit's class{extra}")
 
     def __len__(self) -> int:
         return self.count
 
-    def clip(self, index: int, first_class: int | None = None) -> tuple[np.ndarray, int]:
-        """One clip ``[T, C, H, W]`` in ``[-1, 1]`` and its label."""
+    def motions(self, index: int, first_class: int | None = None) -> list[DigitMotion]:
+        """How each digit of clip ``index`` moves (the first one: the labelled digit)."""
         _, labels, by_class = _digits()
-        glyphs = _scaled_digits(self.digit_size)
         rng = np.random.default_rng([self.seed, int(index)])
         label = int(index % MOVING_DIGITS_CLASSES if first_class is None else first_class)
-        canvas = np.zeros((self.frames, self.size, self.size), dtype=np.float32)
         span = self.size - self.digit_size
+        out = []
         for d in range(self.digits):
             pool = by_class[label] if d == 0 else np.arange(len(labels))
-            glyph = glyphs[pool[rng.integers(len(pool))]]
-            start = rng.uniform(0, span, size=2)
-            velocity = rng.uniform(1.0, 2.0, size=2) * rng.choice([-1.0, 1.0], size=2)
-            ys = _bounce(start[0], velocity[0], self.frames, span)
-            xs = _bounce(start[1], velocity[1], self.frames, span)
+            image = int(pool[rng.integers(len(pool))])
+            if self.motion == "diagonal":  # (the draws of the original source, in its order)
+                start = rng.uniform(0, span, size=2)
+                velocity = rng.uniform(1.0, 2.0, size=2) * rng.choice([-1.0, 1.0], size=2)
+            else:
+                k = (int(index) // MOVING_DIGITS_CLASSES) % 8 if d == 0 else int(rng.integers(8))
+                step = np.array(DIRECTIONS[DIRECTION_NAMES[k]], dtype=np.float64)
+                velocity = step * rng.uniform(*COMPASS_SPEED)
+                start = np.array([_run_up_start(rng, float(u), span) for u in velocity])
+            out.append(DigitMotion(
+                digit=int(labels[image]), image=image,
+                start=(float(start[0]), float(start[1])),
+                velocity=(float(velocity[0]), float(velocity[1])),
+                rows=_bounce(start[0], velocity[0], self.frames, span),
+                cols=_bounce(start[1], velocity[1], self.frames, span)))
+        return out
+
+    def render(self, motions: list[DigitMotion]) -> np.ndarray:
+        """The clip ``[T, C, H, W]`` in ``[-1, 1]`` of digits moving as ``motions``."""
+        glyphs = _scaled_digits(self.digit_size)
+        canvas = np.zeros((self.frames, self.size, self.size), dtype=np.float32)
+        for m in motions:
+            glyph = glyphs[m.image]
             for t in range(self.frames):
-                win = canvas[t, ys[t]:ys[t] + self.digit_size, xs[t]:xs[t] + self.digit_size]
+                win = canvas[t, m.rows[t]:m.rows[t] + self.digit_size,
+                             m.cols[t]:m.cols[t] + self.digit_size]
                 np.maximum(win, glyph, out=win)
-        video = np.repeat((canvas * 2.0 - 1.0)[:, None], self.channels, axis=1)
-        return video, label
+        return np.repeat((canvas * 2.0 - 1.0)[:, None], self.channels, axis=1)
+
+    def clip(self, index: int, first_class: int | None = None) -> tuple[np.ndarray, int]:
+        """One clip ``[T, C, H, W]`` in ``[-1, 1]`` and its label."""
+        motions = self.motions(index, first_class)
+        return self.render(motions), motions[0].digit
+
+    def clip_captions(self, index: int, k: int | None = None) -> list[str]:
+        """``k`` (default ``captions``) captions of clip ``index``: each digit and the direction
+        it starts moving in (:func:`~selfflow_video.captions.clip_captions`)."""
+        motions = self.motions(index)
+        return clip_captions([(m.digit, m.direction) for m in motions],
+                             self.captions if k is None else k, self.seed, index)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        clips = [self.clip(i) for i in range(start, stop)]
+        plans = [self.motions(i) for i in range(start, stop)]
         shape = (0, self.frames, self.channels, self.size, self.size)
-        return {"videos": np.stack([c[0] for c in clips]) if clips else np.zeros(shape, np.float32),
-                "labels": np.array([c[1] for c in clips], dtype=np.int64)}
+        out = {"videos": (np.stack([self.render(p) for p in plans]) if plans
+                          else np.zeros(shape, np.float32)),
+               "labels": np.array([p[0].digit for p in plans], dtype=np.int64)}
+        if self.captions:
+            out[CAPTIONS_FIELD] = caption_array(
+                [clip_captions([(m.digit, m.direction) for m in p], self.captions, self.seed, i)
+                 for i, p in zip(range(start, stop), plans)], self.captions)
+        return out
 
 
 def _import_gymnasium():
