@@ -12,15 +12,24 @@ written once per layout to a temporary directory (warm page cache). For each lay
   as a bare read and through the same pipeline. Percentages are relative to it.
 
 Then the default pipeline on digit-like data (60 000 float32 latents of 1x8x8, the default
-training config's data) against what that training consumes. Run:
-``python benchmarks/loader.py`` (about 90 s on 2 cores); writes
-``benchmarks/results/loader.json``.
+training config's data) against what that training consumes.
+
+Then, for stores larger than RAM (simulated: every zarr store here is opened with
+``cache_bytes=0``, so nothing is cached in RAM; the OS page cache is warm, as for the memmap),
+on the default layout: the block shuffle (``ShuffleConfig(kind="block")``, default sizes) vs the
+full shuffle's random reads vs the memmap gather, as a bare read and through the pipeline; and
+how well each order mixes a store sorted by label (computed from the sample order alone).
+
+Run: ``python benchmarks/loader.py`` (about 3 minutes on 2 loaded cores) writes
+``benchmarks/results/loader.json``; ``--part layouts`` / ``--part block`` runs one half (the
+block half in about 1.5 minutes, into ``benchmarks/results/loader_block.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -29,17 +38,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import numpy as np
 import torch
 import zarr
 
-from selfflow_core.data.loader import LoaderSource, build_loader
+from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
+from selfflow_core.data.loader import LoaderSource, _ChunkFiles, _Shards, build_loader
 from selfflow_core.data.store import StoreWriter, open_store
 from selfflow_core.types import TokenBatch
 
 BATCH = 256
 #: assumed consumption of the default training config (digits, 1x8x8 latents); see RESULTS.md
 TRAINING_SAMPLES_PER_S = 200
+#: the block-shuffle rows: the default, and blocks of 4 chunks in windows of the same bytes
+BLOCKS = {"block": ShuffleConfig(kind="block"),
+          "block4": ShuffleConfig(kind="block", block_chunks=4, window_blocks=64)}
 LAYOUTS = [  # (chunk samples of the latents field or None for the default, compressor)
     (None, "none"), (16, "none"), (256, "none"), (64, "zstd"), (64, "blosc-lz4"),
 ]
@@ -96,10 +110,10 @@ def rates(fns: dict[str, Callable[[], object]], seconds: float, trials: int = 5)
     return {k: round(float(np.median(v))) for k, v in runs.items()}
 
 
-def pipeline(store) -> Callable[[], object]:
+def pipeline(store, shuffle: ShuffleConfig | None = None) -> Callable[[], object]:
     """Next batch of the full loader: sampler, read, tensors, tokenize, 2 threads, prefetch 2."""
     loader = build_loader([LoaderSource(store=store, tokenize=tokenize, batch_size=BATCH)],
-                          seed=0, num_workers=2, prefetch=2)
+                          seed=0, num_workers=2, prefetch=2, shuffle=shuffle)
     it = iter(loader)
     return lambda: next(it)
 
@@ -134,17 +148,126 @@ def measure_layout(path: Path, baseline: MemmapStore, chunks: int | None, compre
     }
 
 
+def lag1(order: np.ndarray, batch: int, classes: int, samples: int) -> float:
+    """Lag-1 autocorrelation of consecutive batches' mean label, on a store sorted by label."""
+    labels = order * classes // samples
+    means = labels[: len(labels) // batch * batch].reshape(-1, batch).mean(1)
+    means = means - means.mean()
+    return float((means[1:] * means[:-1]).sum() / (means * means).sum())
+
+
+def batch_variance(order: np.ndarray, batch: int, classes: int, samples: int) -> float:
+    """Variance of the batches' mean label over what independent random batches give."""
+    labels = order * classes // samples
+    means = labels[: len(labels) // batch * batch].reshape(-1, batch).mean(1)
+    return float(means.var() / (labels.var() / batch))
+
+
+def mixing(samples: int, chunk: int, classes: int = 10) -> dict:
+    """How each order mixes one epoch of a store of ``samples`` sorted by label (``classes``
+    equal runs), chunks of ``chunk`` samples: per batch size, the lag-1 autocorrelation of batch
+    mean labels (0: independent batches, 1: each like the one before) and the batch-mean
+    variance over the full shuffle's (1: as random as independent batches), and what the window
+    size predicts for each block shuffle of :data:`BLOCKS`."""
+    out = {"samples": samples, "chunk": chunk, "classes": classes,
+           "blocks": {k: attrs.asdict(c) for k, c in BLOCKS.items()}, "by_batch": {}}
+    for batch in (64, 256):
+        steps = samples // batch
+        shards = _Shards(samples, batch, 0, 0, 0, 1)
+        orders = {"full": np.concatenate([shards.batch(k) for k in range(steps)]),
+                  "sequential": np.arange(samples)}
+        predicted = {}
+        for name, config in BLOCKS.items():
+            block = chunk * config.block_chunks
+            plan = BlockPlan(samples, batch, block, config.window_blocks, 0, 0, 0, 1)
+            orders[name] = np.concatenate([plan.batch(k) for k in range(steps)])
+            w, nb = config.window_blocks, -(-samples // block)
+            shared = (1 - (w - 1) / (nb - 1)) / w
+            own = (1 - batch / (w * block)) / batch
+            predicted[name] = {"lag1": round(shared / (shared + own), 3),
+                               "variance": round((shared + own) * batch, 2)}
+        out["by_batch"][batch] = {
+            "lag1": {k: round(lag1(o, batch, classes, samples), 3) for k, o in orders.items()},
+            "variance_vs_random": {k: round(batch_variance(o, batch, classes, samples), 2)
+                                   for k, o in orders.items()},
+            "predicted": predicted}
+    return out
+
+
+def measure_block(path: Path, baseline: MemmapStore, seconds: float) -> dict:
+    """Block shuffles vs full-shuffle random reads vs the memmap gather, all uncached (the zarr
+    store opened with ``cache_bytes=0``, as a store larger than RAM is read), bare and through
+    the pipeline."""
+    store = open_store(path, cache_bytes=0)
+    pick = random_batches(len(store))
+    bare, read_fns, pipe_fns = {}, {}, {}
+    for name, config in BLOCKS.items():
+        bare[name] = build_loader([LoaderSource(store=store, tokenize=tokenize,
+                                                batch_size=BATCH)], seed=0, shuffle=config)
+        reader, plan, number = bare[name].sources[0].store, bare[name].shards[0], itertools.count()
+        read_fns[name] = lambda r=reader, p=plan, n=number: r.read(p.batch(next(n)))
+        pipe_fns[name] = pipeline(store, config)
+    read = rates({"memmap": lambda: baseline.read(pick()), "full": lambda: store.read(pick()),
+                  **read_fns}, seconds)
+    # the full shuffle's pipeline apart: while the next contender is measured, its threads
+    # still refill the prefetch queue with batches costing ~0.1 s each, which would slow that one
+    memmap = pipeline(baseline)
+    pipe = rates({"memmap": memmap, **pipe_fns}, seconds)
+    beside_full = rates({"memmap": memmap, "full": pipeline(store)}, seconds / 2)
+    sample_bytes = sum(v.nbytes for v in store.read([0]).values())
+    # one 0.5 MiB latents chunk: a zarr slice (the store's own read) vs its file read straight
+    files, arr = _ChunkFiles.of(store._arrays["latents"]), store._arrays["latents"]
+    assert files is not None
+    chunk, step = np.empty(files.shape, files.dtype), arr.chunks[0]
+    ks = np.random.default_rng(0).permutation(len(store) // step)[:64].tolist()
+    per_chunk = {}
+    for name, fn in (("zarr", lambda k: store._get("latents", slice(k * step, (k + 1) * step),
+                                                   range(0))),
+                     ("direct", lambda k: files._read(k, chunk))):
+        runs = []
+        for _ in range(5):
+            cpu, wall = time.process_time(), time.perf_counter()
+            for k in ks:
+                fn(k)
+            runs.append(((time.process_time() - cpu) / len(ks) * 1e3,
+                         (time.perf_counter() - wall) / len(ks) * 1e3))
+        per_chunk[name] = {"cpu_ms": round(float(np.median([r[0] for r in runs])), 3),
+                           "wall_ms": round(float(np.median([r[1] for r in runs])), 3)}
+    return {
+        "chunk_read": per_chunk,
+        "configs": {name: {
+            **attrs.asdict(BLOCKS[name]), "block_samples": b.blocks[0],
+            "window_mib": round(BLOCKS[name].window_blocks * b.blocks[0] * sample_bytes / 2**20,
+                                1),
+            "most_blocks_held": b.sources[0].store.most_held,
+            "blocks_read": b.sources[0].store.blocks_read} for name, b in bare.items()},
+        "read": read, "pipeline": {**pipe, "full": beside_full["full"]},
+        "pipeline_memmap_beside_full": beside_full["memmap"],
+        "read_vs_memmap": {k: round(v / read["memmap"], 4) for k, v in read.items()},
+        "pipeline_vs_memmap": {**{k: round(v / pipe["memmap"], 4) for k, v in pipe.items()},
+                               "full": round(beside_full["full"] / beside_full["memmap"], 4)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=1.2,
                         help="measuring time per contender and table cell")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "loader.json"))
+    parser.add_argument("--block-seconds", type=float, default=8.0,
+                        help="measuring time per contender of the block-shuffle rows (longer: "
+                        "a trial should span windows, whose first batches do the reads)")
+    parser.add_argument("--part", choices=["all", "layouts", "block"], default="all")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/loader.json "
+                        "(loader_block.json for --part block)")
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
+    out = Path(args.out or results / ("loader_block.json" if args.part == "block"
+                                      else "loader.json"))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.samples, 4, 32, 32), dtype=np.float32).astype(np.float16)
     labels = rng.integers(0, 10, args.samples)
-    rows = []
+    rows, block = [], None
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/latents.npy", latents)
         np.save(f"{tmp}/labels.npy", labels)
@@ -152,19 +275,29 @@ def main() -> None:
                                 for k in ("latents", "labels")})
         for a in baseline.arrays.values():  # map every page once, as a long training run would
             np.asarray(a).sum()
-        for chunks, compressor in LAYOUTS:
+        for chunks, compressor in LAYOUTS if args.part != "block" else []:
             path = Path(tmp) / f"{chunks}-{compressor}.zarr"
             write_s = write_store(path, latents, labels, chunks, compressor)
             os.sync()  # so that write-back does not compete with the measurement
             rows.append(measure_layout(path, baseline, chunks, compressor, write_s, args.seconds))
             print(rows[-1], flush=True)
-    # the default training config's data: digit latents 1x8x8 float32
-    digits = rng.standard_normal((60_000, 1, 8, 8), dtype=np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_store(Path(tmp) / "digits.zarr", digits, rng.integers(0, 10, 60_000), None, "none")
-        digits_rates = rates({"cached": pipeline(open_store(Path(tmp) / "digits.zarr")),
-                              "uncached": pipeline(open_store(Path(tmp) / "digits.zarr",
-                                                              cache_bytes=0))}, args.seconds)
+        if args.part != "layouts":
+            path = Path(tmp) / "None-none.zarr"
+            if not path.exists():
+                write_store(path, latents, labels, None, "none")
+                os.sync()
+            block = measure_block(path, baseline, args.block_seconds)
+            print(block, flush=True)
+    digits_rates = None
+    if args.part != "block":  # the default training config's data: digit latents 1x8x8 float32
+        digits = rng.standard_normal((60_000, 1, 8, 8), dtype=np.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_store(Path(tmp) / "digits.zarr", digits, rng.integers(0, 10, 60_000), None,
+                        "none")
+            digits_rates = rates({"cached": pipeline(open_store(Path(tmp) / "digits.zarr")),
+                                  "uncached": pipeline(open_store(Path(tmp) / "digits.zarr",
+                                                                  cache_bytes=0))},
+                                 args.seconds)
     load = os.getloadavg()[0]
     result = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
@@ -172,19 +305,31 @@ def main() -> None:
         f"{platform.python_version()}, torch {torch.__version__}, zarr {zarr.__version__}",
         "samples": args.samples, "sample_shape": [4, 32, 32], "dtype": "float16",
         "batch": BATCH, "layouts": rows,
-        "digits_1x8x8": {"samples": 60_000, "pipeline": digits_rates,
-                         "assumed_training_samples_per_s": TRAINING_SAMPLES_PER_S,
-                         "cached_ratio": round(digits_rates["cached"] / TRAINING_SAMPLES_PER_S),
-                         "uncached_ratio": round(digits_rates["uncached"]
-                                                 / TRAINING_SAMPLES_PER_S)},
     }
+    if digits_rates is not None:
+        result["digits_1x8x8"] = {
+            "samples": 60_000, "pipeline": digits_rates,
+            "assumed_training_samples_per_s": TRAINING_SAMPLES_PER_S,
+            "cached_ratio": round(digits_rates["cached"] / TRAINING_SAMPLES_PER_S),
+            "uncached_ratio": round(digits_rates["uncached"] / TRAINING_SAMPLES_PER_S)}
+    if block is not None:
+        result["block_shuffle"] = block
+        # a store sorted by label, 2**20 samples in chunks of 64 (the default for 8 KiB latents)
+        result["mixing"] = mixing(2**20, 64)
     print_table(result)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def print_table(r: dict) -> None:
+    if r["layouts"]:
+        print_layouts(r)
+    if "block_shuffle" in r:
+        print_block(r)
+
+
+def print_layouts(r: dict) -> None:
     print("\nsamples/s (% of the memmap baseline measured beside it)\n")
     print("| latents chunk | codec | write s | disk MiB | cache load s | memmap read | read cached "
           "(default) | read uncached | memmap pipeline | pipeline cached (default) "
@@ -199,11 +344,56 @@ def print_table(r: dict) -> None:
               f"| {rd['uncached']:,} ({x['read_uncached_vs_memmap']:.1%}) | {pp['memmap']:,} "
               f"| {pp['cached']:,} ({x['pipeline_cached_vs_memmap']:.0%}) "
               f"| {pp['uncached']:,} ({x['pipeline_uncached_vs_memmap']:.1%}) |")
+    if "digits_1x8x8" not in r:
+        return
     d = r["digits_1x8x8"]
     print(f"\ndigits 1x8x8 (60k samples, default layout): pipeline cached "
           f"{d['pipeline']['cached']:,} samples/s = {d['cached_ratio']}x, uncached "
           f"{d['pipeline']['uncached']:,} = {d['uncached_ratio']}x the assumed "
           f"{d['assumed_training_samples_per_s']} samples/s of training")
+
+
+
+def print_block(r: dict) -> None:
+    b = r["block_shuffle"]
+    print(f"\nstores larger than RAM, simulated: zarr opened with cache_bytes=0 (no RAM cache; "
+          f"warm OS page cache, as for the memmap); {r['samples']:,} samples of "
+          f"{r['sample_shape']} {r['dtype']}, default layout; samples/s (% of the memmap "
+          "gather measured beside it)\n")
+    print("| reader | block | window | read | pipeline |")
+    print("|---|---|---|---|---|")
+    names = {"memmap": "memmap gather, random batches (baseline)",
+             "full": "zarr, full shuffle (`kind=\"full\"`): random batches, uncached",
+             "block": "zarr, block shuffle (`kind=\"block\"`, default sizes)",
+             "block4": "zarr, block shuffle, `block_chunks=4, window_blocks=64`"}
+    for k, name in names.items():
+        c = b["configs"].get(k)
+        size = (f"{c['block_samples']} samples | {c['window_blocks']} blocks, "
+                f"{c['window_mib']} MiB" if c else "— | —")
+        print(f"| {name} | {size} | {b['read'][k]:,} ({b['read_vs_memmap'][k]:.1%}) "
+              f"| {b['pipeline'][k]:,} ({b['pipeline_vs_memmap'][k]:.1%}) |")
+    for k, c in b["configs"].items():
+        print(f"\n{k}, bare reads: {c['blocks_read']} blocks read, at most "
+              f"{c['most_blocks_held']} held at once")
+    z, d = b["chunk_read"]["zarr"], b["chunk_read"]["direct"]
+    print(f"\nthe full shuffle's pipeline was measured beside the memmap pipeline apart "
+          f"(memmap then: {b['pipeline_memmap_beside_full']:,} samples/s)")
+    print(f"\none 0.5 MiB latents chunk: zarr slice {z['cpu_ms']} ms CPU / {z['wall_ms']} ms "
+          f"wall; its file read straight, CRC checked {d['cpu_ms']} / {d['wall_ms']} ms")
+    m = r["mixing"]
+    print(f"\nmixing: one epoch of a store of {m['samples']:,} samples sorted by label "
+          f"({m['classes']} equal runs), chunks of {m['chunk']}; lag-1 autocorrelation of "
+          "consecutive batches' mean label (0: independent, 1: each like the one before) and "
+          "variance of the batch mean label / that of independent random batches; predicted "
+          "from the window size in brackets\n")
+    print("| batch | order | lag-1 autocorrelation | batch-mean variance |")
+    print("|---|---|---|---|")
+    for batch, x in m["by_batch"].items():
+        for k in ("full", *BLOCKS, "sequential"):
+            p = x["predicted"].get(k)
+            lag = f"{x['lag1'][k]:.3f}" + (f" ({p['lag1']:.3f})" if p else "")
+            var = f"{x['variance_vs_random'][k]:.2f}" + (f" ({p['variance']:.2f})" if p else "")
+            print(f"| {batch} | {k} | {lag} | {var} |")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ class Trainer:
                           // (self.dist.world_size * config.grad_accum))
              for m, store in zip(self.modalities, stores)],
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
-            num_workers=config.num_workers, group=config.grad_accum)  # 1 modality per step
+            num_workers=config.num_workers, group=config.grad_accum,  # 1 modality per step
+            shuffle=config.shuffle)
         self.teacher = config.teacher.build()
         # initial weights from ``config.seed`` alone (not the process's global RNG), so the same
         # config gives the same run in any process; the global RNG is left as it was

@@ -27,6 +27,7 @@ LAYERS = [
     ("plugins.declare", 1), ("builtin.dit", 1), ("builtin.text", 1),
     ("builtin.toy", 1), ("builtin.trackers", 1),
     ("plugins.manager", 2), ("plugins", 2), ("config.converter", 2), ("config.run", 2),
+    ("data.blocks", 2),
     ("eval.media", 2),
     ("config", 3), ("builtin", 3), ("data", 3), ("runtime", 3),
     ("eval", 4),

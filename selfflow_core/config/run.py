@@ -8,6 +8,7 @@ import attrs
 from attrs import validators as v
 
 from selfflow_core.builtin.dit import DiT
+from selfflow_core.data.blocks import ShuffleConfig
 from selfflow_core.interfaces import (
     BackboneConfig,
     ModalityConfig,
@@ -135,6 +136,10 @@ class TrainerConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped: int = attrs.field(default=10, validator=v.ge(0))
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    #: the loader's epoch order: ``kind="full"`` (default) a permutation of each whole store, or
+    #: ``kind="block"`` for stores larger than RAM: permuted chunk-aligned blocks shuffled within
+    #: windows of ``window_blocks`` blocks (docs/store.md, "Which reader")
+    shuffle: ShuffleConfig = attrs.field(factory=ShuffleConfig)
     #: intra-op torch threads of a run on a CPU device (``torch.set_num_threads`` when the
     #: trainer is built: for the whole process, and left so after the run; no effect on a GPU).
     #: ``None``: half the cores this process may use (``os.sched_getaffinity``, shared among

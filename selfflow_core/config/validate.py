@@ -100,7 +100,8 @@ RESUMABLE_CHANGES = {"steps", "run_dir", "log_every", "checkpoint", "sampling", 
 
 
 #: keys newer than some checkpoints, with the value that such a checkpoint's run had
-ADDED_KEYS = {"parallel": "ddp", "text_encoder": None, "caption_dropout": 0.1}
+ADDED_KEYS = {"parallel": "ddp", "text_encoder": None, "caption_dropout": 0.1,
+              "shuffle": {"kind": "full", "block_chunks": 1, "window_blocks": 256}}
 
 
 def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
