@@ -1,8 +1,11 @@
-"""selfflow-robotics: the robotics modality plugin for selfflow (action chunks generated from the
-robot's state; demonstrations from a scripted expert in gymnasium MuJoCo Reacher-v5; closed-loop
-evaluation in the simulator)."""
+"""selfflow-robotics: the robotics modality plugin for selfflow. Two kinds: ``robotics``, an
+action-chunk policy conditioned on the robot's state, and ``robotics_world``, a world model that
+generates future frames and the action chunk together from the current frame (paper App. E).
+Demonstrations come from a scripted expert in gymnasium MuJoCo Reacher-v5, frames are drawn from
+the simulator state with numpy, and both are evaluated in closed loop in the simulator."""
 
 from selfflow_robotics.adapter import DemonstrationSource, Normalization, RoboticsModality
+from selfflow_robotics.render import render_reacher
 from selfflow_robotics.sim import (
     TASKS,
     Demonstrations,
@@ -11,14 +14,17 @@ from selfflow_robotics.sim import (
     Task,
     collect,
     episode_seed,
+    execute_chunks,
     expert_policy,
     make_task,
     random_policy,
     rollout,
 )
+from selfflow_robotics.world import RoboticsWorldModality, WorldSource
 
 __all__ = [
     "TASKS", "DemonstrationSource", "Demonstrations", "Normalization", "ReacherTask",
-    "RoboticsModality", "RolloutResult", "Task", "collect", "episode_seed", "expert_policy",
-    "make_task", "random_policy", "rollout",
+    "RoboticsModality", "RoboticsWorldModality", "RolloutResult", "Task", "WorldSource",
+    "collect", "episode_seed", "execute_chunks", "expert_policy", "make_task", "random_policy",
+    "render_reacher", "rollout",
 ]

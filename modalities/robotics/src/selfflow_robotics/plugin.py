@@ -1,9 +1,13 @@
-"""Registers the robotics modality with selfflow (entry point ``robotics`` in group
-``selfflow``)."""
+"""Registers the robotics modalities with selfflow (entry point ``robotics`` in group
+``selfflow``): the action policy ``robotics`` and the world model ``robotics_world``, and their
+presets."""
 
 from selfflow_core import modality_plugin_hooks
 from selfflow_robotics.adapter import RoboticsModality
-from selfflow_robotics.presets import debug_tiny, default
+from selfflow_robotics.presets import debug_tiny, default, world, world_debug_tiny
+from selfflow_robotics.world import RoboticsWorldModality
 
 selfflow_register_modalities, selfflow_register_presets = modality_plugin_hooks(
-    [RoboticsModality.Config], {"robotics": default, "robotics_debug_tiny": debug_tiny})
+    [RoboticsModality.Config, RoboticsWorldModality.Config],
+    {"robotics": default, "robotics_debug_tiny": debug_tiny,
+     "robotics_world": world, "robotics_world_debug_tiny": world_debug_tiny})

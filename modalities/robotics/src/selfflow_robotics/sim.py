@@ -2,10 +2,13 @@
 
 A :class:`Task` wraps one simulator environment with a scripted expert. :func:`collect` runs the
 expert for a number of episodes, each seeded by its index (so any episode can be regenerated
-alone and an interrupted encode resumes to the same data), and returns the states and the
-expert's action labels. :func:`rollout` runs any policy (a function from a batch of states to a
-batch of action chunks) in closed loop with receding-horizon execution and reports success,
-return and final distance per episode.
+alone and an interrupted encode resumes to the same data), and returns the states, the
+expert's action labels, the actions actually executed, the whole trajectory and (with
+``frame_size``) a small frame of every state, drawn by :mod:`selfflow_robotics.render`.
+:func:`rollout` runs any policy (a function from a batch of states to a batch of action chunks)
+in closed loop with receding-horizon execution and reports success, return and final distance
+per episode; :func:`execute_chunks` executes whole action chunks from given states (the
+simulator's answer to a world model's imagined future).
 
 Seeds: episode ``i`` of split ``s`` resets its environment with
 ``SeedSequence([seed, s, i])``; the splits (``train`` 0, ``heldout`` 1, ``rollout`` 2) never
@@ -92,6 +95,15 @@ class Task(abc.ABC):
     def describe(self) -> str:
         return f"{self.env_id} ({self.state_dim}-D state, {self.action_dim}-D action)"
 
+    def render(self, states: np.ndarray, size: int) -> np.ndarray:
+        """Frames [..., size, size] float32 in ``[-1, 1]`` of states [..., state_dim]."""
+        raise NotImplementedError(f"task {self.name!r} draws no frames")
+
+    def restore(self, env, state: np.ndarray) -> None:
+        """Put ``env`` (from :meth:`make_env`, reset once) into the simulator state that gave
+        the observation ``state``."""
+        raise NotImplementedError(f"task {self.name!r} cannot restore a state")
+
 
 @attrs.frozen(kw_only=True)
 class ReacherTask(Task):
@@ -153,6 +165,19 @@ class ReacherTask(Task):
     def near(self, final_states: np.ndarray) -> np.ndarray:
         return self.distance(final_states) < self.near_distance
 
+    def render(self, states: np.ndarray, size: int) -> np.ndarray:
+        """Top-down frames of the arm and the target (:func:`selfflow_robotics.render.
+        render_reacher`)."""
+        from selfflow_robotics.render import render_reacher
+        return render_reacher(states, size)
+
+    def restore(self, env, state: np.ndarray) -> None:
+        """The observation determines the MuJoCo state: ``qpos = (q1, q2, target x, y)`` with
+        ``q = atan2(sin q, cos q)``, ``qvel = (dq1, dq2, 0, 0)``."""
+        s = np.asarray(state, np.float64)
+        q = np.arctan2(s[2:4], s[0:2])
+        env.set_state(np.concatenate([q, s[4:6]]), np.concatenate([s[6:8], [0.0, 0.0]]))
+
 
 TASKS: dict[str, Callable[[], Task]] = {"reacher": ReacherTask}
 
@@ -172,6 +197,12 @@ class Demonstrations:
     - ``states`` [E, T, S] float32: the state at each step (before acting).
     - ``labels`` [E, T + H - 1, A] float32: the expert's action at each step; the last
       ``H - 1`` continue the episode past its end so every step has a full chunk of ``H``.
+    - ``executed`` [E, T + H - 1, A] float64: the actions actually executed (the labels plus
+      the recording noise, clipped to the bounds; equal to the labels without noise).
+    - ``trajectory`` [E, T + H, S] float64: every state reached, from the reset state to the
+      one after the last executed action (``states`` is its first ``T`` steps, as float32).
+    - ``frames`` [E, T + H, size, size] float32 in ``[-1, 1]``: a frame of every state of
+      ``trajectory`` (:meth:`Task.render`), or ``None`` when collected without ``frame_size``.
     - ``returns`` [E]: summed reward of the executed actions over the ``T`` steps.
     - ``final_distance`` [E], ``success`` [E] bool: after the ``T``-th step.
     - ``seeds`` [E]: the reset seed of each episode.
@@ -184,6 +215,9 @@ class Demonstrations:
     success: np.ndarray
     seeds: np.ndarray
     horizon: int
+    executed: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    frames: np.ndarray | None = None
 
     @property
     def episodes(self) -> int:
@@ -218,28 +252,35 @@ def run_expert_episode(task: Task, env, seed: int, *, steps: int, horizon: int,
     noise_rng = np.random.default_rng([int(seed), 7])
     states = np.empty((steps, task.state_dim), np.float64)
     labels = np.empty((steps + horizon - 1, task.action_dim), np.float64)
+    executed = np.empty_like(labels)
+    trajectory = np.empty((steps + horizon, task.state_dim), np.float64)
     total = 0.0
     final = None
     for t in range(steps + horizon - 1):
+        trajectory[t] = obs
         if t < steps:
             states[t] = obs
         a = task.expert(obs)[0]
         labels[t] = a
-        executed = np.clip(a + action_noise * noise_rng.standard_normal(a.shape),
-                           task.action_low, task.action_high)
-        obs, reward, *_ = env.step(executed)
+        executed[t] = np.clip(a + action_noise * noise_rng.standard_normal(a.shape),
+                              task.action_low, task.action_high)
+        obs, reward, *_ = env.step(executed[t])
         if t < steps:
             total += float(reward)
         if t == steps - 1:
             final = obs.copy()
-    return {"states": states, "labels": labels, "return": total, "final": final}
+    trajectory[-1] = obs
+    return {"states": states, "labels": labels, "executed": executed, "trajectory": trajectory,
+            "return": total, "final": final}
 
 
 @functools.lru_cache(maxsize=8)
 def collect(task_name: str, episodes: int, *, seed: int, split: str = "train", horizon: int = 1,
-            action_noise: float = 0.0, steps: int | None = None) -> Demonstrations:
+            action_noise: float = 0.0, steps: int | None = None,
+            frame_size: int = 0) -> Demonstrations:
     """Run the expert of ``task_name`` for ``episodes`` episodes of ``split`` (cached; the arrays
-    are read-only). Episode ``i`` depends only on ``(seed, split, i)`` and the settings."""
+    are read-only). Episode ``i`` depends only on ``(seed, split, i)`` and the settings.
+    ``frame_size`` > 0 also draws a ``frame_size``-pixel frame of every state reached."""
     task = make_task(task_name)
     steps = steps or task.episode_steps
     env = task.make_env()
@@ -250,14 +291,19 @@ def collect(task_name: str, episodes: int, *, seed: int, split: str = "train", h
     finally:
         env.close()
     final = np.stack([r["final"] for r in runs])
+    trajectory = np.stack([r["trajectory"] for r in runs])
     demos = Demonstrations(
         states=np.stack([r["states"] for r in runs]).astype(np.float32),
         labels=np.stack([r["labels"] for r in runs]).astype(np.float32),
         returns=np.array([r["return"] for r in runs]), final_distance=task.distance(final),
-        success=task.success(final), seeds=seeds, horizon=horizon)
+        success=task.success(final), seeds=seeds, horizon=horizon,
+        executed=np.stack([r["executed"] for r in runs]),
+        trajectory=trajectory,
+        frames=task.render(trajectory, frame_size) if frame_size > 0 else None)
     for arr in (demos.states, demos.labels, demos.returns, demos.final_distance, demos.success,
-                demos.seeds):
-        arr.flags.writeable = False
+                demos.seeds, demos.executed, demos.trajectory, demos.frames):
+        if arr is not None:
+            arr.flags.writeable = False
     return demos
 
 
@@ -312,6 +358,29 @@ def rollout(task: Task, policy: Policy, seeds, *, execute: int = 1,
             env.close()
     return RolloutResult(returns=returns, final_distance=task.distance(obs),
                          success=task.success(obs), near=task.near(obs))
+
+
+def execute_chunks(task: Task, states: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+    """Execute each action chunk [n, k, A] (clipped to the bounds) in the simulator from its
+    state [n, S] (restored with :meth:`Task.restore`): the states reached [n, k + 1, S], the
+    given state first."""
+    states = np.asarray(states, np.float64)
+    chunks = np.asarray(chunks, np.float64)
+    if chunks.ndim != 3 or chunks.shape[0] != states.shape[0]:
+        raise ValueError(f"execute_chunks: chunks of shape {chunks.shape} for "
+                         f"{states.shape[0]} states; expected [n, k, {task.action_dim}]")
+    out = np.empty((states.shape[0], chunks.shape[1] + 1, states.shape[1]), np.float64)
+    env = task.make_env()
+    try:
+        env.reset(seed=0)
+        for i, (state, chunk) in enumerate(zip(states, chunks)):
+            task.restore(env, state)
+            out[i, 0] = state
+            for k, a in enumerate(np.clip(chunk, task.action_low, task.action_high), start=1):
+                out[i, k] = env.step(a)[0]
+    finally:
+        env.close()
+    return out
 
 
 def expert_policy(task: Task) -> Policy:
