@@ -198,7 +198,7 @@ def test_shapes_and_normalization():
     assert m.latent_shape == (128, 32) and m.clip_samples == 127 * 128
     assert m.num_tokens == 64 and m.token_dim == 2 * 32
     assert m.token_seconds == pytest.approx(2 * 128 / 16000)
-    assert m.sources() == ("spoken_digits", "tones")
+    assert m.sources() == ("spoken_digits", "tones", "spoken_words", "spoken_words_heldout")
     norm = m.normalization()
     assert norm["scale"] == 4.0 and norm["shift"] == -4.0 and "log(mel_power" in norm["formula"]
     info = m.encoder_info()

@@ -5,6 +5,10 @@ Offline, a source (:mod:`selfflow_audio.sources`) yields fixed-length mono clips
 field, time-major. Online, :meth:`AudioModality.tokenize` groups ``frames_per_token``
 consecutive frames into one token (``C = frames_per_token x D``) with a 1-D position (the token's
 index along time). Samples are decoded (Griffin-Lim for log-mel) and written as WAV files.
+
+Text to speech: with ``captions = K`` the ``spoken_words`` source's captions (``the word
+"cat"``, ``"seven" said slowly by a low voice``, ...) are stored beside the latents, and a fixed
+evaluator (:mod:`selfflow_audio.evaluator`) measures prompt following.
 """
 
 from __future__ import annotations
@@ -29,18 +33,31 @@ from selfflow_audio.sources import (
     SpokenDigitsSource,
     TonesSource,
 )
+from selfflow_audio.words import VOCABULARY, SpokenWordsSource
 from selfflow_core import (
     DualTimestep,
+    FieldSpec,
     LogitNormal,
     ModalityConfig,
     Source,
     tile_images,
 )
 from selfflow_core.tokens import (
+    CAPTIONS_FIELD,
     PatchAdapter,
+    captions_field,
+    captions_spec,
 )
 
-SOURCES = ("spoken_digits", "tones")
+SOURCES = ("spoken_digits", "tones", "spoken_words", "spoken_words_heldout")
+#: the sources with captions (text to speech)
+CAPTIONED_SOURCES = ("spoken_words", "spoken_words_heldout")
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """``text`` as a file-name part: lower-case letters, digits and single dashes."""
+    out = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+    return "-".join(p for p in out.split("-") if p)[:limit] or "empty"
 
 
 def _tuple_of(kind: type):
@@ -92,7 +109,9 @@ class AudioModality(PatchAdapter):
         - ``voices`` / ``speeds`` / ``pitches``: the espeak-ng variants of ``spoken_digits``.
         - ``cache_dir``: where generated WAVs are cached (``""``: ``$SELFFLOW_CACHE`` or
           ``~/.cache/selfflow``).
-        - ``count`` / ``seed``: clips and seed of the ``tones`` source.
+        - ``count`` / ``seed``: clips and seed of the ``tones`` and ``spoken_words*`` sources.
+        - ``captions``: captions stored per clip (0: none, the class-conditional layout); > 0
+          needs a source with captions (``spoken_words``, ``spoken_words_heldout``).
         """
 
         kind = "audio"
@@ -111,6 +130,7 @@ class AudioModality(PatchAdapter):
         cache_dir: str = ""
         count: int = attrs.field(default=1000, validator=v.ge(1))
         seed: int = 0
+        captions: int = attrs.field(default=0, validator=v.ge(0))
 
         @voices.default
         def _voices(self) -> tuple[str, ...]:
@@ -225,8 +245,29 @@ class AudioModality(PatchAdapter):
     def sources(self) -> tuple[str, ...]:
         return SOURCES
 
+    def fields(self) -> Mapping[str, FieldSpec]:
+        """``latents`` and ``labels``; with ``captions`` > 0 also ``captions`` (``[K]`` str)."""
+        fields = dict(super().fields())
+        if self.config.captions:
+            fields[CAPTIONS_FIELD] = captions_spec(self.config.captions)
+        return fields
+
     def open_source(self, source: str) -> Source:
         c = self.config
+        if c.captions and source in SOURCES and source not in CAPTIONED_SOURCES:
+            raise ValueError(f"audio source {source!r} has no captions, but captions = "
+                             f"{c.captions}; use {' or '.join(map(repr, CAPTIONED_SOURCES))}, "
+                             f"or captions = 0")
+        if source in CAPTIONED_SOURCES:
+            if c.classes and c.classes < len(VOCABULARY):
+                raise ValueError(
+                    f"audio source {source!r} labels each clip with its word's index in the "
+                    f"vocabulary ({len(VOCABULARY)} classes) but classes={c.classes}; set "
+                    f"classes = 0 (prompt-conditioned or unconditional) or {len(VOCABULARY)}")
+            return SpokenWordsSource("train" if source == "spoken_words" else "heldout",
+                                     count=c.count, samples=c.clip_samples,
+                                     sample_rate=c.sample_rate, seed=c.seed,
+                                     captions=c.captions, cache_dir=c.cache_dir or None)
         if source in SOURCES and c.classes and c.classes < 10:
             raise ValueError(f"audio source {source!r} has 10 classes but classes={c.classes}")
         if source == "spoken_digits":
@@ -249,10 +290,42 @@ class AudioModality(PatchAdapter):
 
     def encode(self, raw: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         latents = self.encoder.encode(self.fit(raw["waves"]))
-        return {"latents": latents.float().cpu().numpy().astype(np.float32, copy=False),
-                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        out = {"latents": latents.float().cpu().numpy().astype(np.float32, copy=False),
+               "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        if self.config.captions:  # passed through as they are; tokenize ignores them
+            out[CAPTIONS_FIELD] = captions_field(raw, self.config.captions, modality="audio")
+        return out
 
-    # ---- online -------------------------------------------------------------------------------
+    # ---- prompt-following evaluation -------------------------------------------------------
+
+    def evaluator_config(self):
+        """The :class:`~selfflow_audio.evaluator.ClassifierConfig` of this config's latents."""
+        from selfflow_audio.evaluator import ClassifierConfig
+
+        return ClassifierConfig.for_audio(self.config)
+
+    def evaluation_prompts(self, n: int) -> list[str]:
+        """With captions: ``n`` prompts of the held-out ``(word, pitch, speed)`` triples (never
+        spoken by ``spoken_words``; see :mod:`selfflow_audio.words`), each naming both
+        attributes: ``"seven" said slowly by a low voice``, ... Meaningful for runs trained on
+        ``spoken_words``; other captioned runs pass their own prompts to ``selfflow evaluate
+        --prompt``."""
+        if not self.config.captions:
+            return []
+        from selfflow_audio.words import evaluation_prompts
+
+        return evaluation_prompts(n)
+
+    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+        """The fixed evaluator (:mod:`selfflow_audio.evaluator`: a word classifier over the
+        latents, a pitch discriminant and a duration measure, fitted once on real clips and
+        cached with their SHA-256) on the generated latents against each prompt:
+        ``word_acc`` (the word heard is the quoted one) and, over the prompts naming them,
+        ``pitch_acc`` (low / high) and ``speed_acc`` (slow / fast)."""
+        from selfflow_audio.evaluator import classifier_for, prompt_scores
+
+        scores = prompt_scores(latents, list(prompts), classifier_for(self.evaluator_config()))
+        return {k: v for k, v in scores.items() if not k.endswith("_count")}
 
     # ---- samples ------------------------------------------------------------------------------
 
@@ -261,9 +334,9 @@ class AudioModality(PatchAdapter):
         return self.encoder.decode(latents.detach().float().cpu())
 
     def write_wavs(self, latents: Tensor, labels: Tensor | None, out_dir: Path,
-                   stem: str = "sample") -> list[Path]:
-        """Decode and write ``<stem>-<i>[-label<k>].wav`` per clip, peak-normalised to 0.9 (a
-        silent clip stays silent)."""
+                   stem: str = "sample", *, names: list[str] | None = None) -> list[Path]:
+        """Decode and write ``<stem>-<i>[-label<k>].wav`` per clip (or ``names[i]``),
+        peak-normalised to 0.9 (a silent clip stays silent)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         waves = self.decode(latents)
@@ -272,8 +345,19 @@ class AudioModality(PatchAdapter):
         for i, w in enumerate(waves):
             peak = float(w.abs().max())
             w = w * (0.9 / peak) if peak > 1e-6 else w
-            name = f"{stem}-{i:03d}" + (f"-label{lab[i]}" if lab is not None else "") + ".wav"
+            name = (names[i] if names is not None else
+                    f"{stem}-{i:03d}" + (f"-label{lab[i]}" if lab is not None else "") + ".wav")
             paths.append(write_wav(out_dir / name, w, self.config.sample_rate))
+        return paths
+
+    def save_prompt_samples(self, latents: Tensor, labels: Tensor | None, prompts,
+                            out_dir: Path) -> list[Path]:
+        """One WAV per clip named after its prompt (``000-the-word-cat.wav``) and
+        ``spectrograms.png`` (as :meth:`save_samples`); the core adds ``prompts.json``."""
+        names = [f"{i:03d}-{slug(p)}.wav" for i, p in enumerate(prompts)]
+        paths = self.write_wavs(latents, None, out_dir, names=names)
+        paths.append(write_spectrogram_png(latents, Path(out_dir) / "spectrograms.png",
+                                           value_range=self.config.encoder.value_range()))
         return paths
 
     def save_samples(self, latents: Tensor, labels: Tensor | None, out_dir: Path) -> list[Path]:

@@ -41,12 +41,12 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "selfflow"
 
 
-def espeak_binary() -> str:
-    """The espeak-ng executable, or a clear error saying how to install it."""
+def espeak_binary(source: str = "spoken_digits") -> str:
+    """The espeak-ng executable, or a clear error (naming ``source``) saying how to install it."""
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise RuntimeError(
-            "audio source 'spoken_digits' needs the espeak-ng speech synthesiser, which is not "
+            f"audio source {source!r} needs the espeak-ng speech synthesiser, which is not "
             "installed (no `espeak-ng` on PATH). Install it: `apt-get install espeak-ng` on "
             "Debian/Ubuntu (the repository's scripts/setup.sh does this), `brew install "
             "espeak-ng` on macOS; or use the 'tones' source.")
@@ -66,6 +66,31 @@ def fit_clip(x: np.ndarray, samples: int, rate: int, *, trim: bool = True) -> np
     out = np.zeros(samples, dtype=np.float32)
     out[: min(samples, len(x))] = x[:samples]
     return out
+
+
+def synthesise(exe: str, word: str, voice: str, speed: int, pitch: int, target: Path,
+               sample_rate: int) -> Path:
+    """``target``: ``word`` spoken by espeak-ng (``exe``) with ``voice``, ``speed`` (words per
+    minute) and ``pitch`` (0..99), resampled to ``sample_rate``, as a 16-bit WAV. Nothing is
+    done when ``target`` exists; it is written atomically (concurrent readers never see half a
+    file), so several threads or processes may make the same cache."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    from selfflow_audio.features import write_wav
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        raw = Path(tmp) / "espeak.wav"
+        cmd = [exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), word]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not raw.is_file():
+            raise RuntimeError(f"espeak-ng failed for {cmd}: {done.stderr.strip()}")
+        x, rate = read_wav(raw)
+        part = Path(tmp) / target.name
+        write_wav(part, np.clip(resample(x, rate, sample_rate), -1, 1), sample_rate)
+        os.replace(part, target)  # atomic: concurrent readers never see half a file
+    return target
 
 
 class SpokenDigitsSource(Source):
@@ -112,26 +137,9 @@ class SpokenDigitsSource(Source):
         return self.cache / f"{safe}_s{speed}_p{pitch}_{DIGIT_WORDS[digit]}.wav"
 
     def _synthesise(self, index: int) -> Path:
-        target = self.path(index)
-        if target.is_file():
-            return target
-        from selfflow_audio.features import write_wav
-
         digit, voice, speed, pitch = self.key(index)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            raw = Path(tmp) / "espeak.wav"
-            cmd = [self.exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw),
-                   DIGIT_WORDS[digit]]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0 or not raw.is_file():
-                raise RuntimeError(f"espeak-ng failed for {cmd}: {done.stderr.strip()}")
-            x, rate = read_wav(raw)
-            part = Path(tmp) / target.name
-            write_wav(part, np.clip(resample(x, rate, self.sample_rate), -1, 1),
-                      self.sample_rate)
-            os.replace(part, target)  # atomic: concurrent readers never see half a file
-        return target
+        return synthesise(self.exe, DIGIT_WORDS[digit], voice, speed, pitch, self.path(index),
+                          self.sample_rate)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.read_indices(range(start, stop))
