@@ -8,11 +8,17 @@ same ones, and the run's text encoder turns the chosen captions into ``TokenBatc
 
 For classifier-free guidance the trainer replaces a sample's prompt by the empty prompt with
 probability ``caption_dropout`` (student and teacher see the same batch), and sampling guides
-against the empty prompt.
+against the empty prompt. The empty prompt is the run's text encoder's encoding of ``""``: for
+the byte encoder no text token at all; for a frozen encoder its output for ``""`` (T5's end
+token, CLIP's start and end tokens), computed once when the store is made and kept in the
+store's schema (:data:`EMPTY_PROMPT`), so training never loads the encoder and guidance at
+sampling uses the very embedding dropout trained with.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import attrs
@@ -29,6 +35,8 @@ CAPTIONS = "captions"
 
 #: a frozen encoder's output, precomputed per caption into the store ([K, L, D], [K, L], [K, P])
 TEXT_EMBEDDINGS, TEXT_MASK, TEXT_POOLED = "text_embeddings", "text_mask", "text_pooled"
+#: the store schema's entry holding the frozen encoder's encoding of "" (see :func:`empty_record`)
+EMPTY_PROMPT = "empty_prompt"
 
 
 def choose_caption_indices(captions: np.ndarray, generator: torch.Generator) -> np.ndarray:
@@ -65,6 +73,82 @@ def stored_encoding(fields, chosen: np.ndarray) -> TextEncoding:
     return TextEncoding(embeddings=emb * mask[..., None], mask=mask, pooled=pooled)
 
 
+def empty_encoding(encoder: TextEncoder) -> TextEncoding:
+    """The encoder's encoding of the empty prompt ``""`` (one row)."""
+    return encoder.encode([""])
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
+
+
+def empty_record(encoding: TextEncoding) -> dict:
+    """A frozen encoder's encoding of ``""`` as a JSON entry: the embeddings of its real tokens
+    (the mask's leading run; the rest is padding, zeros under the mask) and its pooled vector,
+    as base64 little-endian float32, with their SHA-256."""
+    mask = encoding.mask[0].bool()
+    length = int(mask.sum())
+    if length and not bool(mask[:length].all()):
+        raise ValueError("the encoding of '' must put its tokens first (a leading mask)")
+    emb = encoding.embeddings[0, :length].float().numpy()
+    pooled = None if encoding.pooled is None else encoding.pooled[0].float().numpy()
+    record = {"length": length, "dim": int(encoding.embeddings.shape[-1]),
+              "embeddings": _b64(emb), "pooled": None if pooled is None else _b64(pooled)}
+    record["sha256"] = _record_hash(record)
+    return record
+
+
+def _record_hash(record: Mapping) -> str:
+    blob = f"{record['length']}:{record['dim']}:{record['embeddings']}:{record['pooled']}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def record_problems(record, spec_fields: Mapping[str, FieldSpec]) -> list[str]:
+    """What is wrong with a store's :data:`EMPTY_PROMPT` entry for its text fields, in words
+    (empty when it is sound)."""
+    where = f"schema entry {EMPTY_PROMPT!r}"
+    if not isinstance(record, Mapping):
+        return [f"{where} is missing: the store holds {TEXT_EMBEDDINGS!r} but not the text "
+                f"encoder's encoding of the empty prompt (made by an older selfflow; re-encode "
+                f"the store)"]
+    _, length, dim = spec_fields[TEXT_EMBEDDINGS].shape
+    try:
+        n, d = int(record["length"]), int(record["dim"])
+        if _record_hash(record) != record.get("sha256"):
+            return [f"{where}: its SHA-256 does not match its values (edited or damaged)"]
+        emb = np.frombuffer(base64.b64decode(record["embeddings"]), dtype="<f4")
+        pooled = (None if record["pooled"] is None
+                  else np.frombuffer(base64.b64decode(record["pooled"]), dtype="<f4"))
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"{where} is malformed ({type(exc).__name__}: {exc})"]
+    problems = []
+    if d != dim or not 0 <= n <= length or emb.size != n * d:
+        problems.append(f"{where}: {n} token(s) of width {d} ({emb.size} values), expected at "
+                        f"most {length} of width {dim}")
+    want_pooled = spec_fields[TEXT_POOLED].shape[-1] if TEXT_POOLED in spec_fields else None
+    if (pooled is None) != (want_pooled is None) or (pooled is not None
+                                                     and pooled.size != want_pooled):
+        problems.append(f"{where}: pooled vector of {None if pooled is None else pooled.size} "
+                        f"values, expected {want_pooled}")
+    if not np.isfinite(emb).all() or (pooled is not None and not np.isfinite(pooled).all()):
+        problems.append(f"{where}: holds NaN or Inf")
+    return problems
+
+
+def encoding_from_record(record: Mapping, max_length: int) -> TextEncoding:
+    """The one-row encoding a :func:`empty_record` entry stands for (padded to
+    ``max_length``)."""
+    n, d = int(record["length"]), int(record["dim"])
+    emb = torch.zeros(1, max_length, d)
+    emb[0, :n] = torch.from_numpy(
+        np.frombuffer(base64.b64decode(record["embeddings"]), dtype="<f4").reshape(n, d).copy())
+    mask = torch.zeros(1, max_length, dtype=torch.bool)
+    mask[0, :n] = True
+    pooled = (None if record["pooled"] is None else torch.from_numpy(
+        np.frombuffer(base64.b64decode(record["pooled"]), dtype="<f4").copy())[None])
+    return TextEncoding(embeddings=emb, mask=mask, pooled=pooled)
+
+
 class WithTextEmbeddings:
     """A modality adapter whose store also holds a frozen text encoder's output for every
     caption (:data:`TEXT_EMBEDDINGS`, :data:`TEXT_MASK`, :data:`TEXT_POOLED`), computed while
@@ -90,6 +174,11 @@ class WithTextEmbeddings:
 
     def encoder_info(self):
         return {**dict(self.adapter.encoder_info()), "text_encoder": dict(self.text_encoder.info())}
+
+    def schema_extras(self) -> dict:
+        """Written into the store schema once, outside its configuration hash: the encoding of
+        the empty prompt (:data:`EMPTY_PROMPT`)."""
+        return {EMPTY_PROMPT: empty_record(empty_encoding(self.text_encoder))}
 
     def encode(self, raw):
         out = dict(self.adapter.encode(raw))
@@ -120,35 +209,58 @@ def has_text(batch: TokenBatch) -> bool:
     return batch.text_mask is not None
 
 
-def empty_prompt(batch: TokenBatch, encoder: TextEncoder | None = None) -> TokenBatch:
-    """``batch`` with every sample's prompt the empty one: ids 0 / embeddings of ``""`` and no
-    real text token (``text_mask`` all False). A frozen encoder gives the embeddings of ``""``
-    (``encoder``); without it they are zeros, which the mask hides from the backbone."""
+def empty_prompt(batch: TokenBatch, empty: TextEncoding | None = None) -> TokenBatch:
+    """``batch`` with every sample's prompt the empty one: ``empty``, the run's encoding of
+    ``""`` (one row, :func:`empty_encoding`), given to every sample; without it, no text token
+    at all (ids 0, embeddings zero, ``text_mask`` all False), which is the byte encoder's
+    encoding of ``""``."""
     if not has_text(batch):
         return batch
-    if encoder is not None:
-        return with_text(batch, encoder.encode([""] * batch.tokens.shape[0]))
-    def zero(t: Tensor | None) -> Tensor | None:
-        return None if t is None else torch.zeros_like(t)
+    if empty is None:
+        def zero(t: Tensor | None) -> Tensor | None:
+            return None if t is None else torch.zeros_like(t)
 
-    return attrs.evolve(batch, text=zero(batch.text), text_ids=zero(batch.text_ids),
-                        text_mask=zero(batch.text_mask), text_pooled=zero(batch.text_pooled))
+        return attrs.evolve(batch, text=zero(batch.text), text_ids=zero(batch.text_ids),
+                            text_mask=zero(batch.text_mask), text_pooled=zero(batch.text_pooled))
+    b, length = batch.text_mask.shape
+
+    def fit(mine: Tensor | None, null: Tensor | None, seq: bool = True) -> Tensor | None:
+        """``null`` (one row) for every sample; a sequence (``seq``) cut or zero-padded to the
+        batch's text length."""
+        if mine is None:
+            return None
+        if null is None:
+            return torch.zeros_like(mine)
+        null = null[:1].to(device=mine.device, dtype=mine.dtype)
+        if seq:
+            null = null[:, :length]
+            null = torch.cat([null, null.new_zeros(1, length - null.shape[1], *null.shape[2:])], 1)
+        return null.expand(b, *mine.shape[1:]).clone()
+
+    if int(empty.mask[0].sum()) > length:
+        raise ValueError(f"the empty prompt has {int(empty.mask[0].sum())} tokens, more than the "
+                         f"batch's {length}")
+    return attrs.evolve(batch, text=fit(batch.text, empty.embeddings),
+                        text_ids=fit(batch.text_ids, empty.ids),
+                        text_mask=fit(batch.text_mask, empty.mask),
+                        text_pooled=fit(batch.text_pooled, empty.pooled, seq=False))
 
 
-def drop_prompts(batch: TokenBatch, drop: Tensor, empty: TokenBatch | None = None) -> TokenBatch:
-    """Samples where ``drop`` [B] is True get the empty prompt (``empty``: the batch's empty
-    version, :func:`empty_prompt` by default)."""
+def drop_prompts(batch: TokenBatch, drop: Tensor, empty: TextEncoding | None = None
+                 ) -> TokenBatch:
+    """Samples where ``drop`` [B] is True get the empty prompt (``empty``: see
+    :func:`empty_prompt`)."""
     if not has_text(batch):
         return batch
-    empty = empty if empty is not None else empty_prompt(batch)
+    null = empty_prompt(batch, empty)
 
-    def pick(mine: Tensor | None, null: Tensor | None) -> Tensor | None:
+    def pick(mine: Tensor | None, other: Tensor | None) -> Tensor | None:
         if mine is None:
             return None
         where = drop.reshape(-1, *([1] * (mine.dim() - 1)))
-        return torch.where(where, null.to(mine.dtype), mine)
+        return torch.where(where, other.to(mine.dtype), mine)
 
-    return attrs.evolve(batch, **{name: pick(getattr(batch, name), getattr(empty, name))
+    return attrs.evolve(batch, **{name: pick(getattr(batch, name), getattr(null, name))
                                   for name in ("text", "text_ids", "text_mask", "text_pooled")})
 
 

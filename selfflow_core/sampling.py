@@ -46,7 +46,7 @@ from attrs import validators as v
 from torch import Tensor
 
 from selfflow_core.flow import shift_time
-from selfflow_core.interfaces import Backbone
+from selfflow_core.interfaces import Backbone, TextEncoding
 from selfflow_core.prompts import empty_prompt, has_text
 from selfflow_core.types import TokenBatch
 
@@ -104,13 +104,14 @@ def sde_time_grid(steps: int, last_step: float, shift: float,
 
 
 def _velocity(model: Backbone, x: Tensor, t: Tensor, prompt: TokenBatch, cfg_scale: float,
-              null_label: int | None, held_t: float = 0.0) -> Tensor:
+              null_label: int | None, held_t: float = 0.0,
+              empty_text: TextEncoding | None = None) -> Tensor:
     tt = torch.where(prompt.condition, torch.full_like(t, held_t), t)
     labelled = prompt.labels is not None and null_label is not None
     if cfg_scale == 1.0 or not (labelled or has_text(prompt)):
         return model(x, tt, prompt).velocity
     # the unconditional branch: the null class and the empty prompt (what dropout trained)
-    unconditional = empty_prompt(prompt)
+    unconditional = empty_prompt(prompt, empty_text)
     if labelled:
         unconditional = attrs.evolve(unconditional,
                                      labels=torch.full_like(prompt.labels, null_label))
@@ -139,11 +140,14 @@ def _check(steps: int, method: str, condition_t: float, sde_last_step: float,
 def sample(model: Backbone, prompt: TokenBatch, *, steps: int = 50, method: Method = "euler",
            shift: float = 1.0, cfg_scale: float = 1.0, null_label: int | None = None,
            generator: torch.Generator | None = None, condition_t: float = 0.0,
-           sde_last_step: float = 0.04, sde_diffusion_norm: float = 1.0) -> Tensor:
+           sde_last_step: float = 0.04, sde_diffusion_norm: float = 1.0,
+           empty_text: TextEncoding | None = None) -> Tensor:
     """Integrate from noise at t = 1 to t = 0 with ``method`` (``"euler"`` or ``"heun"`` on
     ``dx/dt = v(x, t)``, or ``"sde"``: see the module docs); returns tokens [B, N, C], the
     prompt's clean tokens at its conditioning positions. Those are seen by the model at time
-    ``condition_t`` (noised to it with the starting noise at their positions)."""
+    ``condition_t`` (noised to it with the starting noise at their positions). Guidance of a
+    prompted batch is against ``empty_text``, the run's encoding of ``""``
+    (:func:`selfflow_core.prompts.empty_prompt`; None: no text token)."""
     _check(steps, method, condition_t, sde_last_step, sde_diffusion_norm)
     held = prompt.condition[..., None]
     noise = torch.randn(prompt.tokens.shape, generator=generator, device=prompt.tokens.device)
@@ -154,15 +158,16 @@ def sample(model: Backbone, prompt: TokenBatch, *, steps: int = 50, method: Meth
     if method == "sde":
         x = _sde(model, x, given, prompt, steps=steps, shift=shift, cfg_scale=cfg_scale,
                  null_label=null_label, generator=generator, held_t=c, last_step=sde_last_step,
-                 norm=sde_diffusion_norm)
+                 norm=sde_diffusion_norm, empty_text=empty_text)
         return torch.where(held, prompt.tokens, x)
     grid = time_grid(steps, shift, x.device)
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]
-        vel = _velocity(model, x, t.expand(b, n), prompt, cfg_scale, null_label, c)
+        vel = _velocity(model, x, t.expand(b, n), prompt, cfg_scale, null_label, c, empty_text)
         x_next = torch.where(held, given, x + (t_next - t) * vel)
         if method == "heun" and float(t_next) > 0:  # the corrector also sees held tokens as given
-            vel2 = _velocity(model, x_next, t_next.expand(b, n), prompt, cfg_scale, null_label, c)
+            vel2 = _velocity(model, x_next, t_next.expand(b, n), prompt, cfg_scale, null_label, c,
+                             empty_text)
             x_next = x + (t_next - t) * 0.5 * (vel + vel2)
         x = torch.where(held, given, x_next)
     return torch.where(held, prompt.tokens, x)
@@ -171,7 +176,7 @@ def sample(model: Backbone, prompt: TokenBatch, *, steps: int = 50, method: Meth
 def _sde(model: Backbone, x: Tensor, given: Tensor, prompt: TokenBatch, *, steps: int,
          shift: float, cfg_scale: float, null_label: int | None,
          generator: torch.Generator | None, held_t: float, last_step: float,
-         norm: float) -> Tensor:
+         norm: float, empty_text: TextEncoding | None) -> Tensor:
     """Euler–Maruyama on ``dx = [-v - norm·(x + (1 - t) v)] dr + sqrt(2·norm·t) dW`` over
     :func:`sde_time_grid`, then the noise-free mean step to t = 0."""
     held = prompt.condition[..., None]
@@ -179,7 +184,8 @@ def _sde(model: Backbone, x: Tensor, given: Tensor, prompt: TokenBatch, *, steps
     grid = sde_time_grid(steps, last_step, shift, x.device)
 
     def drift(x: Tensor, t: Tensor) -> Tensor:
-        vel = _velocity(model, x, t.expand(b, n), prompt, cfg_scale, null_label, held_t)
+        vel = _velocity(model, x, t.expand(b, n), prompt, cfg_scale, null_label, held_t,
+                        empty_text)
         return -vel - norm * (x + (1 - t) * vel)
 
     for i in range(steps - 1):

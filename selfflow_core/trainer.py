@@ -22,8 +22,16 @@ from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
 from selfflow_core.eval.evaluate import prompt_metrics
 from selfflow_core.eval.samples import generate, prompt_list, sample_info, write_info
 from selfflow_core.eval.samples import save as save_samples
+from selfflow_core.interfaces import TextEncoding
 from selfflow_core.plugins.manager import Components
-from selfflow_core.prompts import CAPTIONS, drop_prompts, has_text
+from selfflow_core.prompts import (
+    CAPTIONS,
+    EMPTY_PROMPT,
+    drop_prompts,
+    empty_encoding,
+    encoding_from_record,
+    has_text,
+)
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import (
     ModalityRuntime,
@@ -66,6 +74,9 @@ class Trainer:
         stores = [self._open_store(m) for m in self.modalities]
         if self.text_encoder is not None:
             self._check_captions(stores)
+        #: what caption dropout gives a sample: the text encoder's encoding of "" (a frozen
+        #: encoder's, from the store schema, made when the store was)
+        self.empty_text = self._empty_text(stores)
         self.loader = build_loader(
             [LoaderSource(store=store, tokenize=m.adapter.tokenize, text=self.text_encoder,
                           probability=m.spec.probability,
@@ -144,8 +155,22 @@ class Trainer:
             batch = attrs.evolve(batch, labels=torch.where(
                 drop[rows] < self.config.label_dropout, null, batch.labels))
         if has_text(batch) and self.config.caption_dropout > 0:  # to the empty prompt
-            batch = drop_prompts(batch, drop[rows] < self.config.caption_dropout)
+            batch = drop_prompts(batch, drop[rows] < self.config.caption_dropout,
+                                 self.empty_text)
         return batch, plan, noise[rows]
+
+    def _empty_text(self, stores) -> TextEncoding | None:
+        if self.text_encoder is None:
+            return None
+        if self.text_encoder.trainable:
+            return empty_encoding(self.text_encoder)
+        length = self.text_encoder.spec().max_length
+        records = [store.schema[EMPTY_PROMPT] for store in stores]
+        if any(r != records[0] for r in records[1:]):  # one encoder, one encoding of ""
+            names = [m.spec.store for m in self.modalities]
+            raise ConfigError([f"$.text_encoder: the stores {names} hold different encodings "
+                               "of the empty prompt; re-encode them with one text encoder"])
+        return encoding_from_record(records[0], length)
 
     def _check_captions(self, stores) -> None:
         """A prompt-conditioned run reads captions: every store must hold them."""
@@ -469,7 +494,7 @@ class Trainer:
             out = self.samples_dir() / m.name
             tokens, labels = generate(self.eval_model(), m, self.config.sampling,
                                       null_label=self.backbone.num_classes, device=self.device,
-                                      text=self.text_encoder)
+                                      text=self.text_encoder, empty_text=self.empty_text)
             if self.dist.is_main:
                 prompts = prompt_list(self.config.sampling) if self.text_encoder else None
                 paths += save_samples(m, tokens, labels, out, prompts)

@@ -353,3 +353,123 @@ def test_sampling_evaluate_logs_the_prompt_metrics_of_the_trainers_samples(tmp_p
     off = attrs.evolve(cfg, run_dir=str(tmp_path / "off"))
     Trainer(off, components=core_components, progress=False).fit()
     assert "eval/" not in (tmp_path / "off" / "metrics.jsonl").read_text()
+
+
+# ---- the empty prompt: the text encoder's encoding of "", stored once with a frozen encoder ----
+
+class FrozenEos(FrozenBytes):
+    """A frozen encoder that ends every caption with an end token (as T5 does), so even ``""``
+    has one real token with a non-zero embedding, and pools (the mean embedding)."""
+
+    def spec(self):
+        from selfflow_core import TextSpec
+
+        return TextSpec(max_length=16, dim=8, pooled_dim=8)
+
+    def encode(self, captions):
+        out = super().encode(captions)
+        emb, mask = out.embeddings.clone(), out.mask.clone()
+        n = mask.sum(1)
+        rows = torch.arange(len(captions))
+        emb[rows, n.clamp(max=15)] = 0.5 * self.scale   # the end token
+        mask[rows, n.clamp(max=15)] = True
+        pooled = (emb * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return attrs.evolve(out, embeddings=emb, mask=mask, pooled=pooled)
+
+    def info(self):
+        return {**super().info(), "name": "frozen-eos", "pooled_dim": 8}
+
+
+@attrs.frozen(kw_only=True)
+class FrozenEosConfig(ByteTextEncoder.Config):
+    kind = "frozen_eos"
+    max_length: int = 16
+
+    def build(self):
+        return FrozenEos()
+
+
+class FrozenEosPlugin:
+    from selfflow_core import hookimpl as _hookimpl
+
+    @_hookimpl
+    def selfflow_register_text_encoders(self, registry):
+        registry.add(FrozenEosConfig)
+
+
+def test_a_frozen_encoders_empty_prompt_is_stored_once_and_checked(tmp_path):
+    from selfflow_core.prompts import EMPTY_PROMPT, WithTextEmbeddings, encoding_from_record
+
+    encoder = FrozenEos()
+    path = tmp_path / "eos.zarr"
+    store = encode_store(WithTextEmbeddings(CAPTIONED.build(), encoder), "waves", path,
+                         progress=False, adapter_config=to_data(make_converter(), CAPTIONED))
+    record = store.schema[EMPTY_PROMPT]
+    assert record["length"] == 1 and record["dim"] == 8
+    got, want = encoding_from_record(record, 16), encoder.encode([""])
+    assert torch.equal(got.mask, want.mask) and torch.equal(got.embeddings, want.embeddings)
+    assert torch.allclose(got.pooled, want.pooled) and float(got.embeddings.abs().sum()) > 0
+    assert check_store(path) == []
+    # a tampered record is refused before use, naming the entry
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs[EMPTY_PROMPT] = {**record, "length": 2}
+    assert any("'empty_prompt'" in p and "SHA-256" in p for p in check_store(path))
+    with pytest.raises(StoreError, match="empty_prompt"):
+        open_store(path)
+    del group.attrs[EMPTY_PROMPT]
+    assert any("'empty_prompt' is missing" in p for p in check_store(path))
+
+
+def test_dropout_and_guidance_use_the_stored_empty_prompt(tmp_path):
+    from selfflow_core import Components, Trainer, make_plugin_manager
+    from selfflow_core.eval.samples import generate
+    from selfflow_core.prompts import EMPTY_PROMPT, encoding_from_record
+
+    components = Components(make_plugin_manager([FrozenEosPlugin()]))
+    cfg = prompt_config(tmp_path / "run", str(tmp_path / "s.zarr"), caption_dropout=1.0,
+                        steps=2, text_encoder=FrozenEosConfig())
+    trainer = Trainer(cfg, components=components, progress=False)
+    seen = watch(trainer)
+    trainer.fit()
+    empty = encoding_from_record(open_store(tmp_path / "s.zarr").schema[EMPTY_PROMPT], 16)
+    for batch in seen:  # every prompt dropped: each sample sees the encoding of "" (not zeros)
+        assert torch.equal(batch.text_mask, empty.mask.expand_as(batch.text_mask))
+        assert torch.equal(batch.text, empty.embeddings.expand_as(batch.text))
+        assert torch.allclose(batch.text_pooled, empty.pooled.expand_as(batch.text_pooled))
+    # guidance: the unconditional half of each model call holds the same encoding
+    calls = []
+    model = trainer.eval_model()
+    original = model.forward
+
+    def forward(x, t, batch, **kw):
+        calls.append(batch)
+        return original(x, t, batch, **kw)
+
+    model.forward = forward
+    sampling = attrs.evolve(cfg.sampling, cfg_scale=2.0, count=2)
+    generate(model, trainer.modalities[0], sampling, null_label=model.num_classes,
+             device=torch.device("cpu"), text=trainer.text_encoder)
+    assert calls and all(torch.equal(c.text[2:], empty.embeddings.expand(2, -1, -1))
+                         and torch.equal(c.text_mask[2:], empty.mask.expand(2, -1))
+                         for c in calls)
+
+
+def test_the_empty_prompt_fits_the_batch_and_keeps_pooled_vectors():
+    from selfflow_core.interfaces import TextEncoding
+
+    b = TokenBatch.single(torch.zeros(3, 4, 8), torch.zeros(3, 4, 1))
+    enc = FrozenEos().encode(["ab", "c", ""])
+    batch = with_text(b, enc)
+    short = TextEncoding(embeddings=torch.ones(1, 4, 8), mask=torch.tensor([[1, 1, 0, 0]]).bool(),
+                         pooled=torch.full((1, 8), 2.0))
+    out = empty_prompt(batch, short)
+    assert out.text.shape == (3, 16, 8) and out.text_pooled.shape == (3, 8)
+    assert out.text_mask.sum(1).tolist() == [2, 2, 2] and float(out.text[:, 4:].abs().sum()) == 0
+    assert bool((out.text_pooled == 2.0).all())
+    dropped = drop_prompts(batch, torch.tensor([False, True, False]), short)
+    assert torch.equal(dropped.text[0], batch.text[0]) and torch.equal(dropped.text[1], out.text[1])
+    too_long = TextEncoding(embeddings=torch.ones(1, 20, 8), mask=torch.ones(1, 20).bool())
+    with pytest.raises(ValueError, match="more than the batch's 16"):
+        empty_prompt(batch, too_long)

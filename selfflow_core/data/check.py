@@ -21,6 +21,7 @@ from zarr.core.sync import sync
 
 from selfflow_core.errors import StoreError
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
+from selfflow_core.prompts import EMPTY_PROMPT, TEXT_EMBEDDINGS, record_problems
 
 #: the newest layout this selfflow reads and the one it writes
 FORMAT_VERSION = 1
@@ -90,8 +91,11 @@ def store_schema(adapter: ModalityAdapter, *, source: str, source_description: s
         "adapter_config": _plain(dict(adapter_config), "adapter_config"),
         "source": {"name": source, "description": source_description},
     }
+    # written once, outside the hash: what the adapter derives from its configuration (the
+    # frozen text encoder's encoding of the empty prompt)
+    extras = _plain(dict(getattr(adapter, "schema_extras", dict)()), "schema_extras()")
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return {**schema, "config_hash": config_hash(schema), "created_at": created}
+    return {**schema, **extras, "config_hash": config_hash(schema), "created_at": created}
 
 
 def field_specs(schema: Mapping[str, Any]) -> dict[str, FieldSpec]:
@@ -206,6 +210,8 @@ def schema_problems(group: zarr.Group, *, require_complete: bool = True) -> list
                             f"with {committed}")
     problems += [f"unknown array {name!r} (not a field of the schema)"
                  for name in sorted(set(arrays) - set(specs))]
+    if TEXT_EMBEDDINGS in specs:  # a frozen text encoder's store keeps its empty prompt
+        problems += record_problems(attrs.get(EMPTY_PROMPT), specs)
     if require_complete and not complete:
         problems.append(f"incomplete: {committed} samples committed and no completeness marker "
                         "(the encode was interrupted; run it again to resume)")

@@ -18,10 +18,10 @@ import torch
 from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.config.run import TrainerConfig
 from selfflow_core.errors import CheckpointError, ConfigError
-from selfflow_core.interfaces import TeacherStrategy, TextEncoder
+from selfflow_core.interfaces import TeacherStrategy, TextEncoder, TextEncoding
 from selfflow_core.objective import uses_representation
 from selfflow_core.plugins.manager import Components
-from selfflow_core.prompts import with_text
+from selfflow_core.prompts import empty_encoding, with_text
 from selfflow_core.runtime import checkpoint
 from selfflow_core.runtime.assembly import ModalityRuntime, build_modalities, build_model
 from selfflow_core.sampling import SamplingConfig, sample
@@ -218,11 +218,13 @@ def prompt_list(cfg: SamplingConfig) -> list[str]:
 
 def generate(model, m: ModalityRuntime, cfg: SamplingConfig, *, null_label: int,
              device: torch.device, labels: torch.Tensor | None = None,
-             text: TextEncoder | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             text: TextEncoder | None = None, empty_text: TextEncoding | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``cfg.count`` generated token sequences of one modality (classes cycled unless
-    ``labels`` are given; with the run's ``text`` encoder, ``cfg.prompts`` cycled) and their
-    labels, drawn with every setting of ``cfg`` (method, steps, shift, guidance, ``condition_t``
-    and the SDE's). Under FSDP2 every rank must call it (the model is sharded); only one saves."""
+    ``labels`` are given; with the run's ``text`` encoder, ``cfg.prompts`` cycled, guided
+    against ``empty_text``, by default the encoder's encoding of ``""``) and their labels, drawn
+    with every setting of ``cfg`` (method, steps, shift, guidance, ``condition_t`` and the
+    SDE's). Under FSDP2 every rank must call it (the model is sharded); only one saves."""
     gen = torch.Generator(device).manual_seed(cfg.seed)
     prompt = m.adapter.prompt(cfg.count).to(device)
     prompt = attrs.evolve(prompt, modality_ids=prompt.modality_ids + m.id_offset)
@@ -232,12 +234,13 @@ def generate(model, m: ModalityRuntime, cfg: SamplingConfig, *, null_label: int,
         prompt = attrs.evolve(prompt, labels=labels.to(device))
     if text is not None:
         prompt = with_text(prompt, text.encode(prompt_list(cfg)))
+        empty_text = empty_text if empty_text is not None else empty_encoding(text)
     was_training = model.training
     model.eval()
     tokens = sample(model, prompt, steps=cfg.steps, method=cfg.method, shift=cfg.shift,
                     cfg_scale=cfg.cfg_scale, null_label=null_label, generator=gen,
                     condition_t=cfg.condition_t, sde_last_step=cfg.sde_last_step,
-                    sde_diffusion_norm=cfg.sde_diffusion_norm)
+                    sde_diffusion_norm=cfg.sde_diffusion_norm, empty_text=empty_text)
     model.train(was_training)
     return tokens, labels
 

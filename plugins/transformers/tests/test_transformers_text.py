@@ -516,8 +516,9 @@ def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny,
                         or original(self, c))
     trainer = Trainer(cfg, components=installed_components(), progress=False)
     encoded = sum(calls)
-    assert encoded == 16 * 2                       # every caption, once, while encoding
+    assert encoded == 16 * 2 + 1   # every caption, once, while encoding; "" once, for the schema
     store = open_store(tmp_path / "s.zarr")
+    assert store.schema["empty_prompt"]["length"] == 0  # this plugin's "": no token (zeros)
     dim = encoder.build().spec().dim
     assert store.fields[TEXT_EMBEDDINGS].shape == (2, 16, dim)
     assert store.fields[TEXT_MASK].shape == (2, 16)

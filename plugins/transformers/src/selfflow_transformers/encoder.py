@@ -22,9 +22,10 @@ embeddings are stored in ``dtype``.
 Captions are tokenized with the model's own special tokens, padded on the right (or truncated) to
 ``max_length``; the mask is the tokenizer's attention mask (special tokens count as real tokens)
 and the embeddings at padding positions are exactly zero. The empty prompt ``""`` is the null
-prompt of classifier-free guidance, the same for every encoder: mask all False, embeddings and
-pooled vector zero (the model is not run on it; like diffusers' ``force_zeros_for_empty_prompt``)
--- what the core's caption dropout and the byte-level encoder give too.
+prompt of classifier-free guidance; these encoders give it as mask all False, embeddings and
+pooled vector zero (the model is not run on it; like diffusers' ``force_zeros_for_empty_prompt``),
+as the byte-level encoder does. The core keeps whatever an encoder gives for ``""`` in the
+store's schema, once, and uses it for caption dropout and guidance alike.
 """
 
 from __future__ import annotations
