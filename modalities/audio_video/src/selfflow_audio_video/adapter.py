@@ -12,6 +12,12 @@ output projection per entry of :attr:`AudioVideoModality.token_dims`.
 
 ``detokenize`` returns the packed token tensor itself; :meth:`AudioVideoModality.split` turns
 it into ``(video, audio)`` and :meth:`save_samples` writes a GIF and a WAV per sample.
+
+Text to audio-video: with ``captions = K`` the ``moving_spoken_digits`` pairs also store ``K``
+captions naming the digit, its direction and that its name is spoken
+(:mod:`selfflow_audio_video.captions`), and :meth:`AudioVideoModality.prompt_metrics` scores
+generated pairs against their prompts with a fixed evaluator
+(:mod:`selfflow_audio_video.evaluator`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from selfflow_audio.sources import SpokenDigitsSource, TonesSource
 from selfflow_video import MovingDigitsSource, VideoModality, write_video_files
 from torch import Tensor
 
+from selfflow_audio_video.captions import pair_captions
 from selfflow_core import (
     FieldSpec,
     ModalityAdapter,
@@ -37,7 +44,17 @@ from selfflow_core import (
     Source,
     TokenBatch,
 )
-from selfflow_core.tokens import Packed, class_labels, expand_batch, pack, split
+from selfflow_core.tokens import (
+    CAPTIONS_FIELD,
+    Packed,
+    caption_array,
+    captions_field,
+    captions_spec,
+    class_labels,
+    expand_batch,
+    pack,
+    split,
+)
 
 SOURCES = ("moving_spoken_digits", "moving_tones")
 CLASSES = 10
@@ -46,14 +63,21 @@ CLASSES = 10
 class PairSource(Source):
     """``count`` aligned pairs: pair ``i`` (label ``i % 10``) is moving-digits clip ``i`` (its
     digit is of class ``label``) and the audio clip of the same class: spoken-digit variant
-    ``(i // 10) % variants`` (``moving_spoken_digits``) or tones clip ``i`` (``moving_tones``)."""
+    ``(i // 10) % variants`` (``moving_spoken_digits``) or tones clip ``i`` (``moving_tones``).
+    With ``captions`` > 0 (spoken digits only), :meth:`read` also gives that many captions per
+    pair: the video's captions of the clip with a spoken part appended
+    (:func:`~selfflow_audio_video.captions.pair_captions`)."""
 
     def __init__(self, video: MovingDigitsSource, audio: SpokenDigitsSource | TonesSource,
-                 count: int) -> None:
-        self.video, self.audio, self.count = video, audio, count
+                 count: int, captions: int = 0) -> None:
+        self.video, self.audio, self.count, self.captions = video, audio, count, captions
         self.spoken = isinstance(audio, SpokenDigitsSource)
-        self.description = (f"{count} aligned pairs, label = i % 10: [{video.description}] + "
-                            f"[{audio.description}]")
+        if captions and not self.spoken:
+            raise ValueError("audio-video captions say the digit's name is spoken; only "
+                             "'moving_spoken_digits' has captions (use captions = 0)")
+        extra = f", {captions} captions each" if captions else ""
+        self.description = (f"{count} aligned pairs, label = i % 10{extra}: "
+                            f"[{video.description}] + [{audio.description}]")
 
     def __len__(self) -> int:
         return self.count
@@ -69,8 +93,14 @@ class PairSource(Source):
         clips = [self.video.clip(i, first_class=int(k)) for i, k in zip(range(start, stop), labels)]
         waves = self.audio.read_indices([self.audio_index(i) for i in range(start, stop)])
         shape = (0, self.video.frames, self.video.channels, self.video.size, self.video.size)
-        return {"videos": np.stack([c[0] for c in clips]) if clips else np.zeros(shape, np.float32),
-                "waves": waves["waves"], "labels": labels}
+        out = {"videos": np.stack([c[0] for c in clips]) if clips else np.zeros(shape, np.float32),
+               "waves": waves["waves"], "labels": labels}
+        if self.captions:
+            seed = self.video.seed
+            out[CAPTIONS_FIELD] = caption_array(
+                [pair_captions(self.video.clip_captions(i, self.captions), int(k), seed, i)
+                 for i, k in zip(range(start, stop), labels)], self.captions)
+        return out
 
 
 class AudioVideoModality(ModalityAdapter):
@@ -83,7 +113,7 @@ class AudioVideoModality(ModalityAdapter):
     class Config(ModalityConfig):
         """- ``video``: a :class:`selfflow_video.VideoModality.Config`; used: ``size``,
           ``frames``, ``channels``, ``patch``, ``temporal_patch``, ``fps``,
-          ``condition_first_frame``.
+          ``condition_first_frame``, ``motion`` (``"compass"`` for text to audio-video).
         - ``audio``: a :class:`selfflow_audio.AudioModality.Config`; used: the log-mel analysis,
           ``frames``, ``frames_per_token``, ``encoder``, and the spoken-digit ``voices``,
           ``speeds``, ``pitches``, ``cache_dir``.
@@ -91,9 +121,11 @@ class AudioVideoModality(ModalityAdapter):
         - ``count``: pairs in a built-in source; ``seed``: the moving digits' (and tones') seed.
         - ``digits`` / ``digit_size``: digits per clip (the first one has the pair's class) and
           their side in pixels.
+        - ``captions``: captions per pair ``K`` for prompt conditioning (the store's
+          ``captions`` field; ``moving_spoken_digits`` only); ``0`` (default): none.
 
-        The nested configs' own ``classes``, ``count``, ``seed``, ``digits``, ``digit_size`` and
-        ``prompt_source`` are replaced by the fields above.
+        The nested configs' own ``classes``, ``count``, ``seed``, ``digits``, ``digit_size``,
+        ``prompt_source`` and ``captions`` are replaced by the fields above.
         """
 
         kind = "audio_video"
@@ -106,6 +138,7 @@ class AudioVideoModality(ModalityAdapter):
         seed: int = 0
         digits: int = attrs.field(default=1, validator=v.ge(1))
         digit_size: int = attrs.field(default=10, validator=v.ge(1))
+        captions: int = attrs.field(default=0, validator=[v.ge(0), v.le(64)])
 
         @digit_size.validator
         def _check_digit_size(self, attribute: Any, value: int) -> None:
@@ -134,9 +167,9 @@ class AudioVideoModality(ModalityAdapter):
         self.config = config
         self.video = VideoModality(attrs.evolve(
             config.video, classes=config.classes, count=config.count, seed=config.seed,
-            digits=config.digits, digit_size=config.digit_size, prompt_source=""))
+            digits=config.digits, digit_size=config.digit_size, prompt_source="", captions=0))
         self.audio = AudioModality(attrs.evolve(config.audio, classes=config.classes,
-                                                seed=config.seed))
+                                                seed=config.seed, captions=0))
         self._first_frames: dict[int, Tensor] = {}
 
     # ---- shapes -------------------------------------------------------------------------------
@@ -168,9 +201,13 @@ class AudioVideoModality(ModalityAdapter):
         return self.config.classes
 
     def fields(self) -> Mapping[str, FieldSpec]:
-        return {"video": FieldSpec(shape=self.video.latent_shape, dtype="float32"),
-                "audio": FieldSpec(shape=self.audio.latent_shape, dtype="float32"),
-                "labels": FieldSpec(shape=(), dtype="int64")}
+        """``video``, ``audio`` and ``labels``; with ``captions`` > 0 also ``captions``."""
+        fields = {"video": FieldSpec(shape=self.video.latent_shape, dtype="float32"),
+                  "audio": FieldSpec(shape=self.audio.latent_shape, dtype="float32"),
+                  "labels": FieldSpec(shape=(), dtype="int64")}
+        if self.config.captions:
+            fields[CAPTIONS_FIELD] = captions_spec(self.config.captions)
+        return fields
 
     def encoder_info(self) -> Mapping[str, Any]:
         return {"name": "audio_video", "version": "1",
@@ -199,19 +236,24 @@ class AudioVideoModality(ModalityAdapter):
         else:
             audio = TonesSource(count=self.config.count, samples=a.clip_samples,
                                 sample_rate=a.sample_rate, seed=self.config.seed)
-        return PairSource(video, audio, self.config.count)
+        return PairSource(video, audio, self.config.count, self.config.captions)
 
     def _video_source(self) -> MovingDigitsSource:
         c = self.video.config
         return MovingDigitsSource(count=self.config.count, size=c.size, frames=c.frames,
                                   channels=c.channels, digits=self.config.digits,
-                                  digit_size=self.config.digit_size, seed=self.config.seed)
+                                  digit_size=self.config.digit_size, seed=self.config.seed,
+                                  motion=c.motion)
 
     def encode(self, raw: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         video = self.video.encode({"videos": raw["videos"], "labels": raw["labels"]})
         audio = self.audio.encode({"waves": raw["waves"], "labels": raw["labels"]})
-        return {"video": video["latents"], "audio": audio["latents"],
-                "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        out = {"video": video["latents"], "audio": audio["latents"],
+               "labels": np.asarray(raw["labels"], dtype=np.int64)}
+        if self.config.captions:  # passed through as they are; tokenize ignores them
+            out[CAPTIONS_FIELD] = captions_field(raw, self.config.captions,
+                                                 modality="audio_video")
+        return out
 
     # ---- online -------------------------------------------------------------------------------
 
@@ -301,3 +343,34 @@ class AudioVideoModality(ModalityAdapter):
             paths.append(wav)
         paths += write_video_files(video, out_dir, fps=fps, stem="samples", gif=False)
         return paths
+
+    def save_prompt_samples(self, latents: Tensor, labels: Tensor | None, prompts,
+                            out_dir: Path) -> list[Path]:
+        """Per sample ``NNN-<prompt>.gif`` and ``.wav``, ``samples.gif`` and
+        ``samples_frames.png`` (each clip's frames under its prompt), ``spectrograms.png``."""
+        video, audio = self.split(latents.detach().float().cpu())
+        return (self.video.save_prompt_samples(video, None, prompts, out_dir)
+                + self.audio.save_prompt_samples(audio, None, prompts, out_dir))
+
+    # ---- prompt-following evaluation -------------------------------------------------------
+
+    def evaluation_prompts(self, n: int) -> list[str]:
+        """With captions and one digit per clip: ``n`` prompts ``a {digit} moving {direction},
+        and its name spoken`` (every (digit, direction) pair in 80; see
+        :func:`~selfflow_audio_video.captions.evaluation_prompts`); else none."""
+        if not self.config.captions or self.config.digits != 1:
+            return []
+        from selfflow_audio_video.captions import evaluation_prompts
+
+        return evaluation_prompts(n)
+
+    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+        """The fixed evaluator (:mod:`selfflow_audio_video.evaluator`) on generated pairs (the
+        packed tokens :meth:`detokenize` gives) against their prompts: the video's
+        ``digit_acc`` / ``direction_acc`` / ``class_flips``, ``word_acc`` (the prompt's word is
+        heard), ``av_agreement`` (the word heard names the digit shown), ``onset_in_clip`` and
+        ``onset_s``."""
+        from selfflow_audio_video.evaluator import evaluator_for
+
+        video, audio = self.split(latents.detach().float().cpu())
+        return evaluator_for(self).scores(video, audio, list(prompts))
