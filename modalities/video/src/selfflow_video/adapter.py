@@ -12,7 +12,7 @@ With ``captions`` > 0 the moving-digits source also stores ``K`` captions per cl
 digit and the direction it moves in (:mod:`selfflow_video.captions`), for text-to-video (and,
 with ``condition_first_frame``, image + prompt to video); :meth:`VideoModality.prompt_metrics`
 scores generated clips against their prompts with a fixed evaluator
-(:mod:`selfflow_video.evaluator`).
+(:mod:`selfflow_video.evaluator`; with two digits per clip, :mod:`selfflow_video.two_digits`).
 """
 
 from __future__ import annotations
@@ -372,22 +372,39 @@ class VideoModality(PatchAdapter):
     def evaluation_prompts(self, n: int) -> list[str]:
         """With captions and one digit per clip: ``n`` prompts ``a {digit} moving
         {direction}``, digit ``i % 10`` and direction ``(i // 10) % 8`` (every pair in 80), for
-        the fixed evaluator (:mod:`selfflow_video.evaluator`); else none (the evaluator reads
-        one digit per clip)."""
-        if not self.config.captions or self.config.digits != 1:
-            return []
-        from selfflow_video.evaluator import evaluation_prompts
+        the fixed evaluator (:mod:`selfflow_video.evaluator`). With two ``"compass"`` digits:
+        ``n`` prompts naming two different digits moving in two different directions
+        (:func:`~selfflow_video.two_digits.two_digit_prompts`, scored by
+        :mod:`selfflow_video.two_digits`; the ``"diagonal"`` motion never shows 4 of the 8
+        directions, and may bounce within the frames the direction is measured on). Else none."""
+        c = self.config
+        if c.captions and c.digits == 1:
+            from selfflow_video.evaluator import evaluation_prompts
 
-        return evaluation_prompts(n)
+            return evaluation_prompts(n)
+        if c.captions and c.digits == 2 and c.motion == "compass":
+            from selfflow_video.two_digits import two_digit_prompts
+
+            return two_digit_prompts(n)
+        return []
 
     def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
         """The fixed evaluator on generated clips against each prompt's digit and direction:
         ``digit_acc`` (frames a fixed classifier, trained once and cached with its SHA-256,
         reads as the prompt's digit), ``direction_acc`` (clips whose intensity centroid moves
         the prompt's way over the first frames) and ``class_flips`` (consecutive frame pairs
-        whose digit changes). See :mod:`selfflow_video.evaluator`."""
+        whose digit changes). See :mod:`selfflow_video.evaluator`. With two digits per clip,
+        each digit is segmented and tracked, and the same classifier reads each one:
+        ``digit_acc``, ``direction_acc``, ``binding_acc`` (the digit moving each prompted way is
+        the prompted one), ``class_flips`` per track and ``overlap_frames`` (see
+        :mod:`selfflow_video.two_digits`)."""
+        c = self.config
+        if c.digits == 2:
+            from selfflow_video.two_digits import two_digit_scores
+
+            return two_digit_scores(latents.detach().float().cpu(), list(prompts),
+                                    digit_size=c.digit_size)
         from selfflow_video.evaluator import clip_scores, default_classifier
 
-        c = self.config
         return clip_scores(latents.detach().float().cpu(), list(prompts),
                            default_classifier(c.size, c.digit_size))
