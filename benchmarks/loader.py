@@ -20,14 +20,24 @@ on the default layout: the block shuffle (``ShuffleConfig(kind="block")``, defau
 full shuffle's random reads vs the memmap gather, as a bare read and through the pipeline; and
 how well each order mixes a store sorted by label (computed from the sample order alone).
 
-Run: ``python benchmarks/loader.py`` (about 3 minutes on 2 loaded cores) writes
-``benchmarks/results/loader.json``; ``--part layouts`` / ``--part block`` runs one half (the
-block half in about 1.5 minutes, into ``benchmarks/results/loader_block.json``).
+Then object storage (``s3://``) beside local disk: a store of ``--object-samples`` samples
+(default 4096) written to and read from moto's S3 server, started on 127.0.0.1 in this process
+(latency-bound, a local server), through obstore (what ``s3://`` URLs use) and, if s3fs is
+installed, zarr's FsspecStore over s3fs: write, open, cache load, uncached random batches bare
+and through the pipeline (full and block shuffle).
+
+Run: ``python benchmarks/loader.py`` (about 5 minutes on 2 loaded cores) writes
+``benchmarks/results/loader.json``; ``--part layouts`` / ``--part block`` / ``--part object``
+runs one part (the block part in about 1.5 minutes, into
+``benchmarks/results/loader_block.json``; the object part in about 2 minutes, into
+``benchmarks/results/loader_object.json``: it needs moto, from the ``test`` extra, and obstore,
+from the ``s3`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -35,7 +45,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -249,6 +259,85 @@ def measure_block(path: Path, baseline: MemmapStore, seconds: float) -> dict:
     }
 
 
+@contextlib.contextmanager
+def local_s3_server() -> Iterator[str]:
+    """moto's S3 server on a free port of 127.0.0.1 with the bucket ``bench``, and this process's
+    environment pointing at it (restored after); yields its endpoint."""
+    import logging
+    import socket
+    import urllib.request
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT")).close()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def measure_object(tmp: Path, latents: np.ndarray, labels: np.ndarray, seconds: float) -> dict:
+    """Object storage (``s3://``) against a local S3 server (moto, in this process) beside
+    local disk, on the same data in the default layout: write, open, RAM-cache load, and
+    uncached random batches (bare reads and the pipeline, full and block shuffle). Through
+    obstore (what ``s3://`` URLs use) and, when s3fs is installed, through zarr's FsspecStore
+    over s3fs (the alternative it was chosen over). Latency-bound: each uncached batch is one
+    request per chunk it touches, and the server is a Python one on the same loaded cores."""
+    with local_s3_server() as endpoint:
+        targets: dict[str, Callable[[], object]] = {
+            "local disk": lambda: tmp / "object-local.zarr",
+            "s3, obstore (used)": lambda: "s3://bench/obstore.zarr"}
+        try:
+            import s3fs  # noqa: F401
+            from zarr.storage import FsspecStore
+            targets["s3, s3fs via FsspecStore"] = lambda: FsspecStore.from_url(
+                "s3://bench/fsspec.zarr", storage_options={"endpoint_url": endpoint})
+        except ImportError:
+            pass
+        rows = {}
+        for name, target in targets.items():
+            write_s = write_store(target(), latents, labels, None, "none")
+            opens = []
+            for _ in range(5):
+                start = time.perf_counter()
+                store = open_store(target(), cache_bytes=0)
+                opens.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            open_store(target()).load()
+            load_s = time.perf_counter() - start
+            pick = random_batches(len(store))
+            read = rates({"uncached": lambda s=store, p=pick: s.read(p())}, seconds)
+            pipe = rates({"uncached": pipeline(store),
+                          "block": pipeline(store, ShuffleConfig(kind="block"))}, seconds)
+            rows[name] = {"write_s": round(write_s, 2),
+                          "open_ms": round(float(np.median(opens)) * 1e3, 1),
+                          "cache_load_s": round(load_s, 2), "read_uncached": read["uncached"],
+                          "pipeline_uncached": pipe["uncached"], "pipeline_block": pipe["block"]}
+            print(name, rows[name], flush=True)
+    local = rows["local disk"]
+    return {"samples": len(latents), "mib": round(latents.nbytes / 2**20, 1),
+            "server": "moto ThreadedMotoServer on 127.0.0.1 (in this process)", "rows": rows,
+            "vs_local": {name: {k: round(r[k] / local[k], 3) for k in
+                                ("read_uncached", "pipeline_uncached", "pipeline_block")}
+                         for name, r in rows.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=20_000)
@@ -257,17 +346,21 @@ def main() -> None:
     parser.add_argument("--block-seconds", type=float, default=8.0,
                         help="measuring time per contender of the block-shuffle rows (longer: "
                         "a trial should span windows, whose first batches do the reads)")
-    parser.add_argument("--part", choices=["all", "layouts", "block"], default="all")
+    parser.add_argument("--part", choices=["all", "layouts", "block", "object"], default="all")
+    parser.add_argument("--object-samples", type=int, default=4096,
+                        help="samples of the object-storage rows (a Python S3 server on the "
+                        "same cores: kept small)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/loader.json "
                         "(loader_block.json for --part block)")
     args = parser.parse_args()
     results = Path(__file__).parent / "results"
-    out = Path(args.out or results / ("loader_block.json" if args.part == "block"
-                                      else "loader.json"))
+    out = Path(args.out or results / {"block": "loader_block.json",
+                                      "object": "loader_object.json"}.get(args.part,
+                                                                          "loader.json"))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.samples, 4, 32, 32), dtype=np.float32).astype(np.float16)
     labels = rng.integers(0, 10, args.samples)
-    rows, block = [], None
+    rows, block, stored = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/latents.npy", latents)
         np.save(f"{tmp}/labels.npy", labels)
@@ -275,13 +368,16 @@ def main() -> None:
                                 for k in ("latents", "labels")})
         for a in baseline.arrays.values():  # map every page once, as a long training run would
             np.asarray(a).sum()
-        for chunks, compressor in LAYOUTS if args.part != "block" else []:
+        if args.part in ("all", "object"):
+            n = args.object_samples
+            stored = measure_object(Path(tmp), latents[:n], labels[:n], args.seconds)
+        for chunks, compressor in LAYOUTS if args.part in ("all", "layouts") else []:
             path = Path(tmp) / f"{chunks}-{compressor}.zarr"
             write_s = write_store(path, latents, labels, chunks, compressor)
             os.sync()  # so that write-back does not compete with the measurement
             rows.append(measure_layout(path, baseline, chunks, compressor, write_s, args.seconds))
             print(rows[-1], flush=True)
-        if args.part != "layouts":
+        if args.part in ("all", "block"):
             path = Path(tmp) / "None-none.zarr"
             if not path.exists():
                 write_store(path, latents, labels, None, "none")
@@ -289,7 +385,7 @@ def main() -> None:
             block = measure_block(path, baseline, args.block_seconds)
             print(block, flush=True)
     digits_rates = None
-    if args.part != "block":  # the default training config's data: digit latents 1x8x8 float32
+    if args.part in ("all", "layouts"):  # the default training config's data: 1x8x8 float32
         digits = rng.standard_normal((60_000, 1, 8, 8), dtype=np.float32)
         with tempfile.TemporaryDirectory() as tmp:
             write_store(Path(tmp) / "digits.zarr", digits, rng.integers(0, 10, 60_000), None,
@@ -312,6 +408,8 @@ def main() -> None:
             "assumed_training_samples_per_s": TRAINING_SAMPLES_PER_S,
             "cached_ratio": round(digits_rates["cached"] / TRAINING_SAMPLES_PER_S),
             "uncached_ratio": round(digits_rates["uncached"] / TRAINING_SAMPLES_PER_S)}
+    if stored is not None:
+        result["object_storage"] = stored
     if block is not None:
         result["block_shuffle"] = block
         # a store sorted by label, 2**20 samples in chunks of 64 (the default for 8 KiB latents)
@@ -327,6 +425,24 @@ def print_table(r: dict) -> None:
         print_layouts(r)
     if "block_shuffle" in r:
         print_block(r)
+    if "object_storage" in r:
+        print_object(r)
+
+
+def print_object(r: dict) -> None:
+    o = r["object_storage"]
+    print(f"\nobject storage (s3://) vs local disk, same run: {o['samples']:,} samples "
+          f"({o['mib']} MiB), default layout, uncached; {o['server']}; latency-bound; "
+          "samples/s (% of local disk)\n")
+    print("| store | write s | open ms | cache load s | read uncached | pipeline uncached "
+          "| pipeline block shuffle |")
+    print("|---|---|---|---|---|---|---|")
+    for name, x in o["rows"].items():
+        v = o["vs_local"][name]
+        print(f"| {name} | {x['write_s']} | {x['open_ms']} | {x['cache_load_s']} "
+              f"| {x['read_uncached']:,} ({v['read_uncached']:.0%}) "
+              f"| {x['pipeline_uncached']:,} ({v['pipeline_uncached']:.0%}) "
+              f"| {x['pipeline_block']:,} ({v['pipeline_block']:.0%}) |")
 
 
 def print_layouts(r: dict) -> None:

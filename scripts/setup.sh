@@ -31,7 +31,7 @@ want=$(cat constraints.txt pyproject.toml */*/pyproject.toml 2>/dev/null | sha25
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, from the pin (on a CPU machine: the local 2.13.0+cpu wheel, no CUDA packages)
   pip_install torch==2.13.0
-  pip_install -e ".[test,docs,bench]"  # the core first: the plugins below depend on it
+  pip_install -e ".[test,docs,bench,s3]"  # the core first: the plugins below depend on it
   pip_install "${DISTS[@]}"
   .venv/bin/python -c "import selfflow_core, torch; print('selfflow ready; torch', torch.__version__)"
   echo "$want" > "$stamp"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError", "ConfigError", "DuplicateComponentError", "LockHeld", "NonFiniteLossError",
-    "PluginLoadError", "RunDirInUse", "ScaffoldError", "SelfFlowError", "StoreError",
-    "UnknownComponentError",
+    "ObjectStoreError", "PluginLoadError", "RunDirInUse", "ScaffoldError", "SelfFlowError",
+    "StoreError", "UnknownComponentError",
 ]
 
 
@@ -57,6 +57,21 @@ class StoreError(SelfFlowError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.store, self.problems))
+
+
+class ObjectStoreError(SelfFlowError, OSError):
+    """A store in object storage (``s3://...``) that cannot be reached: no such bucket, refused
+    credentials, a dropped connection. One line naming the store; it never holds a secret."""
+
+    def __init__(self, store: str, problem: str) -> None:
+        self.store, self.problem = store, problem
+        super().__init__(f"object store {store}: {problem}")
+
+    def __str__(self) -> str:  # OSError's own would show its args as a tuple
+        return f"object store {self.store}: {self.problem}"
+
+    def __reduce__(self):
+        return (type(self), (self.store, self.problem))
 
 
 class CheckpointError(SelfFlowError, RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,19 +70,52 @@ def cmd_config(args, components):
 def cmd_encode(args, components):
     from selfflow_core.data.store import encode_store
 
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and args.workers > 1:
+        raise ConfigError([f"--workers {args.workers} under torchrun: every rank is one worker "
+                           "already (set the number with --nproc-per-node); leave --workers "
+                           "out"], "selfflow encode")
     conv = make_converter(components)
     cls = components.modalities.get(args.modality)
-    data = apply_overrides({}, args.overrides)
+    text_options = [o for o in args.overrides if o.startswith(TEXT_PREFIX)]
+    data = apply_overrides({}, [o for o in args.overrides if o not in text_options])
     where = f"modality {args.modality!r} options"
     mod_cfg = structure(conv, data, cls, source=where)
     problems = mod_cfg.problems() or source_problems(mod_cfg, args.source)
     if problems:
         raise ConfigError(problems, where)
     adapter = mod_cfg.build()
+    if text_options:  # a frozen text encoder's output is precomputed into the store
+        adapter = _with_text_encoder(adapter, conv, text_options)
     store = encode_store(adapter, args.source, args.store, batch_size=args.batch_size,
-                         adapter_config=to_data(conv, mod_cfg), progress=True,
-                         repair=args.repair)
-    print(f"store {args.store}: {len(store)} samples of {args.modality} from {args.source!r}")
+                         adapter_config=to_data(conv, mod_cfg), progress=rank == 0,
+                         repair=args.repair, workers=args.workers, distributed=world > 1)
+    if rank == 0:  # under torchrun: one final line, from rank 0
+        print(f"store {args.store}: {len(store)} samples of {args.modality} from "
+              f"{args.source!r}")
+
+
+TEXT_PREFIX = "text_encoder."
+
+
+def _with_text_encoder(adapter, conv, options: list[str]):
+    """``adapter`` storing the output of the frozen text encoder ``text_encoder.*=...`` gives
+    (as the run with that ``text_encoder`` would make the store)."""
+    from selfflow_core.interfaces import TextEncoderConfig
+    from selfflow_core.prompts import CAPTIONS, WithTextEmbeddings
+
+    where = "text encoder options (text_encoder.*)"
+    kind_first = sorted(options, key=lambda o: not o.startswith(f"{TEXT_PREFIX}kind="))
+    data = apply_overrides({}, kind_first)["text_encoder"]
+    encoder = structure(conv, data, TextEncoderConfig, source=where).build()
+    if encoder.trainable:
+        raise ConfigError([f"$.kind: the {data.get('kind')!r} text encoder is trained with the "
+                           "model from the stored captions; there is nothing to precompute "
+                           "(drop the text_encoder.* options)"], where)
+    if CAPTIONS not in adapter.fields():
+        raise ConfigError([f"the modality stores no {CAPTIONS!r} field with these options (give "
+                           "it captions, e.g. captions=4) for a text encoder to encode"], where)
+    return WithTextEmbeddings(adapter, encoder)
 
 
 def cmd_store(args, components):
@@ -239,11 +273,18 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("modality")
     e.add_argument("source", help="a built-in source name of the modality or a path")
     e.add_argument("store", help="path (or zarr store URL) of the store to write")
-    e.add_argument("overrides", nargs="*", help="modality config key=value")
+    e.add_argument("overrides", nargs="*",
+                   help="modality config key=value; text_encoder.kind=... (and its options, "
+                   "text_encoder.path=...) also stores a frozen text encoder's output for every "
+                   "caption, as a run with that text_encoder does")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--repair", action="store_true",
                    help="re-encode the damaged chunks of an existing store from the source "
                    "(without it, a damaged store is refused, naming each damaged chunk)")
+    e.add_argument("--workers", type=_at_least(1), default=1,
+                   help="encode in chunk-aligned ranges with this many processes on this "
+                   "machine, one GPU each where there are GPUs (under torchrun every rank is "
+                   "one worker instead); resumable per range, see docs/store.md")
     s = sub.add_parser("store", help="inspect latent stores")
     s.add_argument("action", choices=["check"])
     s.add_argument("store")

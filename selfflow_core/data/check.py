@@ -19,7 +19,8 @@ import zarr
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 
-from selfflow_core.errors import StoreError
+from selfflow_core.data.objects import S3ZarrStore, is_object_url
+from selfflow_core.errors import ObjectStoreError, StoreError
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.prompts import EMPTY_PROMPT, TEXT_EMBEDDINGS, record_problems
 
@@ -44,13 +45,26 @@ def is_local(path: StoreLike) -> bool:
     return not isinstance(path, Store) and "://" not in os.fspath(path)
 
 
+def zarr_target(path: StoreLike, mode: str = "r") -> str | Store:
+    """What zarr opens for ``path``: a local path as a string, an ``s3://`` URL as an
+    :class:`~selfflow_core.data.objects.S3ZarrStore` (credentials from the environment, see
+    :mod:`selfflow_core.data.objects`), any other URL or store as given."""
+    if is_object_url(path):
+        return S3ZarrStore(path, read_only=mode == "r")
+    return os.fspath(path) if is_local(path) else path
+
+
 def open_group(path: StoreLike, mode: str = "r") -> zarr.Group:
-    """Open the store's zarr group; a missing path or a non-group is a :class:`StoreError`."""
+    """Open the store's zarr group; a missing path or a non-group is a :class:`StoreError`
+    (a store in object storage that cannot be reached: an :class:`ObjectStoreError`)."""
     name = store_name(path)
     if is_local(path) and mode == "r" and not os.path.exists(path):
         raise StoreError(name, [f"no such store: {name} does not exist"])
+    target = zarr_target(path, mode)
+    if isinstance(target, S3ZarrStore) and not target.probe() and mode == "r":
+        raise StoreError(name, [f"no such store: nothing is stored at {name}"])
     try:
-        return zarr.open_group(os.fspath(path) if is_local(path) else path, mode=mode)
+        return zarr.open_group(target, mode=mode)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError, zarr.errors.ContainsArrayError) as e:
         raise StoreError(name, [f"not a zarr group ({type(e).__name__}: {e})"]) from None
 
@@ -212,7 +226,10 @@ def schema_problems(group: zarr.Group, *, require_complete: bool = True) -> list
                  for name in sorted(set(arrays) - set(specs))]
     if TEXT_EMBEDDINGS in specs:  # a frozen text encoder's store keeps its empty prompt
         problems += record_problems(attrs.get(EMPTY_PROMPT), specs)
-    if require_complete and not complete:
+    if require_complete and not complete and "ranges" in attrs:  # see data/ranges.py
+        problems.append("incomplete: an encode in ranges (over several processes) has not "
+                        "finished, so there is no completeness marker (run it again to resume)")
+    elif require_complete and not complete:
         problems.append(f"incomplete: {committed} samples committed and no completeness marker "
                         "(the encode was interrupted; run it again to resume)")
     return problems
@@ -242,6 +259,8 @@ def _chunks_present(arr: zarr.Array) -> set[int] | None:
 
     try:
         found = sync(keys())
+    except ObjectStoreError:
+        raise  # the store cannot be reached: not a missing chunk
     except Exception:  # noqa: BLE001 - some stores cannot list; then this check is skipped
         return None
     return {int(k[len(prefix):].split("/")[0]) for k in found
@@ -257,6 +276,8 @@ def _chunk_file(arr: zarr.Array, k: int, store: str | None) -> str:
     """Where chunk ``k`` (along the sample axis) of ``arr`` lives: its path or key."""
     key = arr.metadata.encode_chunk_key((k, *([0] * (arr.ndim - 1))))
     key = f"{arr.path}/{key}" if arr.path else key
+    if store is not None and is_object_url(store):
+        return f"{store.rstrip('/')}/{key}"
     return os.path.join(store, key) if store is not None and "://" not in store else key
 
 
@@ -284,6 +305,8 @@ def _read_chunk(arr: zarr.Array, name: str, k: int, count: int, present: set[int
                       f"{_chunk_file(arr, k, store)}")
     try:
         return np.asarray(arr[start:stop]), None
+    except ObjectStoreError:
+        raise  # the store cannot be reached: not a damaged chunk
     except Exception as e:  # noqa: BLE001 - any decode error means a damaged chunk
         return None, (f"{where} is unreadable (truncated or corrupt: "
                       f"{_chunk_file(arr, k, store)}): {type(e).__name__}: {e}")
@@ -388,6 +411,10 @@ def describe_store(path: StoreLike) -> list[str]:
     lines.append(f"samples: {committed}, complete" if complete else
                  f"samples: {committed} committed, incomplete (no completeness marker: the "
                  "encode was interrupted; run it again to resume)")
+    if not complete and "ranges" in a:
+        from selfflow_core.data.ranges import progress_line
+
+        lines.append(progress_line(group) or "")
     arrays = dict(group.arrays())
     fields = a.get("fields") if isinstance(a.get("fields"), Mapping) else {}
     for key, spec in fields.items():

@@ -286,9 +286,12 @@ class _BlockReader:
 
     def _through_zarr(self, name: str, spans: list[tuple[int, int]]) -> list[np.ndarray]:
         """Field ``name`` at each sample range of ``spans`` (sorted) through zarr: one slice per
-        range where the field's chunks are no larger than a block, else one read of all their
-        rows (each chunk decoded once, not once per block)."""
-        if self.store._arrays[name].chunks[0] <= self.block or len(spans) == 1:
+        range where the field's chunks are no larger than a block and the store is local, else
+        one read of all their rows (each chunk decoded once, not once per block; from object
+        storage, its chunks requested concurrently instead of one block after another)."""
+        arr = self.store._arrays[name]
+        local = isinstance(arr.store_path.store, zarr.storage.LocalStore)
+        if len(spans) == 1 or arr.chunks[0] <= self.block and local:
             return [self.store._get(name, slice(a, b), range(a, b)) for a, b in spans]
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
         ends = np.cumsum([b - a for a, b in spans])

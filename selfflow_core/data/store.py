@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,10 @@ from selfflow_core.data.check import (
     schema_problems,
     store_name,
     store_schema,
+    zarr_target,
 )
+from selfflow_core.data.objects import ObjectLock, is_object_url
+from selfflow_core.errors import ObjectStoreError
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.runtime.locking import LockHeld, PidLock
 
@@ -81,25 +84,28 @@ def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
 class _WriteLock:
     """One writer per store. Local paths: a ``<path>.lock``
     :class:`~selfflow_core.runtime.locking.PidLock` (a lock left by a dead process on this host
-    is taken over). Other stores: a lock within this process only."""
+    is taken over); ``s3://`` URLs: the object ``<url>.lock``, written only if absent
+    (:class:`~selfflow_core.data.objects.ObjectLock`). Other stores: a lock within this process
+    only."""
 
     _held: set[str] = set()
 
     def __init__(self, path: StoreLike) -> None:
         self.name = store_name(path)
-        self.file = f"{os.fspath(path).rstrip('/')}.lock" if is_local(path) else None
+        self.file = (f"{os.fspath(path).rstrip('/')}.lock"
+                     if is_local(path) or is_object_url(path) else None)
         if self.file is None:
             if self.name in self._held:
                 raise StoreError(self.name, ["another writer in this process is writing it"])
             self._held.add(self.name)
             return
-        self._lock = PidLock(self.file)
+        self._lock = PidLock(self.file) if is_local(path) else ObjectLock(path)
         try:
             self._lock.acquire()
         except LockHeld as exc:
             raise StoreError(self.name, [
                 f"another writer holds the lock {self.file} ({exc.who}); two writers on one "
-                "store are refused. If none is running, delete the lock file."]) from None
+                f"store are refused. If none is running, delete {self.file}."]) from None
 
     def release(self) -> None:
         if self.file is None:
@@ -144,6 +150,35 @@ def _same(stored: np.ndarray, fresh: np.ndarray) -> bool:
     return bool(np.linalg.norm(a - b) <= SAME_SOURCE_RTOL * max(np.linalg.norm(a), 1e-12))
 
 
+def check_batch(store: str, specs: Mapping[str, FieldSpec],
+                batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """``batch`` checked against the schema's fields (names, equal sample counts, per-sample
+    shapes, dtypes that cast; text as ``StringDType``) and its sample count; a
+    :class:`StoreError` naming the field otherwise."""
+    if set(batch) != set(specs):
+        raise StoreError(store, [f"batch fields {sorted(batch)} != schema fields "
+                                 f"{sorted(specs)}"])
+    data = {k: np.asarray(v) for k, v in batch.items()}
+    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in data.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise StoreError(store, [f"batch fields have different sample counts: {sizes}"])
+    for name, spec in specs.items():
+        value = data[name]
+        if tuple(value.shape[1:]) != spec.shape:
+            raise StoreError(store, [f"field {name!r}: batch per-sample shape "
+                                     f"{tuple(value.shape[1:])} != schema {spec.shape}"])
+        if is_text(spec.dtype):
+            if value.size and not all(isinstance(x, str) for x in value.reshape(-1).tolist()):
+                raise StoreError(store, [f"field {name!r}: a text field takes str values only"])
+            data[name] = value.astype(np.dtypes.StringDType())
+            continue
+        dtype = np.dtype(spec.dtype)
+        if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+            raise StoreError(store, [f"field {name!r}: batch dtype {value.dtype} cannot be "
+                                     f"stored as {dtype}"])
+    return data, next(iter(sizes.values()))
+
+
 class StoreWriter:
     """Appends batches to a store, resumably: a batch counts only once every array holds it and
     the ``committed`` attribute says so; reopening cuts arrays back to ``committed``. Use as a
@@ -183,11 +218,22 @@ class StoreWriter:
                     f"this cannot be repaired in place: delete {self.name} (or use another "
                     "path) and encode it again")])
             self.count = int(self.group.attrs["committed"])
+            #: the plan of an unfinished encode in ranges (``selfflow_core.data.ranges``): its
+            #: arrays are full-size and its progress is per range, so nothing is cut back here
+            self.ranges: dict[str, Any] | None = (None if self.complete
+                                                  else self.group.attrs.get("ranges"))
             # every chunk is written, even one of fill values only (the runtime setting is not
             # stored with the array: it is set on each opening)
             self.arrays = {name: self.group[name].with_config({"write_empty_chunks": True})
                            for name in self.specs}
-            if not self.complete:
+            if self.ranges is not None and self._changed_source is not None:
+                was, now = self._changed_source[0].get("source"), schema["source"]
+                raise StoreError(self.name, [
+                    f"incomplete (an encode in ranges) and started from source "
+                    f"{_describe_source(was)}, now given {_describe_source(now)}; it continues "
+                    f"from the original source only. Give it, or delete {self.name} and encode "
+                    "it again"])
+            if not self.complete and self.ranges is None:
                 # the next append rewrites the last, partly filled chunk: it must decode (a
                 # damaged one is reported, and nothing is written)
                 problems = [p for name, arr in self.arrays.items() if self.count % arr.chunks[0]
@@ -215,7 +261,7 @@ class StoreWriter:
         try:
             group = open_group(path, "r+")
         except StoreError:
-            target = os.fspath(path) if is_local(path) else path
+            target = zarr_target(path, "w-")
             try:
                 return zarr.open_group(target, mode="w-", attributes={
                     **schema, "committed": 0, "complete": False, "count": None})
@@ -258,6 +304,8 @@ class StoreWriter:
             for name, arr in self.arrays.items():
                 try:
                     stored_values = np.asarray(arr[start:self.count])
+                except ObjectStoreError:
+                    raise  # the store cannot be reached: not a damaged chunk
                 except Exception:  # noqa: BLE001 - a damaged chunk: name it
                     step = arr.chunks[0]
                     raise StoreError(self.name, [*chunk_problems(
@@ -286,29 +334,12 @@ class StoreWriter:
         """Append one batch: an array per field, sample axis first, equal lengths."""
         if self.complete:
             raise StoreError(self.name, ["is complete; nothing can be appended"])
-        if set(batch) != set(self.specs):
-            raise StoreError(self.name, [f"batch fields {sorted(batch)} != schema fields "
-                                         f"{sorted(self.specs)}"])
-        data = {k: np.asarray(v) for k, v in batch.items()}
-        sizes = {k: (v.shape[0] if v.ndim else None) for k, v in data.items()}
-        if len(set(sizes.values())) != 1 or None in sizes.values():
-            raise StoreError(self.name, [f"batch fields have different sample counts: {sizes}"])
-        for name, spec in self.specs.items():
-            value = data[name]
-            if tuple(value.shape[1:]) != spec.shape:
-                raise StoreError(self.name, [f"field {name!r}: batch per-sample shape "
-                                             f"{tuple(value.shape[1:])} != schema {spec.shape}"])
-            if is_text(spec.dtype):
-                if value.size and not all(isinstance(x, str) for x in value.reshape(-1).tolist()):
-                    raise StoreError(self.name, [f"field {name!r}: a text field takes str "
-                                                 "values only"])
-                data[name] = value.astype(np.dtypes.StringDType())
-                continue
-            dtype = np.dtype(spec.dtype)
-            if not np.can_cast(value.dtype, dtype, casting="same_kind"):
-                raise StoreError(self.name, [f"field {name!r}: batch dtype {value.dtype} cannot "
-                                             f"be stored as {dtype}"])
-        start, stop = self.count, self.count + next(iter(sizes.values()))
+        if self.ranges is not None:
+            raise StoreError(self.name, [
+                "is being encoded in ranges (a parallel encode), so nothing can be appended; "
+                "continue it with encode_store or `selfflow encode` (with any --workers)"])
+        data, n = check_batch(self.name, self.specs, batch)
+        start, stop = self.count, self.count + n
         for name, arr in self.arrays.items():
             arr.resize((stop, *arr.shape[1:]))
             arr[start:stop] = data[name].astype(arr.dtype, copy=False)
@@ -369,10 +400,33 @@ def _delete_chunk(arr: zarr.Array, k: int) -> None:
     sync(arr.store_path.store.delete(f"{prefix}/{key}" if prefix else key))
 
 
+def check_existing(writer: StoreWriter, *, verify: bool, repair: bool,
+                   say: Callable[[str], None]) -> bool:
+    """With ``verify`` or ``repair``, read the committed samples before writing more: a damaged
+    chunk (or NaN/Inf) is a :class:`StoreError` naming it, or with ``repair`` is re-encoded from
+    the source. Returns whether the whole (complete) store was read."""
+    verified = (verify or repair) and writer.complete  # all of it is read below
+    if (verify or repair) and writer.count:
+        problems, damaged = writer.scan()
+        if damaged and repair:
+            for line in writer.repair(damaged):
+                say(line)
+            problems, damaged = writer.scan()
+            if problems:
+                problems.append("re-encoding the damaged chunks from the source did not "
+                                "help (the encoder gives these values)")
+        elif damaged:
+            problems.append(writer.repair_hint)
+        if problems:
+            raise StoreError(writer.name, problems)
+    return verified
+
+
 def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                  adapter_config: Mapping[str, Any], batch_size: int = 256, progress: bool = True,
                  chunks: int | Mapping[str, int] | None = None, compressor: str = "none",
-                 verify: bool = True, repair: bool = False) -> LatentStore:
+                 verify: bool = True, repair: bool = False, workers: int = 1,
+                 distributed: bool = False) -> LatentStore:
     """Encode ``adapter.open_source(source)`` into the store at ``path`` and open it.
 
     - An interrupted encode resumes from its committed samples (also when the source's name or
@@ -382,7 +436,21 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
     - ``verify`` (default): the samples already in the store are read first; a damaged chunk
       (or NaN/Inf) is a :class:`StoreError` naming it, so a damaged store is never returned
       as complete. ``repair`` re-encodes those chunks from the source instead.
+    - ``workers > 1``: encoded in chunk-aligned ranges by that many spawned processes (the
+      adapter is pickled to each); ``distributed``: this process is one rank of a ``torchrun``
+      encoding its share of the ranges (every rank calls this). Resumable per range; an
+      interrupted encode in ranges is continued by any call, with any number of workers. See
+      :mod:`selfflow_core.data.ranges`.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 or distributed:
+        from selfflow_core.data.ranges import encode_parallel
+
+        return encode_parallel(adapter, source, path, adapter_config=adapter_config,
+                               batch_size=batch_size, progress=progress, chunks=chunks,
+                               compressor=compressor, verify=verify, repair=repair,
+                               workers=workers, distributed=distributed)
     raw = adapter.open_source(source)
     schema = store_schema(adapter, source=source, source_description=raw.description,
                           adapter_config=adapter_config)
@@ -397,21 +465,19 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
         if writer.previous_source is not None:
             say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
                 f"the {writer.count} committed samples, so the encode continues from it")
-        verified = (verify or repair) and writer.complete  # all of it is read below
-        if (verify or repair) and writer.count:
-            problems, damaged = writer.scan()
-            if damaged and repair:
-                for line in writer.repair(damaged):
-                    say(line)
-                problems, damaged = writer.scan()
-                if problems:
-                    problems.append("re-encoding the damaged chunks from the source did not "
-                                    "help (the encoder gives these values)")
-            elif damaged:
-                problems.append(writer.repair_hint)
-            if problems:
-                raise StoreError(writer.name, problems)
-        if not writer.complete:
+        verified = check_existing(writer, verify=verify, repair=repair, say=say)
+        if writer.complete and "_encode" in set(writer.group.group_keys()):
+            from selfflow_core.data.ranges import cleanup
+
+            cleanup(writer.group)  # what an encode in ranges stopped right after its marker left
+        if writer.ranges is not None:  # an interrupted encode in ranges: continued here
+            from selfflow_core.data.ranges import _Here, encode_ranges
+
+            job = {"path": path, "adapter": adapter, "source": source,
+                   "adapter_config": dict(adapter_config), "batch_size": batch_size}
+            encode_ranges(writer, _Here(), job, total=len(raw), verify=verify, repair=repair,
+                          progress=progress, say=say)
+        elif not writer.complete:
             total = len(raw)
             if writer.count > total:
                 raise StoreError(writer.name, [f"holds {writer.count} samples, the source only "
@@ -476,6 +542,8 @@ class LatentStore:
         try:
             return np.asarray(arr[selection] if isinstance(selection, slice)
                               else arr.oindex[selection])
+        except ObjectStoreError:
+            raise  # the store cannot be reached: not a damaged chunk
         except Exception as exc:  # noqa: BLE001 - find which chunk is damaged and say so
             step = arr.chunks[0]
             chunks = sorted({int(i) // step for i in samples})

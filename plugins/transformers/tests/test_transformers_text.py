@@ -481,12 +481,9 @@ def test_importing_the_plugin_does_not_import_transformers():
 # ---- end to end: a prompt-conditioned run with a frozen encoder --------------------------------
 
 
-@pytest.mark.parametrize("kind", ["t5", "clip"])
-def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny, tmp_path,
-                                                                    monkeypatch):
-    """The trainer encodes a captioned store with the encoder's embeddings beside the captions
-    (the encoder runs while encoding, never while training), trains on them and samples from
-    prompts through the same encoder."""
+def toy_prompt_run(store, run_dir, encoder, steps: int = 2):
+    """A tiny prompt-conditioned run of the core's toy modality (16 samples, 2 captions each)
+    with the frozen ``encoder``."""
     from selfflow_core import (
         CheckpointConfig,
         MMDiT,
@@ -494,22 +491,31 @@ def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny,
         NullTracker,
         SamplingConfig,
         ToyModality,
-        Trainer,
         TrainerConfig,
-        open_store,
     )
+
+    toy = ToyModality.Config(tokens=4, channels=8, classes=0, count=16, captions=2)
+    return TrainerConfig(
+        modalities={"toy": ModalitySpec(modality=toy, store=str(store), source="waves",
+                                        batch_size=4)},
+        backbone=MMDiT.Config(double_blocks=1, single_blocks=2, width=16, heads=2, axes_dim=(8,)),
+        text_encoder=encoder, sampling=SamplingConfig(prompts=("two cycles",), count=2, steps=2),
+        checkpoint=CheckpointConfig(every=2), tracker=NullTracker.Config(), steps=steps,
+        log_every=10, run_dir=str(run_dir))
+
+
+@pytest.mark.parametrize("kind", ["t5", "clip"])
+def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny, tmp_path,
+                                                                    monkeypatch):
+    """The trainer encodes a captioned store with the encoder's embeddings beside the captions
+    (the encoder runs while encoding, never while training), trains on them and samples from
+    prompts through the same encoder."""
+    from selfflow_core import Trainer, open_store
     from selfflow_core.prompts import TEXT_EMBEDDINGS, TEXT_MASK
 
     no_network(monkeypatch)
-    toy = ToyModality.Config(tokens=4, channels=8, classes=0, count=16, captions=2)
     encoder = KINDS[kind].Config(path=str(tiny[kind][0]), max_length=16)
-    cfg = TrainerConfig(
-        modalities={"toy": ModalitySpec(modality=toy, store=str(tmp_path / "s.zarr"),
-                                        source="waves", batch_size=4)},
-        backbone=MMDiT.Config(double_blocks=1, single_blocks=2, width=16, heads=2, axes_dim=(8,)),
-        text_encoder=encoder, sampling=SamplingConfig(prompts=("two cycles",), count=2, steps=2),
-        checkpoint=CheckpointConfig(every=2), tracker=NullTracker.Config(), steps=2,
-        log_every=10, run_dir=str(tmp_path / "run"))
+    cfg = toy_prompt_run(tmp_path / "s.zarr", tmp_path / "run", encoder)
     calls = []
     original = KINDS[kind].encode
     monkeypatch.setattr(KINDS[kind], "encode", lambda self, c: calls.append(len(c))
@@ -527,3 +533,35 @@ def test_a_run_precomputes_the_frozen_encoders_output_into_its_store(kind, tiny,
     assert trainer.step == 2
     # training read the store; only the final samples' prompts were encoded again
     assert sum(calls) - encoded == 2
+
+
+def test_selfflow_encode_precomputes_the_store_a_run_with_that_encoder_reuses(tiny, tmp_path,
+                                                                            monkeypatch, capsys):
+    """``selfflow encode ... text_encoder.kind=t5 text_encoder.path=...`` makes the very store a
+    run with that text_encoder would: the run finds it complete and encodes nothing again."""
+    from selfflow_core import Trainer, open_store
+    from selfflow_core.cli.main import main
+    from selfflow_core.prompts import TEXT_EMBEDDINGS
+
+    no_network(monkeypatch)
+    store = tmp_path / "s.zarr"
+    path = str(tiny["t5"][0])
+    assert main(["encode", "toy", "waves", str(store), "tokens=4", "channels=8", "classes=0",
+                 "count=16", "captions=2", f"text_encoder.path={path!r}",
+                 "text_encoder.kind='t5'", "text_encoder.max_length=16"]) == 0
+    made = open_store(store)
+    assert made.fields[TEXT_EMBEDDINGS].shape[:2] == (2, 16)
+    cfg = toy_prompt_run(store, tmp_path / "run", KINDS["t5"].Config(path=path, max_length=16),
+                         steps=1)
+    calls = []
+    original = KINDS["t5"].encode
+    monkeypatch.setattr(KINDS["t5"], "encode", lambda self, c: calls.append(list(c))
+                        or original(self, c))
+    Trainer(cfg, components=installed_components(), progress=False)
+    assert all(c == [""] for c in calls)  # no caption encoded again (only "" for the schema)
+    assert open_store(store).schema["config_hash"] == made.schema["config_hash"]
+    # a trainable encoder has nothing to precompute: one line, exit status 2, no store
+    assert main(["encode", "toy", "waves", str(tmp_path / "b.zarr"), "captions=2",
+                 "text_encoder.kind='bytes'"]) == 2
+    assert "nothing to precompute" in capsys.readouterr().err
+    assert not (tmp_path / "b.zarr").exists()
