@@ -55,10 +55,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import multiprocessing as mp
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -71,7 +68,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, print_table, write_json
+from common import (
+    RESULTS,
+    curve_mean,
+    eval_steps,
+    mean_spread,
+    print_table,
+    run_jobs,
+    steps_to_reach,
+    summarize_sweep,
+    write_json,
+)
 from evaluators import LABEL_FREE_FILE, LABEL_FREE_KEY, REPA_FEATURES, build_assets
 from plots import plot_convergence
 
@@ -236,10 +243,6 @@ def make_config(job: dict):
         eval_ema_decay=job["args"]["eval_ema"] or None, eval_ema_warmup=False)
 
 
-def eval_steps(steps: int, evals: int) -> list[int]:
-    return sorted({max(1, round(steps * (i + 1) / evals)) for i in range(evals)})
-
-
 def run_one(job: dict) -> dict:
     try:
         return _run_one(job)
@@ -327,69 +330,6 @@ def plan_runs(args, base: dict, sweeps: set[str]) -> dict[str, dict]:
 
 
 # ---- aggregation -------------------------------------------------------------------------------
-
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def curve_mean(runs: list[dict], key: str) -> list[tuple[int, float, float]]:
-    steps = sorted({r["step"] for run in runs for r in run["curve"]})
-    out = []
-    for s in steps:
-        m, sd = mean_spread([r[key] for run in runs for r in run["curve"]
-                             if r["step"] == s and key in r])
-        out.append((s, m, sd))
-    return out
-
-
-def steps_to_reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
-    """First step where the (linearly interpolated) mean FD curve reaches ``target``."""
-    prev = None
-    for s, m, _ in curve:
-        if m <= target:
-            if prev is None or prev[1] == m:
-                return float(s)
-            s0, m0 = prev
-            return s0 + (s - s0) * (m0 - target) / (m0 - m)
-        prev = (s, m)
-    return None
-
-
-def best_probe(row: dict) -> float:
-    return max(v for k, v in row.items() if k.startswith("probe_acc/"))
-
-
-def variant_order(variant: str) -> tuple:
-    """Sweep variants in a natural order: by their numbers, warm-up before no warm-up."""
-    return ("no warm-up" in variant, [float(x) for x in re.findall(r"\d+(?:\.\d+)?", variant)])
-
-
-def summarize_sweep(points: list[tuple[str, dict]]) -> list[dict]:
-    """Per (variant, method): final FD and best probe, mean ± std over seeds; and, where a variant
-    holds both vanilla and Self-Flow, their gap paired by seed (Self-Flow minus vanilla)."""
-    cells: dict[tuple[str, str], list[dict]] = {}
-    for variant, run in points:
-        cells.setdefault((variant, run["method"]), []).append(run)
-    out = []
-    for (variant, method), runs in sorted(cells.items(),
-                                          key=lambda kv: (variant_order(kv[0][0]), kv[0][1])):
-        runs = sorted(runs, key=lambda r: r["seed"])
-        row = {"variant": variant, "method": method, "seeds": [r["seed"] for r in runs],
-               "size": runs[0]["size"], "steps": runs[0]["steps"], "params": runs[0]["params"],
-               "final_fd": mean_spread([r["curve"][-1]["fd"] for r in runs]),
-               "best_probe": mean_spread([best_probe(r["curve"][-1]) for r in runs]),
-               "fd_curve": curve_mean(runs, "fd")}
-        if method == "selfflow" and ("vanilla" in {m for v, m in cells if v == variant}):
-            base = {r["seed"]: r["curve"][-1]["fd"] for r in cells[(variant, "vanilla")]}
-            gaps = [r["curve"][-1]["fd"] - base[r["seed"]] for r in runs if r["seed"] in base]
-            row["fd_gap_vs_vanilla"] = mean_spread(gaps)
-            row["paired_seeds"] = len(gaps)
-        out.append(row)
-    return out
-
 
 def summarize(results: list[dict], args) -> dict:
     main = [r for r in results if "main" in r["groups"]]
@@ -572,31 +512,14 @@ def main(argv: list[str] | None = None) -> dict:
     tag = hashlib.sha256(json.dumps([fixed, meta["fd_extractor"]["sha256"]], sort_keys=True)
                          .encode()).hexdigest()[:12]
     partial = work / f"partial-{tag}.jsonl"
-    results = []
-    if args.resume and partial.is_file():
-        done = {}
-        for line in partial.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["key"], len(r["curve"]))] = r
-        results = [done.pop((j["key"], len(eval_steps(j["steps"], j["evals"]))))
-                   for j in todo if (j["key"], len(eval_steps(j["steps"], j["evals"]))) in done]
-        for r in results:
-            r["groups"] = jobs[r["key"]]["groups"]
-        finished = {r["key"] for r in results}
-        todo = [j for j in todo if j["key"] not in finished]
-        print(f"resuming: {len(results)} runs already done ({partial})")
-    elif partial.exists():
-        partial.unlink()
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(args.jobs) as pool, partial.open("a") as log:
-        for res in pool.imap_unordered(run_one, todo):
-            log.write(json.dumps(res) + "\n")
-            log.flush()
-            results.append(res)
-            print(f"  [{len(results)}/{len(jobs)}] {res['method']:8s} seed {res['seed']} "
-                  f"{res['groups']}: FD {res['curve'][-1]['fd']:.2f} "
-                  f"in {res['seconds']:.0f}s ({res['train_s_per_step'] * 1e3:.0f} ms/step, "
-                  f"{sum(c['eval_s'] for c in res['curve']):.0f}s evaluating)", flush=True)
+    results, _ = run_jobs(
+        jobs, todo, run_one, partial, resume=args.resume, workers=args.jobs,
+        evals_of=lambda j: len(eval_steps(j["steps"], j["evals"])),
+        describe=lambda res: (
+            f"{res['method']:8s} seed {res['seed']} {res['groups']}: FD "
+            f"{res['curve'][-1]['fd']:.2f} in {res['seconds']:.0f}s "
+            f"({res['train_s_per_step'] * 1e3:.0f} ms/step, "
+            f"{sum(c['eval_s'] for c in res['curve']):.0f}s evaluating)"))
     summary = summarize(results, args)
     wall = time.perf_counter() - t_start
     print_report(summary, args, floor, n_floor)
