@@ -37,12 +37,19 @@ from selfflow_core.errors import (
     CheckpointError,
     ConfigError,
     DuplicateComponentError,
+    EvaluatorCacheError,
     NonFiniteLossError,
     PluginLoadError,
     RunDirInUse,
     SelfFlowError,
     StoreError,
     UnknownComponentError,
+)
+from selfflow_core.eval.cached import (
+    EvaluatorCache,
+    default_cache_dir,
+    settings_key,
+    weights_sha256,
 )
 from selfflow_core.eval.media import SEPARATOR as TILE_SEPARATOR
 from selfflow_core.eval.media import tile_images, to_uint8, upscale
@@ -107,8 +114,10 @@ __all__ = [
     # run
     "LoaderSource", "Trainer", "build_loader", "check_store", "encode_store", "latest_checkpoint",
     "load_for_sampling", "open_store", "sample", "sample_checkpoint", "TILE_SEPARATOR",
-    "tile_images", "to_uint8", "upscale",
+    "tile_images", "to_uint8", "upscale", "EvaluatorCache", "default_cache_dir", "settings_key",
+    "weights_sha256",
     # errors
-    "CheckpointError", "ConfigError", "DuplicateComponentError", "NonFiniteLossError",
+    "CheckpointError", "ConfigError", "DuplicateComponentError", "EvaluatorCacheError",
+    "NonFiniteLossError",
     "PluginLoadError", "RunDirInUse", "SelfFlowError", "StoreError", "UnknownComponentError",
 ]

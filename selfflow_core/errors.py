@@ -10,9 +10,9 @@ boundaries (a multiprocessing pool, a ``torchrun`` worker) intact.
 from __future__ import annotations
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DuplicateComponentError", "LockHeld", "NonFiniteLossError",
-    "ObjectStoreError", "PluginLoadError", "RunDirInUse", "ScaffoldError", "SelfFlowError",
-    "StoreError", "UnknownComponentError",
+    "CheckpointError", "ConfigError", "DuplicateComponentError", "EvaluatorCacheError", "LockHeld",
+    "NonFiniteLossError", "ObjectStoreError", "PluginLoadError", "RunDirInUse", "ScaffoldError",
+    "SelfFlowError", "StoreError", "UnknownComponentError",
 ]
 
 
@@ -76,6 +76,11 @@ class ObjectStoreError(SelfFlowError, OSError):
 
 class CheckpointError(SelfFlowError, RuntimeError):
     """A checkpoint is missing, truncated, unsafe, or from another run; names the file."""
+
+
+class EvaluatorCacheError(SelfFlowError, RuntimeError):
+    """A cached fixed evaluator whose weights do not match their recorded SHA-256 (or whose
+    record holds other settings); names the files and the folder to delete."""
 
 
 class LockHeld(SelfFlowError, RuntimeError):

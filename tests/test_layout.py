@@ -28,7 +28,7 @@ LAYERS = [
     ("builtin.toy", 1), ("builtin.trackers", 1),
     ("plugins.manager", 2), ("plugins", 2), ("config.converter", 2), ("config.run", 2),
     ("data.blocks", 2),
-    ("eval.media", 2),
+    ("eval.media", 2), ("eval.cached", 2),
     ("config", 3), ("builtin", 3), ("data", 3), ("runtime", 3),
     ("eval", 4),
     ("trainer", 5),

@@ -1,1 +1,2 @@
-"""Evaluation while and after training: representation diagnostics and samples."""
+"""Evaluation while and after training: representation diagnostics and samples, and the cache
+of the modalities' fixed prompt evaluators."""

@@ -316,15 +316,18 @@ class AudioModality(PatchAdapter):
 
         return evaluation_prompts(n)
 
-    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+    def prompt_metrics(self, latents: Tensor, prompts, evaluator=None) -> dict[str, float]:
         """The fixed evaluator (:mod:`selfflow_audio.evaluator`: a word classifier over the
         latents, a pitch discriminant and a duration measure, fitted once on real clips and
         cached with their SHA-256) on the generated latents against each prompt:
         ``word_acc`` (the word heard is the quoted one) and, over the prompts naming them,
-        ``pitch_acc`` (low / high) and ``speed_acc`` (slow / fast)."""
+        ``pitch_acc`` (low / high) and ``speed_acc`` (slow / fast). ``evaluator``: a
+        :class:`~selfflow_audio.evaluator.Classifier` to score with (default: the one of
+        :meth:`evaluator_config`)."""
         from selfflow_audio.evaluator import classifier_for, prompt_scores
 
-        scores = prompt_scores(latents, list(prompts), classifier_for(self.evaluator_config()))
+        classifier = evaluator or classifier_for(self.evaluator_config())
+        scores = prompt_scores(latents, list(prompts), classifier)
         return {k: v for k, v in scores.items() if not k.endswith("_count")}
 
     # ---- samples ------------------------------------------------------------------------------

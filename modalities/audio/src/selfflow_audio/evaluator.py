@@ -28,20 +28,18 @@ clips a run trains on and the ones it is compared against): the *ceiling*.
 
 Cache: ``$SELFFLOW_CACHE``, else ``$XDG_CACHE_HOME/selfflow``, else ``~/.cache/selfflow``, then
 ``word_classifier/v<version>/<settings hash>/`` holding ``classifier.pt`` (a ``state_dict``)
-and ``classifier.json`` (settings, SHA-256, accuracies). A cached file whose hash differs from
-its record is an error (delete the folder to rebuild): scores made with another evaluator are
-not comparable. Training is deterministic on one machine and thread count; another CPU or
-torch version may fit other (equally good) weights, which the SHA-256 tells apart.
+and ``classifier.json`` (settings, SHA-256, accuracies), kept by the core's
+:class:`~selfflow_core.EvaluatorCache`. A cached file whose hash differs from its record is an
+error (delete the folder to rebuild): scores made with another evaluator are not comparable.
+Training is deterministic on one machine and thread count; another CPU or torch version may fit
+other (equally good) weights, which the SHA-256 tells apart.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +53,6 @@ from attrs import validators as v
 from torch import Tensor, nn
 
 from selfflow_audio.features import mel_to_hz
-from selfflow_audio.sources import default_cache_dir
 from selfflow_audio.words import (
     COMBINATIONS,
     PITCHES,
@@ -65,7 +62,8 @@ from selfflow_audio.words import (
     parse_prompt,
     triples,
 )
-from selfflow_core import SelfFlowError
+from selfflow_core import EvaluatorCache, EvaluatorCacheError, settings_key
+from selfflow_core import weights_sha256 as weights_sha256
 
 CACHE_VERSION = 1
 #: the spectrum below this (Hz) is what the pitch discriminant reads
@@ -76,8 +74,14 @@ PITCH_FRAMES_DB = 10.0
 VOICED_DB = 25.0
 
 
-class ClassifierCacheError(SelfFlowError, RuntimeError):
+class ClassifierCacheError(EvaluatorCacheError):
     """A cached evaluator whose weights do not match their recorded SHA-256 (or settings)."""
+
+
+#: where evaluators are cached: ``word_classifier/v<version>/<settings hash>/classifier.{pt,json}``
+CLASSIFIER_CACHE = EvaluatorCache(kind="word_classifier", version=CACHE_VERSION,
+                                  stem="classifier", name="spoken-word evaluator",
+                                  error=ClassifierCacheError, verb="fit", gerund="fitting")
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -141,8 +145,7 @@ class ClassifierConfig:
                              "voiced_db": VOICED_DB}}
 
     def key(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return settings_key(self.settings())
 
 
 # ---- signal measures --------------------------------------------------------------------------
@@ -438,19 +441,8 @@ def train_classifier(config: ClassifierConfig = ClassifierConfig(),
     return classifier
 
 
-def _weights_bytes(net: nn.Module) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: t.contiguous() for k, t in net.state_dict().items()}, buf)
-    return buf.getvalue()
-
-
-def weights_sha256(net: nn.Module) -> str:
-    return hashlib.sha256(_weights_bytes(net)).hexdigest()
-
-
 def classifier_folder(config: ClassifierConfig, cache_dir: str | Path | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return root / f"word_classifier/v{CACHE_VERSION}/{config.key()}"
+    return CLASSIFIER_CACHE.folder(config.settings(), cache_dir)
 
 
 def load_classifier(config: ClassifierConfig = ClassifierConfig(),
@@ -458,32 +450,12 @@ def load_classifier(config: ClassifierConfig = ClassifierConfig(),
     """The evaluator of ``config`` from the cache (``cache_dir``, else the default cache), fitted
     and cached first if it is not there (its clips are cached there too). Its weights' SHA-256
     is checked against the record (:class:`ClassifierCacheError` if it differs)."""
-    folder = classifier_folder(config, cache_dir)
-    weights, record = folder / "classifier.pt", folder / "classifier.json"
-    if weights.is_file() and record.is_file():
-        info = json.loads(record.read_text())
-        data = weights.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.get("sha256") or info.get("settings") != config.settings():
-            raise ClassifierCacheError(
-                f"cached spoken-word evaluator {weights} does not match its record {record} "
-                f"(SHA-256 {digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...; or "
-                f"other settings); delete {folder} to fit it again")
-        net = WordNet(config.n_mels, config.width, pitch_bands(config.sample_rate, config.n_mels))
-        net.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
-        return Classifier(config, net, info)
-    if progress:
-        print(f"fitting the spoken-word evaluator once (cached in {folder}) ...", flush=True)
-    classifier = train_classifier(config, cache_dir)
-    data = _weights_bytes(classifier.net)
-    classifier.info["sha256"] = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
-    (folder / ("classifier.pt" + suffix)).write_bytes(data)
-    (folder / ("classifier.json" + suffix)).write_text(json.dumps(classifier.info, indent=2))
-    os.replace(folder / ("classifier.pt" + suffix), weights)  # weights first: a record names them
-    os.replace(folder / ("classifier.json" + suffix), record)
-    return classifier
+    return CLASSIFIER_CACHE.load_or_train(
+        config.settings(), cache_dir=cache_dir, progress=progress,
+        train=lambda: train_classifier(config, cache_dir),
+        empty=lambda: WordNet(config.n_mels, config.width,
+                              pitch_bands(config.sample_rate, config.n_mels)),
+        wrap=lambda net, info: Classifier(config, net, info))
 
 
 @functools.cache

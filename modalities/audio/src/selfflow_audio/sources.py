@@ -21,6 +21,7 @@ import numpy as np
 
 from selfflow_audio.features import read_wav, resample
 from selfflow_core import Source
+from selfflow_core import default_cache_dir as default_cache_dir
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_VOICES = ("en-us", "en-gb-x-rp", "en+f2", "en-us+m3", "en+klatt", "en+f4",
@@ -31,14 +32,6 @@ CACHE_VERSION = "v1"  # bump when the way cached files are made changes
 #: the clip starts this long before the first sample above the silence threshold
 PRE_ROLL_S = 0.04
 PEAK = 0.8
-
-
-def default_cache_dir() -> Path:
-    """``$SELFFLOW_CACHE``, else ``$XDG_CACHE_HOME/selfflow``, else ``~/.cache/selfflow``."""
-    if os.environ.get("SELFFLOW_CACHE"):
-        return Path(os.environ["SELFFLOW_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "selfflow"
 
 
 def espeak_binary(source: str = "spoken_digits") -> str:

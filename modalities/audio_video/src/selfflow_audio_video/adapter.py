@@ -364,13 +364,15 @@ class AudioVideoModality(ModalityAdapter):
 
         return evaluation_prompts(n)
 
-    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+    def prompt_metrics(self, latents: Tensor, prompts, evaluator=None) -> dict[str, float]:
         """The fixed evaluator (:mod:`selfflow_audio_video.evaluator`) on generated pairs (the
         packed tokens :meth:`detokenize` gives) against their prompts: the video's
         ``digit_acc`` / ``direction_acc`` / ``class_flips``, ``word_acc`` (the prompt's word is
         heard), ``av_agreement`` (the word heard names the digit shown), ``onset_in_clip`` and
-        ``onset_s``."""
+        ``onset_s``. ``evaluator``: an :class:`~selfflow_audio_video.evaluator.Evaluator` to
+        score with (default: :func:`~selfflow_audio_video.evaluator.evaluator_for` this
+        adapter)."""
         from selfflow_audio_video.evaluator import evaluator_for
 
         video, audio = self.split(latents.detach().float().cpu())
-        return evaluator_for(self).scores(video, audio, list(prompts))
+        return (evaluator or evaluator_for(self)).scores(video, audio, list(prompts))

@@ -532,15 +532,16 @@ class ImageModality(PatchAdapter):
         _, captions = heldout_prompts(n, k=1, size=self.config.size)
         return [c[0] for c in captions]
 
-    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+    def prompt_metrics(self, latents: Tensor, prompts, evaluator=None) -> dict[str, float]:
         """The fixed OCR reader (:mod:`selfflow_image.ocr`, trained once and cached, its SHA-256
         recorded) on the decoded samples against the quoted word of each prompt:
         ``exact_match`` (MARIO-Eval's idea: 1 only for the exact word, lower-cased) and
-        ``char_accuracy`` (1 - edit distance / length), means over the samples."""
+        ``char_accuracy`` (1 - edit distance / length), means over the samples. ``evaluator``:
+        a :class:`~selfflow_image.ocr.Reader` to score with (default: the default reader)."""
         from selfflow_image.ocr import read_words, word_scores
 
         targets = [quoted_word(p) for p in prompts]
-        scores = word_scores(read_words(self.decode_images(latents)), targets)
+        scores = word_scores(read_words(self.decode_images(latents), evaluator), targets)
         return {k: v for k, v in scores.items() if k != "count"}
 
     # ---- samples ------------------------------------------------------------------------------

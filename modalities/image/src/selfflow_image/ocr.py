@@ -16,8 +16,9 @@ their accuracy on renders of the held-out words from the ``words_heldout`` strea
 
 Cache: ``$SELFFLOW_CACHE``, else ``$XDG_CACHE_HOME/selfflow``, else ``~/.cache/selfflow``, then
 ``ocr_reader/v<version>/<settings hash>/`` holding ``reader.pt`` (a ``state_dict``) and
-``reader.json`` (settings, SHA-256, accuracies). A cached file whose hash differs from its record
-is an error (delete the folder to rebuild): scores made with another reader are not comparable.
+``reader.json`` (settings, SHA-256, accuracies), kept by the core's
+:class:`~selfflow_core.EvaluatorCache`. A cached file whose hash differs from its record is an
+error (delete the folder to rebuild): scores made with another reader are not comparable.
 The SHA-256 identifies the weights a score was computed with; training is deterministic on one
 machine and thread count, but another CPU or torch version may train other (equally good)
 weights.
@@ -27,9 +28,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
-import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +40,9 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import nn
 
-from selfflow_core import SelfFlowError
+from selfflow_core import EvaluatorCache, EvaluatorCacheError, settings_key
+from selfflow_core import default_cache_dir as default_cache_dir
+from selfflow_core import weights_sha256 as weights_sha256
 from selfflow_image.words import (
     MAX_WORD_LENGTH,
     VOCABULARY,
@@ -59,16 +59,13 @@ BLANK = 0  # class 0: no character; letter i of ALPHABET is class i + 1
 CACHE_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    """``$SELFFLOW_CACHE``, else ``$XDG_CACHE_HOME/selfflow``, else ``~/.cache/selfflow``."""
-    if os.environ.get("SELFFLOW_CACHE"):
-        return Path(os.environ["SELFFLOW_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "selfflow"
-
-
-class ReaderCacheError(SelfFlowError, RuntimeError):
+class ReaderCacheError(EvaluatorCacheError):
     """A cached reader whose weights do not match their recorded SHA-256 (or settings)."""
+
+
+#: where readers are cached: ``ocr_reader/v<version>/<settings hash>/reader.{pt,json}``
+READER_CACHE = EvaluatorCache(kind="ocr_reader", version=CACHE_VERSION, stem="reader",
+                              name="OCR reader", error=ReaderCacheError)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -221,8 +218,7 @@ class ReaderConfig:
                 "length": MAX_WORD_LENGTH}
 
     def key(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return settings_key(self.settings())
 
 
 def _renders(words: Sequence[str], seed: int, stream: str, size: int) -> np.ndarray:
@@ -324,48 +320,15 @@ def train_reader(config: ReaderConfig = ReaderConfig()) -> Reader:
     return reader
 
 
-def _weights_bytes(net: nn.Module) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: t.contiguous() for k, t in net.state_dict().items()}, buf)
-    return buf.getvalue()
-
-
-def weights_sha256(net: nn.Module) -> str:
-    return hashlib.sha256(_weights_bytes(net)).hexdigest()
-
-
 def load_reader(config: ReaderConfig = ReaderConfig(), cache_dir: str | Path | None = None,
                 *, progress: bool = True) -> Reader:
     """The reader of ``config`` from the cache, trained and cached first if it is not there.
     Its weights' SHA-256 is checked against the record (:class:`ReaderCacheError` if it
     differs)."""
-    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / (
-        f"ocr_reader/v{CACHE_VERSION}/{config.key()}")
-    weights, record = folder / "reader.pt", folder / "reader.json"
-    if weights.is_file() and record.is_file():
-        info = json.loads(record.read_text())
-        data = weights.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.get("sha256") or info.get("settings") != config.settings():
-            raise ReaderCacheError(
-                f"cached OCR reader {weights} does not match its record {record} (SHA-256 "
-                f"{digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...; or other "
-                f"settings); delete {folder} to train it again")
-        net = ReaderNet(config.size, config.width)
-        net.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
-        return Reader(config, net, info)
-    if progress:
-        print(f"training the OCR reader once (cached in {folder}) ...", flush=True)
-    reader = train_reader(config)
-    data = _weights_bytes(reader.net)
-    reader.info["sha256"] = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
-    (folder / ("reader.pt" + suffix)).write_bytes(data)
-    (folder / ("reader.json" + suffix)).write_text(json.dumps(reader.info, indent=2))
-    os.replace(folder / ("reader.pt" + suffix), weights)  # weights first: a record names them
-    os.replace(folder / ("reader.json" + suffix), record)
-    return reader
+    return READER_CACHE.load_or_train(
+        config.settings(), cache_dir=cache_dir, progress=progress,
+        train=lambda: train_reader(config), empty=lambda: ReaderNet(config.size, config.width),
+        wrap=lambda net, info: Reader(config, net, info))
 
 
 @functools.cache

@@ -388,7 +388,7 @@ class VideoModality(PatchAdapter):
             return two_digit_prompts(n)
         return []
 
-    def prompt_metrics(self, latents: Tensor, prompts) -> dict[str, float]:
+    def prompt_metrics(self, latents: Tensor, prompts, evaluator=None) -> dict[str, float]:
         """The fixed evaluator on generated clips against each prompt's digit and direction:
         ``digit_acc`` (frames a fixed classifier, trained once and cached with its SHA-256,
         reads as the prompt's digit), ``direction_acc`` (clips whose intensity centroid moves
@@ -397,14 +397,16 @@ class VideoModality(PatchAdapter):
         each digit is segmented and tracked, and the same classifier reads each one:
         ``digit_acc``, ``direction_acc``, ``binding_acc`` (the digit moving each prompted way is
         the prompted one), ``class_flips`` per track and ``overlap_frames`` (see
-        :mod:`selfflow_video.two_digits`)."""
+        :mod:`selfflow_video.two_digits`). ``evaluator``: a
+        :class:`~selfflow_video.evaluator.DigitClassifier` to score with (default: the default
+        classifier of the frames' size, or of the crops' with two digits)."""
         c = self.config
         if c.digits == 2:
             from selfflow_video.two_digits import two_digit_scores
 
-            return two_digit_scores(latents.detach().float().cpu(), list(prompts),
+            return two_digit_scores(latents.detach().float().cpu(), list(prompts), evaluator,
                                     digit_size=c.digit_size)
         from selfflow_video.evaluator import clip_scores, default_classifier
 
         return clip_scores(latents.detach().float().cpu(), list(prompts),
-                           default_classifier(c.size, c.digit_size))
+                           evaluator or default_classifier(c.size, c.digit_size))

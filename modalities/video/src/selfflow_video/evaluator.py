@@ -29,21 +29,17 @@ clips.
 
 Cache: ``$SELFFLOW_CACHE``, else ``$XDG_CACHE_HOME/selfflow``, else ``~/.cache/selfflow``, then
 ``video_digit_classifier/v<version>/<settings hash>/`` holding ``classifier.pt`` (a
-``state_dict``) and ``classifier.json`` (settings, SHA-256, accuracies). A cached file whose
-hash differs from its record is an error (delete the folder to rebuild): scores made with
-another classifier are not comparable. Training is deterministic on one machine and thread
-count; another CPU or torch version may train other (equally good) weights, which the SHA-256
-tells apart.
+``state_dict``) and ``classifier.json`` (settings, SHA-256, accuracies), kept by the core's
+:class:`~selfflow_core.EvaluatorCache`. A cached file whose hash differs from its record is an
+error (delete the folder to rebuild): scores made with another classifier are not comparable.
+Training is deterministic on one machine and thread count; another CPU or torch version may
+train other (equally good) weights, which the SHA-256 tells apart.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +52,9 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import nn
 
-from selfflow_core import SelfFlowError
+from selfflow_core import EvaluatorCache, EvaluatorCacheError, settings_key
+from selfflow_core import default_cache_dir as default_cache_dir
+from selfflow_core import weights_sha256 as weights_sha256
 from selfflow_video.captions import (
     DIRECTION_NAMES,
     LEAD_FRAMES,
@@ -78,17 +76,16 @@ MIN_SPEED = 0.3
 CLASSIFIER_STREAM = 2
 
 
-def default_cache_dir() -> Path:
-    """``$SELFFLOW_CACHE``, else ``$XDG_CACHE_HOME/selfflow``, else ``~/.cache/selfflow``."""
-    if os.environ.get("SELFFLOW_CACHE"):
-        return Path(os.environ["SELFFLOW_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "selfflow"
-
-
-class ClassifierCacheError(SelfFlowError, RuntimeError):
+class ClassifierCacheError(EvaluatorCacheError):
     """A cached digit classifier whose weights do not match their recorded SHA-256 (or
     settings)."""
+
+
+#: where classifiers are cached:
+#: ``video_digit_classifier/v<version>/<settings hash>/classifier.{pt,json}``
+CLASSIFIER_CACHE = EvaluatorCache(kind="video_digit_classifier", version=CACHE_VERSION,
+                                  stem="classifier", name="video digit classifier",
+                                  error=ClassifierCacheError)
 
 
 # ---- prompts ----------------------------------------------------------------------------------
@@ -221,8 +218,7 @@ class ClassifierConfig:
         return {"version": CACHE_VERSION, **attrs.asdict(self)}
 
     def key(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return settings_key(self.settings())
 
 
 def training_frames(config: ClassifierConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,49 +349,16 @@ def train_classifier(config: ClassifierConfig = ClassifierConfig()) -> DigitClas
     return classifier
 
 
-def _weights_bytes(net: nn.Module) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: t.contiguous() for k, t in net.state_dict().items()}, buf)
-    return buf.getvalue()
-
-
-def weights_sha256(net: nn.Module) -> str:
-    return hashlib.sha256(_weights_bytes(net)).hexdigest()
-
-
 def load_classifier(config: ClassifierConfig = ClassifierConfig(),
                     cache_dir: str | Path | None = None, *,
                     progress: bool = True) -> DigitClassifier:
     """The classifier of ``config`` from the cache, trained and cached first if it is not there.
     Its weights' SHA-256 is checked against the record (:class:`ClassifierCacheError` if it
     differs)."""
-    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / (
-        f"video_digit_classifier/v{CACHE_VERSION}/{config.key()}")
-    weights, record = folder / "classifier.pt", folder / "classifier.json"
-    if weights.is_file() and record.is_file():
-        info = json.loads(record.read_text())
-        data = weights.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.get("sha256") or info.get("settings") != config.settings():
-            raise ClassifierCacheError(
-                f"cached digit classifier {weights} does not match its record {record} "
-                f"(SHA-256 {digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...; or "
-                f"other settings); delete {folder} to train it again")
-        net = DigitNet(config.width)
-        net.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
-        return DigitClassifier(config, net, info)
-    if progress:
-        print(f"training the video digit classifier once (cached in {folder}) ...", flush=True)
-    classifier = train_classifier(config)
-    data = _weights_bytes(classifier.net)
-    classifier.info["sha256"] = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
-    (folder / ("classifier.pt" + suffix)).write_bytes(data)
-    (folder / ("classifier.json" + suffix)).write_text(json.dumps(classifier.info, indent=2))
-    os.replace(folder / ("classifier.pt" + suffix), weights)  # weights first: a record names them
-    os.replace(folder / ("classifier.json" + suffix), record)
-    return classifier
+    return CLASSIFIER_CACHE.load_or_train(
+        config.settings(), cache_dir=cache_dir, progress=progress,
+        train=lambda: train_classifier(config), empty=lambda: DigitNet(config.width),
+        wrap=lambda net, info: DigitClassifier(config, net, info))
 
 
 @functools.cache
