@@ -26,6 +26,14 @@ Then object storage (``s3://``) beside local disk: a store of ``--object-samples
 installed, zarr's FsspecStore over s3fs: write, open, cache load, uncached random batches bare
 and through the pipeline (full and block shuffle).
 
+Then sharded stores (``--part shards``, into ``benchmarks/results/loader_shards.json``; not in
+``all``): the same data unsharded and in shards of 64 and 256 chunks (32 and 128 MiB, the
+latter what ``shards="auto"`` picks), all uncached: the block shuffle's bare reads (the direct
+reads of chunk files, or of inner chunks found by the shard index; and, for the 256-chunk
+shards, through zarr instead) and the full shuffle's random batches; then the pre-check of a
+larger store (``--check-samples``, default 65 536 samples, 512 MiB), full against sampled
+(``check_store(fraction=...)``), unsharded and sharded.
+
 Run: ``python benchmarks/loader.py`` (about 5 minutes on 2 loaded cores) writes
 ``benchmarks/results/loader.json``; ``--part layouts`` / ``--part block`` / ``--part object``
 runs one part (the block part in about 1.5 minutes, into
@@ -55,7 +63,7 @@ import zarr
 
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
 from selfflow_core.data.loader import LoaderSource, _ChunkFiles, _Shards, build_loader
-from selfflow_core.data.store import StoreWriter, open_store
+from selfflow_core.data.store import StoreWriter, check_store, open_store
 from selfflow_core.types import TokenBatch
 
 BATCH = 256
@@ -76,14 +84,15 @@ def tokenize(fields: dict[str, torch.Tensor]) -> TokenBatch:
 
 
 def write_store(path: Path, latents: np.ndarray, labels: np.ndarray, chunks: int | None,
-                compressor: str) -> float:
-    """Write the arrays as a store; returns seconds."""
+                compressor: str, shards: int | None = None) -> float:
+    """Write the arrays as a store (``shards``: samples per shard of the latents); returns
+    seconds."""
     schema = {"format_version": 1, "modality": "bench", "config_hash": "bench",
               "fields": {"latents": {"shape": list(latents.shape[1:]), "dtype": str(latents.dtype)},
                          "labels": {"shape": [], "dtype": "int64"}}}
     start = time.perf_counter()
     with StoreWriter(path, schema, chunks={"latents": chunks} if chunks else None,
-                     compressor=compressor) as w:
+                     compressor=compressor, shards={"latents": shards} if shards else None) as w:
         for a in range(0, len(latents), 2048):
             w.append({"latents": latents[a:a + 2048], "labels": labels[a:a + 2048]})
         w.finish()
@@ -259,6 +268,70 @@ def measure_block(path: Path, baseline: MemmapStore, seconds: float) -> dict:
     }
 
 
+#: the sharded rows: latents shards of 64 and of 256 chunks of 64 samples (32 and 128 MiB)
+SHARDS = {"unsharded": None, "shards64": 64 * 64, "shards256": 256 * 64}
+#: the shares of chunks the sampled pre-check reads
+FRACTIONS = (1.0, 0.1, 0.01)
+
+
+def measure_shards(tmp: Path, latents: np.ndarray, labels: np.ndarray, seconds: float,
+                   check_samples: int) -> dict:
+    """Unsharded against sharded, all uncached, in the same run: the block shuffle's bare reads
+    (default sizes) and the full shuffle's random batches; then the pre-check of a larger store,
+    full and sampled."""
+    stores, layout = {}, {}
+    for name, shards in SHARDS.items():
+        path = tmp / f"{name}.zarr"
+        write_s = write_store(path, latents, labels, None, "none", shards)
+        os.sync()
+        stores[name] = open_store(path, cache_bytes=0)
+        layout[name] = {"shard_samples": shards, "write_s": round(write_s, 2),
+                        "latents_files": sum(1 for f in (path / "latents" / "c").rglob("*")
+                                             if f.is_file())}
+    pick = random_batches(len(latents))
+    block_fns, held = {}, {}
+    for name, store in stores.items():
+        loader = build_loader([LoaderSource(store=store, tokenize=tokenize, batch_size=BATCH)],
+                              seed=0, shuffle=BLOCKS["block"])
+        reader, plan, number = loader.sources[0].store, loader.shards[0], itertools.count()
+        assert "latents" in reader._files  # read straight from the files
+        block_fns[name] = lambda r=reader, p=plan, n=number: r.read(p.batch(next(n)))
+        held[name] = reader
+    # the 256-chunk shards through zarr (no direct reads): what the shard index reads save
+    loader = build_loader([LoaderSource(store=stores["shards256"], tokenize=tokenize,
+                                        batch_size=BATCH)], seed=0, shuffle=BLOCKS["block"])
+    reader, plan, number = loader.sources[0].store, loader.shards[0], itertools.count()
+    reader._files = {}
+    block_fns["shards256_zarr"] = lambda r=reader, p=plan, n=number: r.read(p.batch(next(n)))
+    block = rates(block_fns, seconds)
+    random = rates({name: lambda s=store: s.read(pick()) for name, store in stores.items()},
+                   seconds)
+    del held, stores, block_fns
+    # the pre-check of a larger store: the data repeated, unsharded and in 256-chunk shards
+    big = np.concatenate([latents] * -(-check_samples // len(latents)))[:check_samples]
+    big_labels = np.resize(labels, check_samples)
+    checks = {}
+    for name in ("unsharded", "shards256"):
+        path = tmp / f"check-{name}.zarr"
+        write_store(path, big, big_labels, None, "none", SHARDS[name])
+        os.sync()
+        times = {}
+        for fraction in FRACTIONS:
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                assert check_store(path, fraction=fraction) == []
+                runs.append(time.perf_counter() - start)
+            times[str(fraction)] = round(float(np.median(runs)), 3)
+        checks[name] = times
+    return {"layout": layout, "block_read": block, "random_read": random,
+            "block_vs_unsharded": {k: round(v / block["unsharded"], 3) for k, v in block.items()},
+            "random_vs_unsharded": {k: round(v / random["unsharded"], 3)
+                                    for k, v in random.items()},
+            "check": {"samples": check_samples,
+                      "mib": round(big.nbytes / 2**20), "seconds": checks}}
+
+
 @contextlib.contextmanager
 def local_s3_server() -> Iterator[str]:
     """moto's S3 server on a free port of 127.0.0.1 with the bucket ``bench``, and this process's
@@ -346,7 +419,10 @@ def main() -> None:
     parser.add_argument("--block-seconds", type=float, default=8.0,
                         help="measuring time per contender of the block-shuffle rows (longer: "
                         "a trial should span windows, whose first batches do the reads)")
-    parser.add_argument("--part", choices=["all", "layouts", "block", "object"], default="all")
+    parser.add_argument("--part", choices=["all", "layouts", "block", "object", "shards"],
+                        default="all")
+    parser.add_argument("--check-samples", type=int, default=65_536,
+                        help="samples of the store the shards part's pre-check reads")
     parser.add_argument("--object-samples", type=int, default=4096,
                         help="samples of the object-storage rows (a Python S3 server on the "
                         "same cores: kept small)")
@@ -355,12 +431,13 @@ def main() -> None:
     args = parser.parse_args()
     results = Path(__file__).parent / "results"
     out = Path(args.out or results / {"block": "loader_block.json",
-                                      "object": "loader_object.json"}.get(args.part,
+                                      "object": "loader_object.json",
+                                      "shards": "loader_shards.json"}.get(args.part,
                                                                           "loader.json"))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((args.samples, 4, 32, 32), dtype=np.float32).astype(np.float16)
     labels = rng.integers(0, 10, args.samples)
-    rows, block, stored = [], None, None
+    rows, block, stored, sharded = [], None, None, None
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/latents.npy", latents)
         np.save(f"{tmp}/labels.npy", labels)
@@ -377,6 +454,10 @@ def main() -> None:
             os.sync()  # so that write-back does not compete with the measurement
             rows.append(measure_layout(path, baseline, chunks, compressor, write_s, args.seconds))
             print(rows[-1], flush=True)
+        if args.part == "shards":
+            sharded = measure_shards(Path(tmp), latents, labels, args.block_seconds,
+                                     args.check_samples)
+            print(sharded, flush=True)
         if args.part in ("all", "block"):
             path = Path(tmp) / "None-none.zarr"
             if not path.exists():
@@ -410,6 +491,8 @@ def main() -> None:
             "uncached_ratio": round(digits_rates["uncached"] / TRAINING_SAMPLES_PER_S)}
     if stored is not None:
         result["object_storage"] = stored
+    if sharded is not None:
+        result["shards"] = sharded
     if block is not None:
         result["block_shuffle"] = block
         # a store sorted by label, 2**20 samples in chunks of 64 (the default for 8 KiB latents)
@@ -427,6 +510,32 @@ def print_table(r: dict) -> None:
         print_block(r)
     if "object_storage" in r:
         print_object(r)
+    if "shards" in r:
+        print_shards(r)
+
+
+def print_shards(r: dict) -> None:
+    s = r["shards"]
+    print(f"\nsharded stores, uncached: {r['samples']:,} samples of {r['sample_shape']} "
+          f"{r['dtype']}, latents in chunks of 64 samples (0.5 MiB); samples/s (x unsharded)\n")
+    print("| latents layout | files | write s | block shuffle, bare read | random batches |")
+    print("|---|---|---|---|---|")
+    names = {"unsharded": "a file per chunk", "shards64": "shards of 64 chunks (32 MiB)",
+             "shards256": "shards of 256 chunks (128 MiB, auto)"}
+    for k, name in names.items():
+        lay = s["layout"][k]
+        print(f"| {name} | {lay['latents_files']} | {lay['write_s']} | "
+              f"{s['block_read'][k]:,} ({s['block_vs_unsharded'][k]:.2f}x) | "
+              f"{s['random_read'][k]:,} ({s['random_vs_unsharded'][k]:.2f}x) |")
+    print(f"| shards of 256 chunks, the block shuffle through zarr | | | "
+          f"{s['block_read']['shards256_zarr']:,} "
+          f"({s['block_vs_unsharded']['shards256_zarr']:.2f}x) | |")
+    c = s["check"]
+    print(f"\npre-check of {c['samples']:,} samples ({c['mib']} MiB), seconds (median of 3)\n")
+    print("| layout | " + " | ".join(f"fraction {f}" for f in FRACTIONS) + " |")
+    print("|---|" + "---|" * len(FRACTIONS))
+    for k, times in c["seconds"].items():
+        print(f"| {k} | " + " | ".join(str(times[str(f)]) for f in FRACTIONS) + " |")
 
 
 def print_object(r: dict) -> None:

@@ -126,15 +126,19 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def _open_store(self, m: ModalityRuntime):
         path = store_path(m.spec)
-        verified = False  # a store complete already is read whole by encode_store: once is enough
+        # a store complete already is read by encode_store (all of it, or the sampled share):
+        # once is enough
+        verified, fraction, seed = 0.0, self.config.verify_fraction, self.config.seed
         if m.spec.source and self.dist.is_main:
             verified = encode_store(
                 m.adapter, m.spec.source, path, verify=self.config.verify_stores,
+                verify_fraction=fraction, verify_seed=seed,
                 adapter_config=self.config_data["modalities"][m.name]["modality"],
-                progress=True).verified
+                progress=True).verified_fraction
         self.dist.barrier()
         return open_store(path, adapter=m.adapter,
-                          verify=self.config.verify_stores and not verified)
+                          verify=self.config.verify_stores and verified < fraction,
+                          verify_fraction=fraction, verify_seed=seed)
 
     def _draw(self, batch: TokenBatch, m: ModalityRuntime, gen: torch.Generator):
         """Plan, noise and label dropout for the *global* batch, sliced to this rank's rows, so

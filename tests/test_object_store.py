@@ -205,6 +205,34 @@ def test_loader_batches_equal_the_local_stores(s3, local):
             assert a.tokens.equal(b.tokens) and a.labels.equal(b.labels)
 
 
+def test_a_sharded_store_in_object_storage(s3, tmp_path, local):
+    """Written in shards of 32 samples (4 chunks of 8): read back equal (cached, uncached, the
+    block shuffle through zarr), a sampled check, and a missing shard named by its URL."""
+    sharded = str(tmp_path / "sharded.zarr")
+    store = encode(s3.url, chunks=8, shards=32)
+    encode(sharded, chunks=8, shards=32)
+    assert store.schema["shards"] == {"latents": 32, "labels": 32}
+    assert_same(everything(s3.url), everything(local))
+    assert_same(everything(s3.url, cache_bytes=0), everything(local))
+    adapter = TOY.build()
+    batches = []
+    for path in (s3.url, sharded):
+        loader = build_loader([LoaderSource(store=open_store(path, cache_bytes=0),
+                                            tokenize=adapter.tokenize, batch_size=32)],
+                              seed=3, shuffle=ShuffleConfig(kind="block", window_blocks=2))
+        it = iter(loader)
+        batches.append([next(it)[1] for _ in range(4)])
+    for a, b in zip(*batches):
+        assert a.tokens.equal(b.tokens) and a.labels.equal(b.labels)
+    assert check_store(s3.url) == [] and check_store(s3.url, fraction=0.3) == []
+    import obstore as obs
+    key = f"{s3.url[len(f's3://{BUCKET}/'):]}/latents/c/3/0/0"
+    obs.delete(objects._s3(BUCKET, None, objects.settings()), key)
+    assert check_store(s3.url, fraction=0.3) == [
+        f"field 'latents': shard 3 (chunks 12..15, samples 96..127) is missing (it would read "
+        f"as fill values): shard file s3://{BUCKET}/{key}"]
+
+
 def test_encode_and_store_check_commands(s3, capsys, local):
     options = [f"{k}={v}" for k, v in attrs.asdict(TOY).items()]
     assert cli.main(["encode", "toy", "waves", s3.url, *options, "--batch-size", "64"]) == 0

@@ -89,7 +89,8 @@ def cmd_encode(args, components):
         adapter = _with_text_encoder(adapter, conv, text_options)
     store = encode_store(adapter, args.source, args.store, batch_size=args.batch_size,
                          adapter_config=to_data(conv, mod_cfg), progress=rank == 0,
-                         repair=args.repair, workers=args.workers, distributed=world > 1)
+                         repair=args.repair, workers=args.workers, distributed=world > 1,
+                         shards=args.shards)
     if rank == 0:  # under torchrun: one final line, from rank 0
         print(f"store {args.store}: {len(store)} samples of {args.modality} from "
               f"{args.source!r}")
@@ -120,7 +121,8 @@ def _with_text_encoder(adapter, conv, options: list[str]):
 
 def cmd_store(args, components):
     """``selfflow store check STORE``: what the store holds (schema, samples, chunking, codecs,
-    completeness), then ``ok`` or every problem of a full read (exit status 1)."""
+    completeness), then ``ok`` or every problem of a full read (exit status 1); ``--sample F``:
+    of a read of that share of each field's chunks (every chunk file is still looked for)."""
     from selfflow_core.data.check import describe_store
     from selfflow_core.data.store import check_store
 
@@ -129,7 +131,10 @@ def cmd_store(args, components):
         print(f"store {args.store}:")
         for line in lines:
             print(f"  {line}")
-    problems = check_store(args.store)
+    if args.sample < 1:
+        print(f"store {args.store}: reading a sample of {args.sample:g} of each field's chunks "
+              f"(seed {args.seed})")
+    problems = check_store(args.store, fraction=args.sample, seed=args.seed)
     if problems:
         print(f"store {args.store}: {len(problems)} problem(s)")
         for p in problems:
@@ -244,6 +249,31 @@ def _within(low: float, high: float, *, low_open: bool = False):
     return convert
 
 
+def _shards(text: str) -> str | int | None:
+    """An argparse type: ``auto``, ``none`` or a number of samples per shard."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or samples per shard, got "
+                                         f"{text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in ``(0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:  # refuses nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a usage mistake reported as one line (the usage is one ``--help`` away)."""
 
@@ -285,9 +315,18 @@ def parser() -> argparse.ArgumentParser:
                    help="encode in chunk-aligned ranges with this many processes on this "
                    "machine, one GPU each where there are GPUs (under torchrun every rank is "
                    "one worker instead); resumable per range, see docs/store.md")
+    e.add_argument("--shards", type=_shards, default="auto", metavar="auto|none|N",
+                   help="a new store's shard files: auto (default: the fields larger than 2 GiB "
+                   "in shards of about 128 MiB), none, or N samples per shard for every field "
+                   "whose chunks are shorter (docs/store.md, \"Sharded stores\")")
     s = sub.add_parser("store", help="inspect latent stores")
     s.add_argument("action", choices=["check"])
     s.add_argument("store")
+    s.add_argument("--sample", type=_fraction, default=1.0,
+                   metavar="F", help="read only this share of each field's chunks, in (0, 1] "
+                   "(drawn with --seed; the last one always; every chunk file is still looked "
+                   "for): a faster, partial check of a large store (default 1: all)")
+    s.add_argument("--seed", type=int, default=0, help="the draw of --sample's chunks")
     sm = sub.add_parser(
         "sample", help="generate samples from a checkpoint",
         description="Generate samples from a run's checkpoint with the weights it holds (the "

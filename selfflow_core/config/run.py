@@ -151,8 +151,13 @@ class TrainerConfig:
     #: (benchmarks/RESULTS.md, "CPU threads"): set it to the cores of a machine you have to
     #: yourself. May change on resume.
     threads: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))
-    #: scan every stored value (NaN/Inf, damaged chunks) before training; off for huge stores
+    #: scan every stored value (NaN/Inf, damaged chunks) before training
     verify_stores: bool = True
+    #: the share of each field's chunks that scan reads (seeded by ``seed``; the last, partly
+    #: filled chunk always among them): 1 reads all, less is a sampled check for large stores
+    #: (every chunk file is still looked for; every read verifies its chunk's checksum anyway).
+    #: See docs/store.md, "Verifying large stores". May change on resume.
+    verify_fraction: float = attrs.field(default=1.0, validator=[v.gt(0), v.le(1)])
     device: str = "auto"
     #: ``torch.compile`` each backbone block (``block.compile()``: parameter names unchanged)
     compile: bool = False

@@ -10,17 +10,22 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.abc.store import Store
+from zarr.abc.store import Store, SuffixByteRequest
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from selfflow_core.data.objects import S3ZarrStore, is_object_url
-from selfflow_core.errors import ObjectStoreError, StoreError
+from selfflow_core.errors import ConfigError, ObjectStoreError, StoreError
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.prompts import EMPTY_PROMPT, TEXT_EMBEDDINGS, record_problems
 
@@ -250,8 +255,15 @@ def adapter_problems(schema: Mapping[str, Any], adapter: ModalityAdapter) -> lis
             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
 
 
+def write_unit(arr: zarr.Array) -> int:
+    """Samples in one file of ``arr``: its shard length when it is sharded, else its chunk
+    length (what a writer writes whole and a repair re-encodes)."""
+    return int((arr.shards or arr.chunks)[0])
+
+
 def _chunks_present(arr: zarr.Array) -> set[int] | None:
-    """Indices (along the sample axis) of the chunks stored for ``arr``; None if not listable."""
+    """Indices (along the sample axis) of the files stored for ``arr``: its chunks, or its
+    shards when it is sharded; None if the store cannot list them."""
     prefix = f"{arr.store_path.path}/c/" if arr.store_path.path else "c/"
 
     async def keys() -> list[str]:
@@ -267,18 +279,101 @@ def _chunks_present(arr: zarr.Array) -> set[int] | None:
             if k[len(prefix):].split("/")[0].isdigit()}
 
 
+def shard_index_layout(arr: zarr.Array) -> int | None:
+    """The byte size of a shard's index when ``arr`` is sharded with the index this writer
+    makes (at the end of the shard file: little-endian uint64 ``(offset, length)`` per inner
+    chunk, then its CRC-32C); None otherwise (unsharded, or another index layout)."""
+    codecs = getattr(arr.metadata, "codecs", ())
+    if not (len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) and arr.shards):
+        return None
+    index = codecs[0].index_codecs
+    if not (codecs[0].index_location.value == "end" and len(index) == 2
+            and isinstance(index[0], BytesCodec) and isinstance(index[1], Crc32cCodec)
+            and (index[0].endian is None or index[0].endian.value == "little")):
+        return None
+    return 16 * math.prod(s // c for s, c in zip(arr.shards, arr.chunks, strict=True)) + 4
+
+
+def parse_shard_index(data: bytes, per_shard: int) -> np.ndarray | None:
+    """A shard index's bytes (see :func:`shard_index_layout`) as ``(per_shard, 2)`` offsets and
+    lengths (``2**64 - 1``: the chunk is not stored), or None when it fails its checksum."""
+    if len(data) != 16 * per_shard + 4:
+        return None
+    if int.from_bytes(data[-4:], "little") != google_crc32c.value(bytes(data[:-4])):
+        return None
+    return np.frombuffer(data[:-4], "<u8").reshape(per_shard, 2)
+
+
+class _Stored:
+    """Which chunks of ``arr`` are stored: its files (chunk files, or shard files when sharded)
+    listed once; for a sharded array also each shard's index, read when first asked (a chunk
+    missing from it would read as fill values; a damaged index makes every chunk of the shard
+    unreadable)."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr = arr
+        self.files = _chunks_present(arr)
+        self.per_file = write_unit(arr) // int(arr.chunks[0])
+        self.index_bytes = shard_index_layout(arr)
+        self._indexes: dict[int, np.ndarray | str | None] = {}
+
+    def file_missing(self, k: int) -> bool:
+        return self.files is not None and k // self.per_file not in self.files
+
+    def _index(self, shard: int) -> np.ndarray | str | None:
+        """The shard's index, ``"damaged"`` (it fails its checksum), or None (not known)."""
+        if shard not in self._indexes:
+            arr = self.arr
+            key = arr.metadata.encode_chunk_key((shard, *([0] * (arr.ndim - 1))))
+            key = f"{arr.store_path.path}/{key}" if arr.store_path.path else key
+            try:
+                buf = sync(arr.store_path.store.get(key, default_buffer_prototype(),
+                                                    SuffixByteRequest(self.index_bytes)))
+            except ObjectStoreError:
+                raise  # the store cannot be reached: not a damaged shard
+            except Exception:  # noqa: BLE001 - e.g. shorter than an index: damaged
+                buf = b""
+            data = buf if buf is None or isinstance(buf, bytes) else buf.to_bytes()
+            index = None if data is None else parse_shard_index(data, self.per_file)
+            self._indexes[shard] = "damaged" if data is not None and index is None else index
+        return self._indexes[shard]
+
+    def missing(self, k: int) -> str | None:
+        """How chunk ``k`` is not there to read, if it is not: ``"missing"`` (its file, or its
+        shard file), ``"missing from its shard"``, ``"damaged index"``."""
+        if self.file_missing(k):
+            return "missing"
+        if self.index_bytes is None or self.files is None:
+            return None
+        index = self._index(k // self.per_file)
+        if isinstance(index, str):
+            return "damaged index"
+        if index is not None and int(index[k % self.per_file, 0]) == 2**64 - 1:
+            return "missing from its shard"
+        return None
+
+
 def _listed(indices: list[int]) -> str:
     more = f" and {len(indices) - _MAX_LISTED} more" if len(indices) > _MAX_LISTED else ""
     return ", ".join(map(str, indices[:_MAX_LISTED])) + more
 
 
-def _chunk_file(arr: zarr.Array, k: int, store: str | None) -> str:
-    """Where chunk ``k`` (along the sample axis) of ``arr`` lives: its path or key."""
-    key = arr.metadata.encode_chunk_key((k, *([0] * (arr.ndim - 1))))
+def _file_path(arr: zarr.Array, f: int, store: str | None) -> str:
+    """Where file ``f`` (along the sample axis: a chunk, or a shard) of ``arr`` lives."""
+    key = arr.metadata.encode_chunk_key((f, *([0] * (arr.ndim - 1))))
     key = f"{arr.path}/{key}" if arr.path else key
     if store is not None and is_object_url(store):
         return f"{store.rstrip('/')}/{key}"
     return os.path.join(store, key) if store is not None and "://" not in store else key
+
+
+def _chunk_file(arr: zarr.Array, k: int, store: str | None) -> str:
+    """Where chunk ``k`` (along the sample axis) of ``arr`` lives: its path or key; for a sharded
+    array its shard file's, and which inner chunk of it it is."""
+    if not arr.shards:
+        return _file_path(arr, k, store)
+    per = write_unit(arr) // int(arr.chunks[0])
+    return f"shard file {_file_path(arr, k // per, store)}, inner chunk {k % per} of {per}"
 
 
 def nonfinite_problem(name: str, values: np.ndarray, samples: np.ndarray) -> str | None:
@@ -293,48 +388,97 @@ def nonfinite_problem(name: str, values: np.ndarray, samples: np.ndarray) -> str
             "`selfflow store check` lists every damaged sample")
 
 
-def _read_chunk(arr: zarr.Array, name: str, k: int, count: int, present: set[int] | None,
+def _where(arr: zarr.Array, name: str, k: int, count: int) -> str:
+    step = arr.chunks[0]
+    return f"field {name!r}: chunk {k} (samples {k * step}..{min((k + 1) * step, count) - 1})"
+
+
+def _missing_problem(arr: zarr.Array, name: str, k: int, count: int, how: str,
+                     store: str | None) -> str:
+    """The problem line of chunk ``k`` not there to read (``how``: see :meth:`_Stored.missing`);
+    one for all chunks of a shard whose file is missing or whose index is damaged."""
+    if arr.shards and how in ("missing", "damaged index"):
+        step, unit = int(arr.chunks[0]), write_unit(arr)
+        f = k // (unit // step)
+        last = min((f + 1) * unit, count) - 1
+        where = (f"field {name!r}: shard {f} (chunks {f * unit // step}..{last // step}, "
+                 f"samples {f * unit}..{last})")
+        what = ("is missing (it would read as fill values)" if how == "missing" else
+                "is unreadable (truncated or corrupt: its index fails its checksum)")
+        return f"{where} {what}: shard file {_file_path(arr, f, store)}"
+    return (f"{_where(arr, name, k, count)} is {how} (it would read as fill values): "
+            f"{_chunk_file(arr, k, store)}")
+
+
+def _read_chunk(arr: zarr.Array, name: str, k: int, count: int, present: _Stored | None,
                 store: str | None) -> tuple[np.ndarray | None, str | None]:
     """Chunk ``k`` of ``arr`` (its samples below ``count``), or the problem that it is missing
-    or cannot be decoded (truncated, corrupt, checksum mismatch), naming its file."""
+    or cannot be decoded (truncated, corrupt, checksum mismatch), naming its file (for a
+    sharded array: its shard file and which chunk inside)."""
     step = arr.chunks[0]
     start, stop = k * step, min((k + 1) * step, count)
-    where = f"field {name!r}: chunk {k} (samples {start}..{stop - 1})"
-    if present is not None and k not in present:
-        return None, (f"{where} is missing (it would read as fill values): "
-                      f"{_chunk_file(arr, k, store)}")
+    if present is not None and (how := present.missing(k)):
+        return None, _missing_problem(arr, name, k, count, how, store)
     try:
         return np.asarray(arr[start:stop]), None
     except ObjectStoreError:
         raise  # the store cannot be reached: not a damaged chunk
     except Exception as e:  # noqa: BLE001 - any decode error means a damaged chunk
-        return None, (f"{where} is unreadable (truncated or corrupt: "
+        return None, (f"{_where(arr, name, k, count)} is unreadable (truncated or corrupt: "
                       f"{_chunk_file(arr, k, store)}): {type(e).__name__}: {e}")
 
 
 def chunk_problems(arr: zarr.Array, name: str, chunks: list[int], count: int,
                    store: str | None = None) -> list[str]:
-    """Missing or undecodable chunks among ``chunks`` (indices along the sample axis)."""
-    present = _chunks_present(arr)
+    """Missing or undecodable chunks among ``chunks`` (indices along the sample axis; one line
+    for all the chunks of a shard that is missing or whose index is damaged)."""
+    present = _Stored(arr)
     found = (_read_chunk(arr, name, k, count, present, store)[1] for k in chunks)
-    return [p for p in found if p]
+    return list(dict.fromkeys(p for p in found if p))
+
+
+def sample_chunks(n: int, fraction: float = 1.0, seed: int = 0, name: str = "") -> range | set[int]:
+    """The chunks (of ``n``) of field ``name`` a check reading ``fraction`` of them reads: all
+    at 1, else ``ceil(fraction * n)`` drawn by a generator seeded by ``(seed, name)`` (the same
+    for the same seed), the last chunk (the partly filled one) always among them."""
+    if not 0 < fraction <= 1:  # refuses nan
+        raise ConfigError([f"{fraction!r}: the share of chunks to check must be in (0, 1]"],
+                          "the fraction of a sampled check")
+    if fraction >= 1 or n <= 1:
+        return range(n)
+    want = min(n, max(1, math.ceil(fraction * n)))
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return {n - 1, *map(int, rng.choice(n - 1, size=want - 1, replace=False))}
 
 
 def scan(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
-         store: str | None = None) -> tuple[list[str], list[tuple[str, int]]]:
-    """Full scan of samples ``0..count``: the problems (missing or unreadable chunks, a checksum
+         store: str | None = None, *, fraction: float = 1.0,
+         seed: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
+    """Scan of samples ``0..count``: the problems (missing or unreadable chunks, a checksum
     mismatch included; NaN/Inf per sample) and the damaged chunks as ``(field, chunk index)``,
-    those holding NaN/Inf included (what re-encoding them from the source would replace)."""
+    those holding NaN/Inf included (what re-encoding them from the source would replace).
+
+    ``fraction < 1``: a sampled check. Every chunk's file is still looked for (the store's
+    listing: a missing chunk or shard file is found wherever it is), but only the chunks
+    :func:`sample_chunks` draws with ``seed`` are read (decoded, checksum verified, NaN/Inf)."""
     problems, damaged = [], []
     for name in specs:
         arr = group[name]
         step, n = arr.chunks[0], min(count, arr.shape[0])
-        present = _chunks_present(arr)
+        present = _Stored(arr)
+        total = -(-n // step)
+        chosen = sample_chunks(total, fraction, seed, name)
         bad: list[int] = []
-        for k in range(-(-n // step)):
+        for k in range(total):
+            if k not in chosen:
+                if present.file_missing(k):
+                    problem = _missing_problem(arr, name, k, n, "missing", store)
+                    problems += [problem] if problem not in problems[-1:] else []
+                    damaged.append((name, k))
+                continue
             block, problem = _read_chunk(arr, name, k, n, present, store)
             if problem:
-                problems.append(problem)
+                problems += [problem] if problem not in problems[-1:] else []  # (one a shard)
                 damaged.append((name, k))
             elif block.dtype.kind in "fc":
                 finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
@@ -348,15 +492,20 @@ def scan(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
 
 
 def data_problems(group: zarr.Group, specs: Mapping[str, FieldSpec], count: int,
-                  store: str | None = None) -> list[str]:
-    """Full scan of samples ``0..count``: missing or unreadable chunks (a checksum mismatch
-    included), NaN/Inf per sample."""
-    return scan(group, specs, count, store)[0]
+                  store: str | None = None, *, fraction: float = 1.0,
+                  seed: int = 0) -> list[str]:
+    """Scan of samples ``0..count`` (all of it, or a sampled ``fraction`` of each field's
+    chunks: see :func:`scan`): missing or unreadable chunks (a checksum mismatch included),
+    NaN/Inf per sample."""
+    return scan(group, specs, count, store, fraction=fraction, seed=seed)[0]
 
 
-def check_store(path: StoreLike, *, require_complete: bool = True) -> list[str]:
+def check_store(path: StoreLike, *, require_complete: bool = True, fraction: float = 1.0,
+                seed: int = 0) -> list[str]:
     """Every problem of the store at ``path`` (empty: usable): schema, arrays, dtypes, shapes,
-    completeness, then a full read finding damaged chunks and NaN/Inf per field and sample index."""
+    completeness, then a full read finding damaged chunks and NaN/Inf per field and sample index
+    (``fraction < 1``: a sampled read of that share of each field's chunks, drawn with ``seed``;
+    every chunk file is still looked for, see :func:`scan`)."""
     try:
         group = open_group(path, "r")
     except StoreError as e:
@@ -369,7 +518,8 @@ def check_store(path: StoreLike, *, require_complete: bool = True) -> list[str]:
         specs = {k: s for k, s in field_specs(attrs).items() if k in set(group.array_keys())}
     except (AttributeError, KeyError, TypeError):
         return problems
-    return problems + data_problems(group, specs, int(attrs["committed"]), store_name(path))
+    return problems + data_problems(group, specs, int(attrs["committed"]), store_name(path),
+                                    fraction=fraction, seed=seed)
 
 
 def _codec_text(codec: Any) -> str:
@@ -429,8 +579,10 @@ def describe_store(path: StoreLike) -> list[str]:
         codecs = [_codec_text(c) for c in arr.compressors]
         compress = [c for c in codecs if c != "crc32c"] or ["none"]
         check = "crc32c checksum" if "crc32c" in codecs else "no checksum"
-        lines.append(f"field {key}: {text}, chunks of {arr.chunks[0]} samples, compressor "
-                     f"{', '.join(compress)}, {check}")
+        shards = (f" in shards of {arr.shards[0]} samples ({arr.shards[0] // arr.chunks[0]} "
+                  "chunks per file)" if arr.shards else "")
+        lines.append(f"field {key}: {text}, chunks of {arr.chunks[0]} samples{shards}, "
+                     f"compressor {', '.join(compress)}, {check}")
     lines.append(f"config_hash: {a.get('config_hash')}")
     if a.get("created_at"):
         lines.append(f"created: {a['created_at']}")

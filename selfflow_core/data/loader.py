@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,7 +44,12 @@ from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, Prefetcher
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
-from selfflow_core.data.check import is_text, nonfinite_problem
+from selfflow_core.data.check import (
+    is_text,
+    nonfinite_problem,
+    parse_shard_index,
+    shard_index_layout,
+)
 from selfflow_core.data.store import TEXT_BYTES, LatentStore, StoreError
 from selfflow_core.interfaces import TextEncoder
 from selfflow_core.prompts import (
@@ -154,21 +160,38 @@ class _ChunkFiles:
     (benchmarks/RESULTS.md, "Stores larger than RAM"). Only for the layout the store writer
     makes uncompressed (``compressor="none"``): zarr v3, chunked along samples only, codecs
     ``bytes`` (native byte order) then ``crc32c``, a numeric dtype; any other field is read
-    through zarr. A chunk whose
+    through zarr. A sharded field with those inner codecs is read the same way, chunk by chunk
+    from its shard files, found by the shard's index (read once per shard and checked against
+    its CRC-32C). A chunk whose
     file is missing, has another size or fails its checksum is read through zarr too, which
     names the damage (a :class:`StoreError`), as the store's own reads do."""
 
-    def __init__(self, arr: zarr.Array, root: str) -> None:
+    #: shard indexes held (4 KiB each for 256 chunks per shard)
+    INDEXES = 1024
+
+    def __init__(self, arr: zarr.Array, root: str, index_bytes: int | None = None) -> None:
         self.arr, self.root = arr, root
         self.step = int(arr.chunks[0])
         self.dtype = np.dtype(arr.dtype)
         self.shape = tuple(int(n) for n in arr.chunks)
         self.nbytes = self.dtype.itemsize * math.prod(self.shape)
+        #: a sharded array: the size of a shard's index and the chunks per shard
+        self.index_bytes = index_bytes
+        self.per_shard = int(arr.shards[0]) // self.step if index_bytes else 1
+        self._indexes: collections.OrderedDict[int, np.ndarray | None] = (
+            collections.OrderedDict())
 
     @classmethod
     def of(cls, arr: zarr.Array) -> _ChunkFiles | None:
         store = arr.store_path.store
         codecs = getattr(arr.metadata, "codecs", ())
+        index_bytes = shard_index_layout(arr)
+        if index_bytes is not None:
+            if tuple(arr.shards[1:]) != tuple(arr.shape[1:]):
+                return None
+            codecs = codecs[0].codecs  # the codecs of each chunk inside a shard
+        elif arr.shards:
+            return None
         if not (isinstance(store, zarr.storage.LocalStore) and arr.metadata.zarr_format == 3
                 and tuple(arr.chunks[1:]) == tuple(arr.shape[1:]) and len(codecs) == 2
                 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], Crc32cCodec)):
@@ -180,17 +203,41 @@ class _ChunkFiles:
         endian = codecs[0].endian.value if codecs[0].endian is not None else None
         if dtype.kind not in "biuf" or (dtype.itemsize > 1 and endian != sys.byteorder):
             return None
-        return cls(arr, str(store.root))
+        return cls(arr, str(store.root), index_bytes)
+
+    def _index(self, shard: int, f: Any) -> np.ndarray | None:
+        """Shard ``shard``'s index (its open file ``f``), or None when it fails its checksum."""
+        if shard in self._indexes:
+            self._indexes.move_to_end(shard)
+            return self._indexes[shard]
+        size = os.fstat(f.fileno()).st_size
+        index = (parse_shard_index(os.pread(f.fileno(), self.index_bytes,
+                                            size - self.index_bytes), self.per_shard)
+                 if size >= self.index_bytes else None)
+        self._indexes[shard] = index
+        while len(self._indexes) > self.INDEXES:
+            self._indexes.popitem(last=False)
+        return index
 
     def _read(self, k: int, out: np.ndarray) -> bool:
         """Chunk ``k`` into ``out`` (C-contiguous, the chunk's shape); False when its file is
-        missing, has another size or fails its checksum."""
-        key = self.arr.metadata.encode_chunk_key((k, *([0] * (self.arr.ndim - 1))))
+        missing, has another size or fails its checksum (of a sharded array: when its shard is
+        missing, its index fails its checksum or does not hold the chunk whole)."""
+        shard, inner = divmod(k, self.per_shard)
+        key = self.arr.metadata.encode_chunk_key((shard, *([0] * (self.arr.ndim - 1))))
         path = "/".join(p for p in (self.root, self.arr.store_path.path, key) if p)
         try:
             with open(path, "rb", buffering=0) as f:
-                got = f.readinto(memoryview(out).cast("B"))
-                crc = f.read(5)
+                if self.index_bytes is None:
+                    got = f.readinto(memoryview(out).cast("B"))
+                    crc = f.read(5)
+                else:
+                    index = self._index(shard, f)
+                    if index is None or int(index[inner, 1]) != self.nbytes + 4:
+                        return False
+                    f.seek(int(index[inner, 0]))
+                    got = f.readinto(memoryview(out).cast("B"))
+                    crc = f.read(4)
         except OSError:
             return False
         flat = out.view(np.uint8).reshape(-1)

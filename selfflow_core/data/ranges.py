@@ -3,7 +3,9 @@
 
 The coordinator (the parent process, or rank 0) holds the store's write lock, makes the arrays
 once at their full size and cuts the sample axis into **ranges** of ``size`` samples, a multiple
-of the chunk size of every field written in place, so no two workers ever write one chunk. A
+of the chunk size (of a sharded field: its shard size) of every field written in place, so no two
+workers ever write one chunk file; with sharded fields a worker writes whole shards (a batch is
+held back until its shard is full, or its range ends) and counts a range's progress by them. A
 field whose chunks are longer than a range (int64 labels: 65 536 per chunk) is written to a
 staging array instead (``_encode/<field>``, one chunk per range) and copied into place at the
 end. The progress of range ``k`` is ``_encode/done[k]``, the samples of the range written; it is
@@ -37,14 +39,16 @@ import zarr
 from tqdm.auto import tqdm
 
 from selfflow_core.data.check import (
-    _chunks_present,
     _read_chunk,
+    _Stored,
     field_specs,
     nonfinite_problem,
     open_group,
+    sample_chunks,
     schema_differences,
     store_name,
     store_schema,
+    write_unit,
 )
 from selfflow_core.data.store import (
     EncodedSource,
@@ -54,8 +58,10 @@ from selfflow_core.data.store import (
     StoreWriter,
     _delete_chunk,
     _describe_source,
+    _Pending,
     check_batch,
     check_existing,
+    flush_unit,
     open_store,
 )
 from selfflow_core.interfaces import ModalityAdapter
@@ -81,8 +87,9 @@ class Plan:
     @classmethod
     def choose(cls, total: int, chunks: Mapping[str, int], workers: int) -> Plan:
         """Ranges of about ``total / (RANGES_PER_WORKER * workers)`` samples, a multiple of the
-        chunk size of every field whose chunks are no longer than that (always the field with the
-        shortest chunks); the other fields are staged."""
+        ``chunks`` (each field's file length: its chunk, or its shard) of every field whose
+        chunks are no longer than that (always the field with the shortest chunks); the other
+        fields are staged."""
         want = max(1, -(-total // (RANGES_PER_WORKER * max(1, workers))))
         fit = max(want, min(chunks.values()))
         base = math.lcm(*(c for c in chunks.values() if c <= fit))
@@ -161,7 +168,7 @@ def prepare(writer: StoreWriter, total: int, workers: int) -> Plan:
                 f"incomplete: an encode in ranges whose progress ({WORK}/done) is missing or "
                 f"unreadable; delete {name} and encode it again"]) from None
         return plan
-    plan = Plan.choose(total, {k: a.chunks[0] for k, a in writer.arrays.items()}, workers)
+    plan = Plan.choose(total, {k: write_unit(a) for k, a in writer.arrays.items()}, workers)
     committed = writer.count
     work = group.create_group(WORK, overwrite=True)
     done = work.create_array("done", shape=(plan.count,), dtype="int64", chunks=(1,),
@@ -183,27 +190,35 @@ def prepare(writer: StoreWriter, total: int, workers: int) -> Plan:
     return plan
 
 
-def check_ranges(writer: StoreWriter, plan: Plan, *, full: bool, repair: bool) -> list[str]:
+def check_ranges(writer: StoreWriter, plan: Plan, *, full: bool, repair: bool,
+                 fraction: float = 1.0, seed: int = 0) -> list[str]:
     """Read what the ranges done hold before continuing: with ``full``, every chunk of them
-    (damaged, missing, NaN/Inf); else only the partly filled chunks the next batch rewrites. A
-    problem is a :class:`StoreError` naming the chunk, unless ``repair``: then the chunk is
-    deleted and its range encoded again. Returns what was done, one line per range."""
+    (damaged, missing, NaN/Inf; ``fraction < 1``: of each field's chunks those
+    :func:`~selfflow_core.data.check.sample_chunks` draws with ``seed``, and each range's last);
+    else only the partly filled chunks the next batch rewrites. A problem is a
+    :class:`StoreError` naming the chunk, unless ``repair``: then the chunk's file is deleted and
+    its range encoded again. Returns what was done, one line per range."""
     group, name = writer.group, writer.name
     done = read_done(group)
     problems: list[str] = []
     damaged: dict[int, list[tuple[zarr.Array, str, int]]] = {}
     for field, arr in _targets(group, plan).items():
-        step, present = arr.chunks[0], None
+        step, unit, present = arr.chunks[0], write_unit(arr), None
+        chosen = sample_chunks(-(-plan.total // step), 1.0 if repair else fraction, seed, field)
         for k in np.flatnonzero(done).tolist():
             start, stop = plan.bounds(k)
             end = start + int(done[k])
+            last = (end - 1) // step
+            rewrite = (range((end - end % unit) // step, last + 1) if end < stop and end % unit
+                       else range(0))
             if full:
-                chunks = range(start // step, (end - 1) // step + 1)
-            elif end < stop and end % step:
-                chunks = range(end // step, end // step + 1)
+                chunks = [c for c in range(start // step, last + 1)
+                          if c in chosen or c == last or c in rewrite]
+            elif rewrite:
+                chunks = list(rewrite)
             else:
                 continue
-            present = _chunks_present(arr) if present is None else present
+            present = _Stored(arr) if present is None else present
             for c in chunks:
                 block, problem = _read_chunk(arr, field, c, end, present, name)
                 if problem is None and full:  # (a range starts on a chunk boundary)
@@ -221,7 +236,7 @@ def check_ranges(writer: StoreWriter, plan: Plan, *, full: bool, repair: bool) -
     progress, lines = _done(group), []
     for k, chunks in sorted(damaged.items()):
         for arr, _, c in chunks:
-            _delete_chunk(arr, c)
+            _delete_chunk(arr, c)  # (of a sharded field: its shard, inside the range)
         progress[k] = 0
         start, stop = plan.bounds(k)
         fields = ", ".join(sorted({f"{field!r} chunk {c}" for _, field, c in chunks}))
@@ -244,7 +259,7 @@ def finish(writer: StoreWriter, plan: Plan) -> None:
             "resume"])
     for field in plan.staged:
         staged, arr = group[f"{WORK}/{field}"], writer.arrays[field]
-        step = arr.chunks[0]
+        step = write_unit(arr)  # whole chunks, or whole shards
         for start in range(0, plan.total, step):
             stop = min(start + step, plan.total)
             arr[start:stop] = staged[start:stop]
@@ -268,7 +283,8 @@ def encode_share(path: StoreLike, adapter: ModalityAdapter, source: str, share: 
                  orphaned: Callable[[], bool] | None = None, who: str = "a worker") -> None:
     """Encode the ranges ``share`` of the store at ``path`` (prepared by the coordinator): each
     from its progress on, batches aligned to multiples of ``batch_size`` as a one-process encode
-    cuts them, ``done[k]`` written after every array holds the batch."""
+    cuts them, ``done[k]`` written after every array holds the batch (with sharded fields: held
+    back until they fill whole shards, or end the range, then written together)."""
     name = store_name(path)
     raw = adapter.open_source(source)
     group = open_group(path, "r+")
@@ -289,9 +305,11 @@ def encode_share(path: StoreLike, adapter: ModalityAdapter, source: str, share: 
             f"{'; '.join(schema_differences(attrs, mine))}"])
     specs = field_specs(attrs)
     arrays, progress = _targets(group, plan), _done(group)
+    unit = flush_unit(arrays)  # the in-place sharded fields' shards (staging is not sharded)
     for k in share:
         start, stop = plan.bounds(k)
         pos = start + int(progress[k])
+        written, pending = pos, _Pending()
         while pos < stop:
             if orphaned is not None and orphaned():
                 return  # the coordinator is gone: stop before writing anything more
@@ -300,9 +318,14 @@ def encode_share(path: StoreLike, adapter: ModalityAdapter, source: str, share: 
             if n != end - pos:
                 raise StoreError(name, [f"the encoder gave {n} samples for samples "
                                         f"{pos}..{end - 1} ({end - pos} were read)"])
-            for field, arr in arrays.items():
-                arr[pos:end] = data[field].astype(arr.dtype, copy=False)
-            progress[k] = end - start  # the commit point of this batch
+            pending.add(data, n)
+            upto = end if end == stop else end - end % unit
+            if upto > written:
+                data = pending.take(upto - written)
+                for field, arr in arrays.items():
+                    arr[written:upto] = data[field].astype(arr.dtype, copy=False)
+                progress[k] = upto - start  # the commit point of these batches
+                written = upto
             if on_batch is not None:
                 on_batch(end - pos)
             pos = end
@@ -536,11 +559,13 @@ def _follow(team: _Ranks, path: StoreLike, adapter: ModalityAdapter, source: str
 
 def encode_ranges(writer: StoreWriter, team: _Here, job: dict[str, Any], *, total: int,
                   verify: bool, repair: bool, progress: bool,
-                  say: Callable[[str], None]) -> None:
-    """Plan (or continue) the store's ranges, check the ranges done, hand the remaining ones out
-    round-robin, have ``team`` encode them, then :func:`finish`."""
+                  say: Callable[[str], None], fraction: float = 1.0, seed: int = 0) -> None:
+    """Plan (or continue) the store's ranges, check the ranges done (a sampled ``fraction`` of
+    their chunks with ``verify``), hand the remaining ones out round-robin, have ``team``
+    encode them, then :func:`finish`."""
     plan = prepare(writer, total, team.size)
-    for line in check_ranges(writer, plan, full=verify or repair, repair=repair):
+    for line in check_ranges(writer, plan, full=verify or repair, repair=repair,
+                             fraction=fraction, seed=seed):
         say(line)
     done = read_done(writer.group)
     remaining = np.flatnonzero(done < plan.lengths).tolist()
@@ -559,7 +584,8 @@ def encode_ranges(writer: StoreWriter, team: _Here, job: dict[str, Any], *, tota
 def encode_parallel(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                     adapter_config: Mapping[str, Any], batch_size: int, progress: bool,
                     chunks: int | Mapping[str, int] | None, compressor: str, verify: bool,
-                    repair: bool, workers: int, distributed: bool) -> LatentStore:
+                    repair: bool, workers: int, distributed: bool, shards: Any = "auto",
+                    verify_fraction: float = 1.0, verify_seed: int = 0) -> LatentStore:
     """:func:`~selfflow_core.data.store.encode_store` with ``workers`` processes or as one rank
     of a ``torchrun`` (``distributed``): see the module's docstring."""
     name = store_name(path)
@@ -573,7 +599,9 @@ def encode_parallel(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                            adapter_config=adapter_config, batch_size=batch_size)
         return _coordinate(team, adapter, source, path, adapter_config=adapter_config,
                            batch_size=batch_size, progress=progress, chunks=chunks,
-                           compressor=compressor, verify=verify, repair=repair)
+                           shards=shards, compressor=compressor, verify=verify,
+                           verify_fraction=verify_fraction, verify_seed=verify_seed,
+                           repair=repair)
     finally:
         team.close()
 
@@ -581,7 +609,8 @@ def encode_parallel(adapter: ModalityAdapter, source: str, path: StoreLike, *,
 def _coordinate(team: _Here, adapter: ModalityAdapter, source: str, path: StoreLike, *,
                 adapter_config: Mapping[str, Any], batch_size: int, progress: bool,
                 chunks: int | Mapping[str, int] | None, compressor: str, verify: bool,
-                repair: bool) -> LatentStore:
+                repair: bool, shards: Any = "auto", verify_fraction: float = 1.0,
+                verify_seed: int = 0) -> LatentStore:
     name = store_name(path)
 
     def say(message: str) -> None:
@@ -593,12 +622,13 @@ def _coordinate(team: _Here, adapter: ModalityAdapter, source: str, path: StoreL
         schema = store_schema(adapter, source=source, source_description=raw.description,
                               adapter_config=adapter_config)
         encoded = EncodedSource(adapter, raw, batch_size)
-        with StoreWriter(path, schema, chunks=chunks, compressor=compressor, source=encoded,
-                         repair=repair) as writer:
+        with StoreWriter(path, schema, chunks=chunks, shards=shards, total=len(raw),
+                         compressor=compressor, source=encoded, repair=repair) as writer:
             if writer.previous_source is not None:
                 say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
                     f"the {writer.count} committed samples, so the encode continues from it")
-            verified = check_existing(writer, verify=verify, repair=repair, say=say)
+            verified = check_existing(writer, verify=verify, repair=repair, say=say,
+                                      fraction=verify_fraction, seed=verify_seed)
             if writer.complete:
                 cleanup(writer.group)
                 team.announce(("complete", None))
@@ -609,10 +639,11 @@ def _coordinate(team: _Here, adapter: ModalityAdapter, source: str, path: StoreL
                 job = {"path": path, "adapter": adapter, "source": source,
                        "adapter_config": dict(adapter_config), "batch_size": batch_size}
                 encode_ranges(writer, team, job, total=len(raw), verify=verify, repair=repair,
-                              progress=progress, say=say)
+                              progress=progress, say=say, fraction=verify_fraction,
+                              seed=verify_seed)
     except BaseException as exc:
         team.fail(exc)
         raise
     store = open_store(path)
-    store.verified = verified
+    store.verified_fraction = verified
     return store

@@ -40,10 +40,11 @@ from selfflow_core.data.check import (
     schema_problems,
     store_name,
     store_schema,
+    write_unit,
     zarr_target,
 )
 from selfflow_core.data.objects import ObjectLock, is_object_url
-from selfflow_core.errors import ObjectStoreError
+from selfflow_core.errors import ConfigError, ObjectStoreError
 from selfflow_core.interfaces import FieldSpec, ModalityAdapter
 from selfflow_core.runtime.locking import LockHeld, PidLock
 
@@ -56,6 +57,14 @@ CHUNK_BYTES = 512 * 1024
 CACHE_BYTES = 2 * 1024**3
 #: the size of one string of a text field when choosing its chunks (captions are short)
 TEXT_BYTES = 128
+#: ``shards="auto"``: a field is sharded once it would hold more than this many bytes (more than
+#: the RAM cache takes: a store that large is read by the block shuffle)
+SHARD_MIN_BYTES = 2 * 1024**3
+#: ``shards="auto"``: the bytes of one shard of the field with the largest samples (256 chunks
+#: of 0.5 MiB; see benchmarks/RESULTS.md, "Sharded stores, and the sampled pre-check")
+SHARD_BYTES = 128 * 1024**2
+#: what ``shards=`` takes: ``"auto"``, None (no shards), samples per shard, or that per field
+Shards = str | int | Mapping[str, int] | None
 COMPRESSORS = {
     "none": lambda: None,
     "zstd": lambda: ZstdCodec(level=3),
@@ -73,12 +82,54 @@ def codecs(compressor: str) -> tuple:
     return (*([compress] if compress is not None else []), Crc32cCodec())
 
 
+def sample_bytes(spec: FieldSpec) -> int:
+    """Bytes of one sample of a field (a text field counts :data:`TEXT_BYTES` per string)."""
+    itemsize = TEXT_BYTES if is_text(spec.dtype) else np.dtype(spec.dtype).itemsize
+    return itemsize * math.prod(spec.shape)
+
+
 def chunk_samples(spec: FieldSpec, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Samples per chunk: the largest power of two whose chunk fits ``chunk_bytes`` (at least 1);
     a text field counts :data:`TEXT_BYTES` per string."""
-    itemsize = TEXT_BYTES if is_text(spec.dtype) else np.dtype(spec.dtype).itemsize
-    per_sample = itemsize * math.prod(spec.shape)
-    return 1 << (max(1, chunk_bytes // max(per_sample, 1)).bit_length() - 1)
+    return 1 << (max(1, chunk_bytes // max(sample_bytes(spec), 1)).bit_length() - 1)
+
+
+def choose_shards(specs: Mapping[str, FieldSpec], chunks: Mapping[str, int], total: int | None,
+                  shards: Shards = "auto") -> dict[str, int]:
+    """Samples per shard of each field to shard (a field left out has a file per chunk).
+
+    - ``"auto"``: the fields that would hold more than :data:`SHARD_MIN_BYTES` in ``total``
+      samples (none when ``total`` is unknown) get shards of one length: the power of two of the
+      chunks of the field with the largest samples that fills about :data:`SHARD_BYTES`. A field
+      whose chunks are that long already (labels) keeps a file per chunk: it has no more files
+      than the sharded fields have shards.
+    - an int: that many samples per shard for every field whose chunks are shorter (a multiple
+      of their length); a mapping: per field. None (or 0): no shards.
+    """
+    if shards == "auto":
+        if not total:
+            return {}
+        big = [f for f, spec in specs.items() if total * sample_bytes(spec) > SHARD_MIN_BYTES]
+        if not big:
+            return {}
+        largest = max(specs, key=lambda f: sample_bytes(specs[f]))
+        per = max(1, SHARD_BYTES // max(1, chunks[largest] * sample_bytes(specs[largest])))
+        length = chunks[largest] << (per.bit_length() - 1)
+        return {f: length for f in big if chunks[f] < length and length % chunks[f] == 0}
+    if not shards:
+        return {}
+    if isinstance(shards, str | bool):
+        raise ConfigError([f"{shards!r}: give 'auto', None, samples per shard or a mapping of "
+                           "field to samples per shard"], "shards=")
+    wanted = ({f: int(shards) for f in specs if chunks[f] < int(shards)}
+              if isinstance(shards, int) else {f: int(n) for f, n in shards.items() if n})
+    for f, n in wanted.items():
+        if f not in specs:
+            raise ConfigError([f"no field {f!r} (fields: {sorted(specs)})"], "shards=")
+        if n < 1 or n % chunks[f]:
+            raise ConfigError([f"{n} samples per shard for field {f!r} is not a multiple of its "
+                               f"chunks of {chunks[f]} samples"], "shards=")
+    return wanted
 
 
 class _WriteLock:
@@ -112,6 +163,32 @@ class _WriteLock:
             self._held.discard(self.name)
         else:
             self._lock.release()
+
+
+class _Pending:
+    """Batches held back until they fill whole shards: ``add`` each, ``take(n)`` the first ``n``
+    samples as one batch (the rest stay)."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.n = 0
+
+    def add(self, data: dict[str, np.ndarray], n: int) -> None:
+        self.parts.append(data)
+        self.n += n
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        data = {k: (np.concatenate([p[k] for p in self.parts]) if len(self.parts) > 1 else v)
+                for k, v in self.parts[0].items()}
+        self.n -= n
+        self.parts = [{k: v[n:] for k, v in data.items()}] if self.n else []
+        return {k: v[:n] for k, v in data.items()}
+
+
+def flush_unit(arrays: Mapping[str, zarr.Array]) -> int:
+    """Samples a writer holds back to write whole shards: the least common multiple of the shard
+    lengths of the sharded arrays (1: none is sharded, every batch is written as it comes)."""
+    return math.lcm(1, *(write_unit(a) for a in arrays.values() if a.shards))
 
 
 class EncodedSource:
@@ -187,11 +264,19 @@ class StoreWriter:
     ``source`` (an :class:`EncodedSource`, as :func:`encode_store` passes) lets an interrupted
     store continue from a source whose name or description changed, if its last committed samples
     re-encode to the stored values; and :meth:`repair` re-encode damaged chunks. With ``repair``,
-    a damaged last chunk of an interrupted store is left for :meth:`repair` instead of refused."""
+    a damaged last chunk of an interrupted store is left for :meth:`repair` instead of refused.
+
+    ``shards`` (new stores): which fields are sharded, many chunks per file (see
+    :func:`choose_shards`; ``"auto"`` needs ``total``, the samples the store will hold, and
+    shards only fields larger than :data:`SHARD_MIN_BYTES`). The chosen shard lengths are the
+    schema's ``shards``. With sharded fields, batches are held back and written a whole shard at
+    a time (zarr rewrites a whole shard file on every write into it), so ``committed`` advances
+    by whole shards, and :meth:`finish` writes the last, partly filled one."""
 
     def __init__(self, path: StoreLike, schema: Mapping[str, Any], *,
                  chunks: int | Mapping[str, int] | None = None, compressor: str = "none",
-                 source: EncodedSource | None = None, repair: bool = False) -> None:
+                 source: EncodedSource | None = None, repair: bool = False,
+                 shards: Shards = "auto", total: int | None = None) -> None:
         if compressor not in COMPRESSORS:
             raise ValueError(f"unknown compressor {compressor!r}; choose from {list(COMPRESSORS)}")
         self.name = store_name(path)
@@ -199,17 +284,21 @@ class StoreWriter:
         self.source = source
         #: the source the store was started from, when it was another (see ``source``)
         self.previous_source: Any = None
+        lengths = {name: (chunks if isinstance(chunks, int) else (chunks or {}).get(name))
+                   or chunk_samples(spec) for name, spec in self.specs.items()}
+        sharded = choose_shards(self.specs, lengths, total, shards)
+        self._pending = _Pending()
         self._lock = _WriteLock(path)
         try:
-            self.group = self._open(path, dict(schema))
+            self.group = self._open(path, {**schema, "shards": sharded})
             fresh = self.group.attrs["committed"] == 0  # new, or stopped while being created
             for name, spec in self.specs.items():
                 if fresh and name not in self.group:
-                    n = chunks if isinstance(chunks, int) else (chunks or {}).get(name)
-                    n = n or chunk_samples(spec)
+                    n = lengths[name]
                     self.group.create_array(
                         name, shape=(0, *spec.shape),
                         dtype=str if is_text(spec.dtype) else spec.dtype, chunks=(n, *spec.shape),
+                        shards=(sharded[name], *spec.shape) if name in sharded else None,
                         compressors=codecs(compressor),
                         config={"write_empty_chunks": True})
             problems = schema_problems(self.group, require_complete=False)
@@ -226,6 +315,11 @@ class StoreWriter:
             # stored with the array: it is set on each opening)
             self.arrays = {name: self.group[name].with_config({"write_empty_chunks": True})
                            for name in self.specs}
+            #: samples held back and written together, so sharded fields get whole shards
+            self.unit = flush_unit(self.arrays)
+            layout = {name: write_unit(a) for name, a in self.arrays.items() if a.shards}
+            if fresh and self.group.attrs.get("shards", {}) != layout:  # made by another call
+                self.group.attrs["shards"] = layout
             if self.ranges is not None and self._changed_source is not None:
                 was, now = self._changed_source[0].get("source"), schema["source"]
                 raise StoreError(self.name, [
@@ -234,10 +328,11 @@ class StoreWriter:
                     f"from the original source only. Give it, or delete {self.name} and encode "
                     "it again"])
             if not self.complete and self.ranges is None:
-                # the next append rewrites the last, partly filled chunk: it must decode (a
-                # damaged one is reported, and nothing is written)
-                problems = [p for name, arr in self.arrays.items() if self.count % arr.chunks[0]
-                            for p in chunk_problems(arr, name, [self.count // arr.chunks[0]],
+                # the next append rewrites the last, partly filled chunk (of a sharded array:
+                # its shard): it must decode (a damaged one is reported, and nothing is written)
+                problems = [p for name, arr in self.arrays.items()
+                            if self.count % write_unit(arr)
+                            for p in chunk_problems(arr, name, _last_file_chunks(arr, self.count),
                                                     self.count, self.name)]
                 if problems and not repair:
                     raise StoreError(self.name, [*problems, self.repair_hint])
@@ -339,6 +434,16 @@ class StoreWriter:
                 "is being encoded in ranges (a parallel encode), so nothing can be appended; "
                 "continue it with encode_store or `selfflow encode` (with any --workers)"])
         data, n = check_batch(self.name, self.specs, batch)
+        if self.unit == 1:
+            self._write(data, n)
+            return
+        self._pending.add(data, n)  # written once it ends a whole shard of every sharded field
+        end = self.count + self._pending.n
+        if end - end % self.unit > self.count:
+            n = end - end % self.unit - self.count
+            self._write(self._pending.take(n), n)
+
+    def _write(self, data: Mapping[str, np.ndarray], n: int) -> None:
         start, stop = self.count, self.count + n
         for name, arr in self.arrays.items():
             arr.resize((stop, *arr.shape[1:]))
@@ -346,34 +451,51 @@ class StoreWriter:
         self.group.attrs["committed"] = stop  # the commit point: written after every array
         self.count = stop
 
-    def scan(self) -> tuple[list[str], list[tuple[str, int]]]:
-        """Full read of the committed samples: every problem (unreadable or missing chunks,
+    def scan(self, fraction: float = 1.0,
+             seed: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
+        """Read of the committed samples (all, or a sampled ``fraction`` of each field's chunks:
+        see :func:`~selfflow_core.data.check.scan`): every problem (unreadable or missing chunks,
         NaN/Inf) and the damaged chunks as ``(field, chunk index)``."""
-        return scan(self.group, self.specs, self.count, self.name)
+        return scan(self.group, self.specs, self.count, self.name, fraction=fraction, seed=seed)
 
     def repair(self, damaged: list[tuple[str, int]]) -> list[str]:
         """Re-encode each damaged ``(field, chunk)`` from ``source`` and write it anew (the old
-        chunk file is deleted first, so a damaged one is never read). Returns what was done, one
-        line per chunk. The rest of the store is not touched."""
+        chunk file is deleted first, so a damaged one is never read; of a sharded field, the
+        whole shard holding it). Returns what was done, one line per chunk (shard). The rest of
+        the store is not touched."""
         if self.source is None:
             raise StoreError(self.name, ["cannot repair: no source to re-encode from"])
         if len(self.source) < self.count:
             raise StoreError(self.name, [f"cannot repair: {self.count} samples are committed "
                                          f"but the source has {len(self.source)}"])
-        done = []
+        files: dict[tuple[str, int], list[int]] = {}
         for name, k in damaged:
+            per = write_unit(self.arrays[name]) // self.arrays[name].chunks[0]
+            files.setdefault((name, k // per), []).append(k)
+        done = []
+        for (name, f), ks in files.items():
             arr = self.arrays[name]
-            start, stop = k * arr.chunks[0], min((k + 1) * arr.chunks[0], self.count)
+            unit = write_unit(arr)
+            start, stop = f * unit, min((f + 1) * unit, self.count)
             values = np.asarray(self.source.read(start, stop)[name]).astype(arr.dtype,
                                                                             copy=False)
-            _delete_chunk(arr, k)
+            _delete_chunk(arr, ks[0])
             arr[start:stop] = values
-            done.append(f"field {name!r}: chunk {k} (samples {start}..{stop - 1}) re-encoded "
-                        "from the source")
+            if arr.shards:
+                listed = ", ".join(map(str, sorted(set(ks))))
+                done.append(f"field {name!r}: shard {f} (samples {start}..{stop - 1}; damaged "
+                            f"chunk {listed}) re-encoded from the source")
+            else:
+                done.append(f"field {name!r}: chunk {f} (samples {start}..{stop - 1}) "
+                            "re-encoded from the source")
         return done
 
     def finish(self) -> None:
-        """Write the completeness marker (last): the store is now readable for training."""
+        """Write what is held back (the last, partly filled shard), then the completeness marker
+        (last): the store is now readable for training."""
+        if self._pending.n:
+            n = self._pending.n
+            self._write(self._pending.take(n), n)
         self.group.attrs.update({"complete": True, "count": self.count})
 
     def close(self) -> None:
@@ -394,20 +516,31 @@ def _describe_source(source: Any) -> str:
     return f"{source.get('name')!r}{described}"
 
 
+def _last_file_chunks(arr: zarr.Array, count: int) -> list[int]:
+    """The chunks of the file (chunk, or shard) that holds sample ``count - 1``, up to it."""
+    step, unit = arr.chunks[0], write_unit(arr)
+    return list(range((count - count % unit) // step, (count - 1) // step + 1))
+
+
 def _delete_chunk(arr: zarr.Array, k: int) -> None:
+    """Delete the file of chunk ``k``: its chunk file, or the shard file holding it."""
+    k //= write_unit(arr) // arr.chunks[0]
     key = arr.metadata.encode_chunk_key((k, *([0] * (arr.ndim - 1))))
     prefix = arr.store_path.path
     sync(arr.store_path.store.delete(f"{prefix}/{key}" if prefix else key))
 
 
 def check_existing(writer: StoreWriter, *, verify: bool, repair: bool,
-                   say: Callable[[str], None]) -> bool:
-    """With ``verify`` or ``repair``, read the committed samples before writing more: a damaged
-    chunk (or NaN/Inf) is a :class:`StoreError` naming it, or with ``repair`` is re-encoded from
-    the source. Returns whether the whole (complete) store was read."""
-    verified = (verify or repair) and writer.complete  # all of it is read below
+                   say: Callable[[str], None], fraction: float = 1.0, seed: int = 0) -> float:
+    """With ``verify`` or ``repair``, read the committed samples before writing more (``verify``
+    alone: a sampled ``fraction`` of each field's chunks, drawn with ``seed``; ``repair``: all):
+    a damaged chunk (or NaN/Inf) is a :class:`StoreError` naming it, or with ``repair`` is
+    re-encoded from the source. Returns the share of the (complete) store's chunks read: 1.0 the
+    whole store, 0.0 none (incomplete, or not asked)."""
+    fraction = 1.0 if repair else fraction
+    verified = fraction if (verify or repair) and writer.complete else 0.0  # read below
     if (verify or repair) and writer.count:
-        problems, damaged = writer.scan()
+        problems, damaged = writer.scan(fraction, seed)
         if damaged and repair:
             for line in writer.repair(damaged):
                 say(line)
@@ -424,8 +557,9 @@ def check_existing(writer: StoreWriter, *, verify: bool, repair: bool,
 
 def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                  adapter_config: Mapping[str, Any], batch_size: int = 256, progress: bool = True,
-                 chunks: int | Mapping[str, int] | None = None, compressor: str = "none",
-                 verify: bool = True, repair: bool = False, workers: int = 1,
+                 chunks: int | Mapping[str, int] | None = None, shards: Shards = "auto",
+                 compressor: str = "none", verify: bool = True, verify_fraction: float = 1.0,
+                 verify_seed: int = 0, repair: bool = False, workers: int = 1,
                  distributed: bool = False) -> LatentStore:
     """Encode ``adapter.open_source(source)`` into the store at ``path`` and open it.
 
@@ -436,6 +570,10 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
     - ``verify`` (default): the samples already in the store are read first; a damaged chunk
       (or NaN/Inf) is a :class:`StoreError` naming it, so a damaged store is never returned
       as complete. ``repair`` re-encodes those chunks from the source instead.
+      ``verify_fraction < 1``: only that share of each field's chunks is read, drawn with
+      ``verify_seed`` (every chunk file is still looked for; ``repair`` reads all).
+    - ``chunks``, ``shards``, ``compressor``: the layout of a new store (:class:`StoreWriter`;
+      ``shards="auto"`` shards the fields larger than :data:`SHARD_MIN_BYTES`).
     - ``workers > 1``: encoded in chunk-aligned ranges by that many spawned processes (the
       adapter is pickled to each); ``distributed``: this process is one rank of a ``torchrun``
       encoding its share of the ranges (every rank calls this). Resumable per range; an
@@ -449,8 +587,9 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
 
         return encode_parallel(adapter, source, path, adapter_config=adapter_config,
                                batch_size=batch_size, progress=progress, chunks=chunks,
-                               compressor=compressor, verify=verify, repair=repair,
-                               workers=workers, distributed=distributed)
+                               shards=shards, compressor=compressor, verify=verify,
+                               verify_fraction=verify_fraction, verify_seed=verify_seed,
+                               repair=repair, workers=workers, distributed=distributed)
     raw = adapter.open_source(source)
     schema = store_schema(adapter, source=source, source_description=raw.description,
                           adapter_config=adapter_config)
@@ -460,12 +599,13 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
         if progress:
             tqdm.write(f"store {store_name(path)}: {message}", file=sys.stderr)
 
-    with StoreWriter(path, schema, chunks=chunks, compressor=compressor, source=encoded,
-                     repair=repair) as writer:
+    with StoreWriter(path, schema, chunks=chunks, shards=shards, total=len(raw),
+                     compressor=compressor, source=encoded, repair=repair) as writer:
         if writer.previous_source is not None:
             say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
                 f"the {writer.count} committed samples, so the encode continues from it")
-        verified = check_existing(writer, verify=verify, repair=repair, say=say)
+        verified = check_existing(writer, verify=verify, repair=repair, say=say,
+                                  fraction=verify_fraction, seed=verify_seed)
         if writer.complete and "_encode" in set(writer.group.group_keys()):
             from selfflow_core.data.ranges import cleanup
 
@@ -476,7 +616,7 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
             job = {"path": path, "adapter": adapter, "source": source,
                    "adapter_config": dict(adapter_config), "batch_size": batch_size}
             encode_ranges(writer, _Here(), job, total=len(raw), verify=verify, repair=repair,
-                          progress=progress, say=say)
+                          progress=progress, say=say, fraction=verify_fraction, seed=verify_seed)
         elif not writer.complete:
             total = len(raw)
             if writer.count > total:
@@ -490,7 +630,7 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                     bar.update(stop - start)
             writer.finish()
     store = open_store(path)
-    store.verified = verified
+    store.verified_fraction = verified
     return store
 
 
@@ -507,11 +647,21 @@ class LatentStore:
         self.nbytes = sum(self._len * np.dtype(s.dtype).itemsize * math.prod(s.shape)
                           for s in self.fields.values())
         self.cached = self.nbytes <= cache_bytes
-        #: every value was read and checked (``open_store(verify=True)``, or :func:`encode_store`
-        #: on a store that was complete already)
-        self.verified = False
+        #: the share of each field's chunks read and checked when it was opened: 1.0 every value
+        #: (``open_store(verify=True)``, or :func:`encode_store` on a store that was complete
+        #: already), less for a sampled check (``verify_fraction``), 0.0 none
+        self.verified_fraction = 0.0
         self._memory: dict[str, np.ndarray] | None = None
         self._memory_lock = threading.Lock()
+
+    @property
+    def verified(self) -> bool:
+        """Every value was read and checked when it was opened (``verified_fraction == 1``)."""
+        return self.verified_fraction >= 1.0
+
+    @verified.setter
+    def verified(self, value: bool) -> None:
+        self.verified_fraction = 1.0 if value else 0.0
 
     def __len__(self) -> int:
         return self._len
@@ -571,9 +721,11 @@ class LatentStore:
 
 def open_store(path: StoreLike, *, require_complete: bool = True,
                adapter: ModalityAdapter | None = None, verify: bool = False,
+               verify_fraction: float = 1.0, verify_seed: int = 0,
                cache_bytes: int = CACHE_BYTES) -> LatentStore:
     """Open a store for reading after validating its schema (and, given ``adapter``, that it
-    holds that modality's fields; with ``verify``, also every value, as :func:`check_store`).
+    holds that modality's fields; with ``verify``, also every value, as :func:`check_store`, or
+    with ``verify_fraction < 1`` that share of each field's chunks, drawn with ``verify_seed``).
     An invalid or incomplete store is a :class:`StoreError` listing every problem."""
     group = open_group(path, "r")
     problems = schema_problems(group, require_complete=require_complete)
@@ -581,9 +733,9 @@ def open_store(path: StoreLike, *, require_complete: bool = True,
         problems = adapter_problems(group.attrs, adapter)
     if not problems and verify:
         problems = data_problems(group, field_specs(group.attrs), int(group.attrs["committed"]),
-                                 store_name(path))
+                                 store_name(path), fraction=verify_fraction, seed=verify_seed)
     if problems:
         raise StoreError(store_name(path), problems)
     store = LatentStore(group, store_name(path), cache_bytes=cache_bytes)
-    store.verified = verify
+    store.verified_fraction = verify_fraction if verify else 0.0
     return store
