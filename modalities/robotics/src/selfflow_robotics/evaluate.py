@@ -23,6 +23,8 @@ A ``robotics_world`` run (:func:`evaluate_world`) is evaluated the same way, its
 its generated future frames (:func:`world_model_errors`): against the frames the simulator draws
 after executing the *generated* actions from the same state, and against the held-out expert
 episode's own frames; a "still frame" baseline (the future = the current frame) sits beside it.
+A ``robotics_language`` run is evaluated in closed loop following instructions
+(:mod:`selfflow_robotics.language_eval`).
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ def evaluate(checkpoint_path: str | Path, *, episodes: int = 50, mse_episodes: i
              execute: int | None = None, steps: int | None = None, method: str | None = None,
              seed: int = 0, device: str = "cpu", store: str | None = None,
              modality: str | None = None, components: Components | None = None,
-             condition_t: float | None = None, verbose: bool = True) -> dict[str, Any]:
+             condition_t: float | None = None, cfg_scale: float | None = None,
+             verbose: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint (see the module doc); prints a table when ``verbose`` and returns
     ``{"policy": {...}, "expert": {...}, "random": {...}, "settings": {...}}`` where each
     policy has ``action_mse``, ``first_action_mse``, ``success_rate``, ``near_rate``,
@@ -173,8 +176,10 @@ def evaluate(checkpoint_path: str | Path, *, episodes: int = 50, mse_episodes: i
     A run whose robotics modality is a world model (``robotics_world``, or the one ``modality``
     names) is evaluated by :func:`evaluate_world`, which adds the frame prediction errors and a
     ``still`` row (``condition_t``: the time the conditioning frame is fed at; default the
-    run's). A run with an action policy (``robotics``) and no ``modality`` evaluates the
-    policy."""
+    run's). An instruction-following world model (``robotics_language``) is evaluated by
+    :func:`selfflow_robotics.language_eval.evaluate_language` (``cfg_scale``: its guidance;
+    default the run's). A run with an action policy (``robotics``) and no ``modality``
+    evaluates the policy."""
     path = resolve_checkpoint(checkpoint_path)
     components = components or Components()
     loaded = load_for_sampling(path, components, device)
@@ -183,6 +188,14 @@ def evaluate(checkpoint_path: str | Path, *, episodes: int = 50, mse_episodes: i
              and modality in (None, n)]
     policies = [n for n, k in kinds.items() if issubclass(k, RoboticsModality)
                 and modality in (None, n)]
+    if world and not policies and kinds[world[0]].name == "robotics_language":
+        from selfflow_robotics.language_eval import evaluate_language
+
+        return evaluate_language(path, episodes=episodes, execute=execute, steps=steps,
+                                 method=method, seed=seed, device=device, store=store,
+                                 modality=world[0], components=components,
+                                 condition_t=condition_t, cfg_scale=cfg_scale,
+                                 verbose=verbose, loaded=loaded)
     if world and not policies:
         return evaluate_world(path, episodes=episodes, mse_episodes=mse_episodes,
                               execute=execute, steps=steps, method=method, seed=seed,
@@ -531,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--condition-t", type=float, default=None,
                    help="world model: the time the conditioning frame is fed at (default: the "
                         "run's sampling.condition_t)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="instruction-following world model: guidance against the empty "
+                        "prompt (default: the run's sampling.cfg_scale)")
     p.add_argument("--modality", default=None,
                    help="the run's robotics modality to evaluate (default: its policy, else its "
                         "world model)")
@@ -544,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                            mse_episodes=args.mse_episodes, execute=args.execute,
                            steps=args.steps, method=args.method, seed=args.seed,
                            device=args.device, store=args.store, modality=args.modality,
-                           condition_t=args.condition_t)
+                           condition_t=args.condition_t, cfg_scale=args.cfg_scale)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,23 +67,79 @@ def arm_points(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return elbow, tip, s[:, 4:6]
 
 
+def _grid(size: int) -> tuple[np.ndarray, float]:
+    """The pixel centres [1, P, 2] (metres, row-major, row 0 at the top) and the pixel side."""
+    px = 2 * EXTENT / size
+    centres = -EXTENT + (np.arange(size) + 0.5) * px
+    x, y = np.meshgrid(centres, centres[::-1])  # row 0 at the top (+y)
+    return np.stack([x.ravel(), y.ravel()], -1)[None], px
+
+
+def _arm_layer(s: np.ndarray, grid: np.ndarray, px: float) -> tuple[np.ndarray, np.ndarray]:
+    """The arm's intensity [n, P] in ``[0, 1]`` and the target positions [n, 2]."""
+    elbow, tip, target = arm_points(s)
+    base = np.zeros_like(elbow)
+    d_arm = np.minimum(_segment_distance(grid, base[:, None], elbow[:, None]),
+                       _segment_distance(grid, elbow[:, None], tip[:, None]))
+    return _profile(d_arm / px, LINK_RADIUS), target
+
+
 def render_reacher(states: np.ndarray, size: int = 16) -> np.ndarray:
     """Frames [..., size, size] float32 in ``[-1, 1]`` of Reacher observations [..., 10] (see
     the module doc)."""
     states = np.asarray(states, np.float64)
     lead = states.shape[:-1]
     s = states.reshape(-1, states.shape[-1])
-    px = 2 * EXTENT / size
-    centres = -EXTENT + (np.arange(size) + 0.5) * px
-    x, y = np.meshgrid(centres, centres[::-1])  # row 0 at the top (+y)
-    grid = np.stack([x.ravel(), y.ravel()], -1)[None]  # [1, P, 2]
-    elbow, tip, target = arm_points(s)
-    base = np.zeros_like(elbow)
-    d_arm = np.minimum(_segment_distance(grid, base[:, None], elbow[:, None]),
-                       _segment_distance(grid, elbow[:, None], tip[:, None]))
+    grid, px = _grid(size)
+    arm, target = _arm_layer(s, grid, px)
     d_target = np.linalg.norm(grid - target[:, None], axis=-1)
-    v = np.maximum(_profile(d_arm / px, LINK_RADIUS),
-                   TARGET_LEVEL * _profile(d_target / px, TARGET_RADIUS))
+    v = np.maximum(arm, TARGET_LEVEL * _profile(d_target / px, TARGET_RADIUS))
+    return (2 * v - 1).reshape(*lead, size, size).astype(np.float32)
+
+
+# ---- scenes with a distractor (the instruction-following kind) ----------------------------------
+
+#: the two looks of a scene's markers (:func:`render_scene`): look 0 is bright and round, look 1
+#: dim and square (its profile over the larger of the two coordinate offsets)
+MARKER_LEVELS = (0.8, 0.4)
+MARKER_SHAPES = ("round", "square")
+#: recorded in the instruction-following kind's encoder settings
+SCENE_RENDER_VERSION = 1
+
+
+def scene_render_settings(size: int) -> dict[str, object]:
+    """What :func:`render_scene` draws with, for a store's schema."""
+    return {**render_settings(size), "scene_version": SCENE_RENDER_VERSION,
+            "marker_levels": list(MARKER_LEVELS), "marker_shapes": list(MARKER_SHAPES),
+            "marker_radius_px": TARGET_RADIUS}
+
+
+def _marker_layer(grid: np.ndarray, points: np.ndarray, looks: np.ndarray,
+                  px: float) -> np.ndarray:
+    off = np.abs(grid - points[:, None]) / px  # [n, P, 2]
+    d = np.where(looks[:, None] == 0, np.linalg.norm(off, axis=-1), off.max(-1))
+    return np.asarray(MARKER_LEVELS)[looks][:, None] * _profile(d, TARGET_RADIUS)
+
+
+def render_scene(states: np.ndarray, distractors: np.ndarray, target_looks: np.ndarray,
+                 size: int = 16) -> np.ndarray:
+    """Frames [..., size, size] float32 in ``[-1, 1]`` of Reacher observations [..., 10] with a
+    second marker: the arm as :func:`render_reacher` draws it, the simulator's target (dims 4-5)
+    with look ``target_looks`` [...] (0 or 1) and a distractor at ``distractors`` [..., 2]
+    (metres) with the other look (:data:`MARKER_LEVELS`, :data:`MARKER_SHAPES`, radius
+    ``TARGET_RADIUS`` px). ``distractors`` and ``target_looks`` broadcast against the states'
+    leading axes (one per episode for ``[E, T, 10]`` states: ``[E, 1, 2]`` and ``[E, 1]``)."""
+    states = np.asarray(states, np.float64)
+    lead = states.shape[:-1]
+    s = states.reshape(-1, states.shape[-1])
+    far = np.broadcast_to(np.asarray(distractors, np.float64), (*lead, 2)).reshape(-1, 2)
+    looks = np.broadcast_to(np.asarray(target_looks, np.int64), lead).reshape(-1)
+    if not np.isin(looks, (0, 1)).all():
+        raise ValueError(f"render_scene: target looks must be 0 or 1, got {np.unique(looks)}")
+    grid, px = _grid(size)
+    arm, target = _arm_layer(s, grid, px)
+    v = np.maximum(arm, np.maximum(_marker_layer(grid, target, looks, px),
+                                   _marker_layer(grid, far, 1 - looks, px)))
     return (2 * v - 1).reshape(*lead, size, size).astype(np.float32)
 
 

@@ -312,12 +312,13 @@ def collect(task_name: str, episodes: int, *, seed: int, split: str = "train", h
 @attrs.frozen(kw_only=True)
 class RolloutResult:
     """Per-episode outcomes of :func:`rollout`: ``returns``, ``final_distance``, ``success``
-    and ``near`` (the task's looser test)."""
+    and ``near`` (the task's looser test), and the ``final_states`` [n, S] they come from."""
 
     returns: np.ndarray
     final_distance: np.ndarray
     success: np.ndarray
     near: np.ndarray
+    final_states: np.ndarray | None = None
 
     def summary(self) -> dict[str, float]:
         return {"success_rate": float(self.success.mean()),
@@ -357,7 +358,7 @@ def rollout(task: Task, policy: Policy, seeds, *, execute: int = 1,
         for env in envs:
             env.close()
     return RolloutResult(returns=returns, final_distance=task.distance(obs),
-                         success=task.success(obs), near=task.near(obs))
+                         success=task.success(obs), near=task.near(obs), final_states=obs)
 
 
 def execute_chunks(task: Task, states: np.ndarray, chunks: np.ndarray) -> np.ndarray:
