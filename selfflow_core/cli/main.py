@@ -68,6 +68,7 @@ def cmd_config(args, components):
 
 
 def cmd_encode(args, components):
+    from selfflow_core.data.order import ShuffledWrite
     from selfflow_core.data.store import encode_store
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -85,6 +86,8 @@ def cmd_encode(args, components):
     if problems:
         raise ConfigError(problems, where)
     adapter = mod_cfg.build()
+    if args.shuffle_seed is not None:  # written in a random order (ModalitySpec.shuffle_on_write)
+        adapter = ShuffledWrite(adapter, args.shuffle_seed)
     if text_options:  # a frozen text encoder's output is precomputed into the store
         adapter = _with_text_encoder(adapter, conv, text_options)
     store = encode_store(adapter, args.source, args.store, batch_size=args.batch_size,
@@ -308,6 +311,9 @@ def parser() -> argparse.ArgumentParser:
                    "text_encoder.path=...) also stores a frozen text encoder's output for every "
                    "caption, as a run with that text_encoder does")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--shuffle-seed", type=int, default=None, metavar="SEED",
+                   help="write the store in the random order of SEED (a run's "
+                   "shuffle_on_write = SEED makes and reuses the same store)")
     e.add_argument("--repair", action="store_true",
                    help="re-encode the damaged chunks of an existing store from the source "
                    "(without it, a damaged store is refused, naming each damaged chunk)")

@@ -43,6 +43,9 @@ class ModalitySpec:
     ``probability``: share of optimizer steps (paper App. D: each batch holds one modality; all
     ``grad_accum`` micro-batches of a step hold the same one). ``weight``: loss weight.
     ``batch_size``: samples per optimizer step across all ranks and accumulation steps.
+    ``shuffle_on_write``: the seed of a random order the store is written in (None: the
+    source's order), so that a block-shuffled read of a source given sorted mixes like a full
+    shuffle (:mod:`selfflow_core.data.order`).
     """
 
     modality: ModalityConfig
@@ -53,6 +56,7 @@ class ModalitySpec:
     batch_size: int = attrs.field(default=64, validator=v.ge(1))
     probability: float = attrs.field(default=1.0, validator=v.gt(0))
     weight: float = attrs.field(default=1.0, validator=v.ge(0))
+    shuffle_on_write: int | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -11,6 +11,7 @@ import attrs
 from torch import nn
 
 from selfflow_core.config.run import TrainerConfig
+from selfflow_core.data.order import ShuffledWrite
 from selfflow_core.interfaces import ModalityAdapter, TextEncoder, TextSpec, TimestepScheduler
 from selfflow_core.objective import SelfFlowObjective, uses_representation
 from selfflow_core.prompts import CAPTIONS, WithTextEmbeddings
@@ -28,10 +29,13 @@ class ModalityRuntime:
 def build_modalities(config: TrainerConfig, text: TextEncoder | None = None
                      ) -> list[ModalityRuntime]:
     """Each modality's adapter, scheduler and id offset. With a frozen ``text`` encoder, a
-    captioned modality's adapter also stores the encoder's output for every caption."""
+    captioned modality's adapter also stores the encoder's output for every caption; with
+    ``shuffle_on_write``, its store is written in that seed's random order."""
     out, offset = [], 0
     for name, spec in config.modalities.items():
         adapter = spec.modality.build()
+        if spec.shuffle_on_write is not None:  # the store is written in a random order
+            adapter = ShuffledWrite(adapter, spec.shuffle_on_write)
         if text is not None and not text.trainable and CAPTIONS in adapter.fields():
             adapter = WithTextEmbeddings(adapter, text)
         out.append(ModalityRuntime(name, spec, adapter, spec.scheduler.build(), offset))
