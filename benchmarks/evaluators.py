@@ -103,21 +103,35 @@ def train_classifier(net: nn.Module, features_of, x: torch.Tensor, y: torch.Tens
     n_test = len(x) // 5
     test, train = perm[:n_test], perm[n_test:]
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    multi = y.dim() == 2  # multi-hot targets (e.g. the letters of a word): one logit each
     for _ in range(steps):
         idx = train[torch.randint(0, len(train), (128,), generator=g)]
         xb = x[idx] + noise * torch.randn(x[idx].shape, generator=g)
-        loss = F.cross_entropy(net.head(features_of(xb)), y[idx])
+        logits = net.head(features_of(xb))
+        loss = (F.binary_cross_entropy_with_logits(logits, y[idx].float()) if multi
+                else F.cross_entropy(logits, y[idx]))
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
     with torch.no_grad():
         def acc(s):
-            return float((net.head(features_of(x[s])).argmax(1) == y[s]).float().mean())
+            logits = net.head(features_of(x[s]))
+            if multi:  # Jaccard of the predicted and the true sets
+                return jaccard(logits > 0, y[s] > 0.5)
+            return float((logits.argmax(1) == y[s]).float().mean())
 
         return {"train_acc": acc(train), "heldout_acc": acc(test), "train_samples": len(train),
                 "heldout_samples": n_test, "steps": steps, "seed": seed, "optimizer":
                 f"AdamW lr 2e-3 wd 1e-4, batch 128, input noise {noise}"}
+
+
+def jaccard(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Mean over rows of |pred ∩ true| / |pred ∪ true| of boolean ``[B, K]`` sets (1 for two
+    empty sets)."""
+    inter = (pred & true).sum(1).float()
+    union = (pred | true).sum(1).float()
+    return float(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean())
 
 
 def sha256(path: Path) -> str:
@@ -181,6 +195,8 @@ def _label_free(folder: Path, meta: dict, x: torch.Tensor, y: torch.Tensor, step
     enc, info = train_label_free_encoder(x, steps=steps, noise=noise)
     info["sha256"] = save_encoder(enc, path)
     info.update(features=REPA_FEATURES, settings=settings, architecture="TokenEncoder")
+    if y.dim() == 2:  # multi-hot targets: probe the first entry set (a class per sample)
+        y = y.float().argmax(1)
     with torch.no_grad():  # evaluation only, after training: how class-separable the features are
         info["probe_heldout_acc"] = probe_accuracy(enc(x).mean(1), y, seed=LABEL_FREE_SEED)
         label_trained = load_encoder(folder / "repa_encoder.pt")
@@ -230,7 +246,8 @@ def build_assets(folder: Path, spec: dict, tokens: torch.Tensor, labels: torch.T
                          f"(spec or hash differ); delete the folder to rebuild them")
     folder.mkdir(parents=True, exist_ok=True)
     _, n, c = x.shape
-    classes = int(y.max()) + 1
+    y = labels.float() if labels.dim() == 2 else y  # multi-hot targets: one logit per entry
+    classes = y.shape[1] if y.dim() == 2 else int(y.max()) + 1
     torch.manual_seed(1234)
     fd = EXTRACTORS[extractor](n, c, classes)
     fd_info = train_classifier(fd, fd, x, y, seed=1234, steps=steps, noise=noise)

@@ -12,9 +12,11 @@ trainer's last). Methods differ only in config and all run through the same ``Tr
 
 and, on request (``--methods ...,repa_label_free``), REPA with a frozen encoder trained without
 labels (:mod:`evaluators`: a masked autoencoder of the same architecture). The default REPA
-encoder is a classifier of the task's training data with the word index as its label (what the
-store's ``labels`` field holds for both word sources), trained once by
-:func:`evaluators.build_assets` and reused (its SHA-256 goes into every result).
+encoder is a classifier of the task's training data, trained once by
+:func:`evaluators.build_assets` and reused (its SHA-256 goes into every result): of the spoken
+word's index for speech, of the rendered word's *letters* (multi-hot) for text rendering, whose
+160 words with ~25 renders each a small network cannot tell apart from one render (held-out
+accuracy at chance) while their letters recur across words (``Task.targets``).
 
 Tasks (``--task``):
 
@@ -39,7 +41,8 @@ fixed sampling seed (every run starts from the same noise); then
   recorded); generated tokens are clamped to the real range first;
 - a linear probe per block of the latent stream (:func:`selfflow_core.eval.diagnostics.
   probe_layers`: ``--probe-samples`` training samples with the empty prompt, so the probe reads
-  what the network inferred from the data rather than the prompt; word index as the label; at
+  what the network inferred from the data rather than the prompt; the word index as the label
+  (text rendering: the word's first letter); at
   ``t = --probe-t``; 30 % held out) and the features' effective rank;
 - at the last step, the flow loss in 5 buckets of t on the held-out reference with its captions.
 
@@ -146,13 +149,44 @@ class Task:
     sizes: str
     extractor: str = "conv"
     asset_noise: float = 0.05
+    #: the targets the FD extractor, REPA's encoder and the probes are trained on, from the
+    #: store's labels (the word index): ``"word"`` itself, or ``"letters"``, the 26 letters of
+    #: the word (multi-hot; the probes: its first letter). Rendered words are too many, with too
+    #: few renders each, for a small network to tell apart from one render (held-out accuracy at
+    #: chance), while their letters recur across words.
+    targets: str = "word"
+
+
+def letters_of(labels: np.ndarray) -> np.ndarray:
+    """Word indices of the text-rendering vocabulary -> multi-hot ``[B, 26]`` of their letters."""
+    from selfflow_image.words import VOCABULARY
+
+    out = np.zeros((len(labels), 26), dtype=np.float32)
+    for i, w in enumerate(np.asarray(labels).reshape(-1)):
+        out[i, [ord(ch) - ord("a") for ch in VOCABULARY[int(w)]]] = 1.0
+    return out
+
+
+def asset_targets(task: Task, labels: np.ndarray) -> torch.Tensor:
+    """What the fixed FD extractor and REPA's encoder learn to predict (see ``Task.targets``)."""
+    return torch.from_numpy(letters_of(labels) if task.targets == "letters"
+                            else np.asarray(labels).astype(np.int64))
+
+
+def probe_targets(task: Task, labels: np.ndarray) -> torch.Tensor:
+    """The class each probed sample is probed for: the word, or its first letter."""
+    if task.targets == "letters":
+        from selfflow_image.words import VOCABULARY
+
+        return torch.tensor([ord(VOCABULARY[int(w)][0]) - ord("a") for w in labels])
+    return torch.from_numpy(np.asarray(labels).astype(np.int64))
 
 
 TASKS = {
     "t2i_words": Task("t2i_words", "selfflow_image.presets", "t2i_words", "words_heldout",
                       ("exact_match", "char_accuracy"), "char_accuracy",
                       ("exact_match", "char_accuracy"), (),
-                      "1+2x32,1+3x48,1+4x64,2+6x96"),
+                      "1+2x32,1+3x48,1+4x64,2+6x96", targets="letters"),
     "t2a_words": Task("t2a_words", "selfflow_audio.presets", "t2a_words", "spoken_words_heldout",
                       ("word_acc", "pitch_acc", "speed_acc"), "word_acc", ("word_acc",),
                       ("pitch_acc", "speed_acc"), "1+1x48,1+2x64,1+2x96,2+4x128"),
@@ -292,7 +326,8 @@ class PromptEvaluator:
             np.arange(self.job["loss_samples"]))
         loss = adapter.tokenize(numeric(held))
         loss = with_text(loss, text.encode([str(c) for c in held["captions"][:, 0]]))
-        return (probe.to(device), torch.from_numpy(train["labels"]).long(), loss.to(device))
+        return (probe.to(device), probe_targets(TASKS[self.job["task"]], train["labels"]),
+                loss.to(device))
 
     def sample(self, trainer, model):
         from selfflow_core.eval.samples import generate
@@ -730,12 +765,12 @@ def main(argv: list[str] | None = None) -> dict:
     train_tokens = adapter.tokenize(numeric(train)).tokens
     held_tokens = adapter.tokenize(numeric(held)).tokens
 
-    # the fixed evaluators: the FD extractor and REPA's encoders (word index as the label), the
+    # the fixed evaluators: the FD extractor and REPA's encoders (trained on Task.targets), the
     # prompt evaluator (fitted here, once, before any run needs it)
     folder = Path(args.assets) / preset_name
     meta = build_assets(folder, {"task": task.name, "preset": preset_name,
                                  "source": spec.source},
-                        train_tokens, torch.from_numpy(train["labels"]),
+                        train_tokens, asset_targets(task, train["labels"]),
                         extractor=task.extractor, steps=args.asset_steps, noise=task.asset_noise,
                         label_free=LABEL_FREE in {*args.methods, *args.sweep_methods})
     evaluator = pin_evaluator(task, args.evaluator, adapter)
@@ -766,6 +801,8 @@ def main(argv: list[str] | None = None) -> dict:
             "clamp": clamp, "probe_index": probe_index, "probe_t": args.probe_t,
             "loss_samples": min(args.loss_samples, args.reference), "prompts": prompts,
             "sampling": sampling, "grid": args.grid, "device": args.device}
+    targets = {"letters": "the word's letters: multi-hot, held-out accuracy as Jaccard",
+               "word": "the word index"}[task.targets]
     jobs = plan_runs(args, base, sweeps, main_size)
     todo = sorted(jobs.values(), key=lambda j: -j["steps"] * (j["size"][0] + j["size"][1])
                   * j["size"][2] ** 2)
@@ -773,7 +810,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"each); evaluator ({args.evaluator}) SHA-256 {evaluator['sha256'][:12]}: ceiling "
           f"{evaluation['ceiling']}, chance {evaluation['chance']}; FD extractor held-out acc "
           f"{meta['fd_extractor']['heldout_acc']:.3f}, REPA encoder held-out acc "
-          f"{meta['repa_encoder']['heldout_acc']:.3f} (word index of the training words)",
+          f"{meta['repa_encoder']['heldout_acc']:.3f} ({targets})",
           flush=True)
     # finished runs are appended to a partial file; --resume skips them (same settings: the
     # preset's whole config, the evaluation and the evaluators)
@@ -822,9 +859,10 @@ def main(argv: list[str] | None = None) -> dict:
                "extractor_architecture": task.extractor,
                "extractor_sha256": meta["fd_extractor"]["sha256"],
                "extractor_heldout_acc": meta["fd_extractor"]["heldout_acc"],
-               "extractor_training": "classifier of the training data's word index",
+               "extractor_training": "classifier of the training data: " + targets,
                "real_vs_real_fd_at_n": floor, "real_vs_real_n": n_floor},
-        "probe": {"t": args.probe_t, "prompt_to_model": "empty prompt", "labels": "word index",
+        "probe": {"t": args.probe_t, "prompt_to_model": "empty prompt",
+                  "labels": "first letter" if task.targets == "letters" else "word index",
                   "pooling": "mean over the latent stream", "holdout": 0.3,
                   "probe": "closed-form ridge 1e-2 on standardised features",
                   "samples": int(len(probe_index)), "data": "training store, evenly spread"},
@@ -838,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repa": {"encoder": base["encoder"], "encoder_sha256": base["encoder_sha256"],
                  "gamma": 0.5, "feature_dim": REPA_FEATURES,
                  "encoder_heldout_acc": meta["repa_encoder"]["heldout_acc"],
-                 "encoder_training": "classifier of the training data (word index labels)",
+                 "encoder_training": "classifier of the training data: " + targets,
                  "projector_hidden": args.repa_hidden or 2048,
                  **({"label_free_encoder_sha256": meta[LABEL_FREE_KEY]["sha256"],
                      "label_free_encoder_training": meta[LABEL_FREE_KEY]["objective"]}

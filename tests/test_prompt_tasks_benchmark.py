@@ -317,3 +317,34 @@ def test_summarize_by_hand():
     assert s["methods"]["vanilla"]["fewer_steps_vs_vanilla"]["acc"] == pytest.approx(1.0)
     assert s["methods"]["vanilla"]["gap_vs_vanilla"] == {}
     assert s["methods"]["selfflow"]["probe_curves"]["layer1"][-1][1] == pytest.approx(0.05)
+
+
+def test_text_rendering_assets_learn_the_words_letters():
+    import torch
+    from evaluators import jaccard
+    from prompt_tasks import TASKS, asset_targets, letters_of, probe_targets
+
+    from selfflow_image.words import VOCABULARY
+
+    cat, moon = VOCABULARY.index("cat"), VOCABULARY.index("moon")
+    got = letters_of(np.array([cat, moon]))
+    assert got.shape == (2, 26) and got[0].sum() == 3 and got[1].sum() == 3  # m, o, n
+    assert got[0, [2, 0, 19]].tolist() == [1, 1, 1] and got[1, ord("o") - 97] == 1
+    task = TASKS["t2i_words"]
+    assert asset_targets(task, np.array([cat])).dtype == torch.float32
+    assert probe_targets(task, np.array([cat, moon])).tolist() == [2, 12]   # c, m
+    assert asset_targets(TASKS["t2a_words"], np.array([3])).tolist() == [3]
+    pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]).bool()
+    true = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]]).bool()
+    assert jaccard(pred, true) == pytest.approx((1 / 3 + 1 + 1) / 3)
+
+
+def test_assets_train_on_multi_hot_targets(tmp_path):
+    import torch
+    from evaluators import build_assets
+
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, 6, generator=g) < 0.3).float()
+    x = torch.randn(400, 4, 6, generator=g) * 0.1 + y[:, None, :]   # the targets, in plain sight
+    meta = build_assets(tmp_path, {"task": "test"}, x, y, extractor="conv", steps=300)
+    assert meta["fd_extractor"]["heldout_acc"] > 0.8 and meta["repa_encoder"]["heldout_acc"] > 0.8
