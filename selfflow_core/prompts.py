@@ -159,6 +159,8 @@ class WithTextEmbeddings:
         self.adapter, self.text_encoder = adapter, encoder
 
     def __getattr__(self, name):
+        if name in ("adapter", "text_encoder"):  # not set yet (while unpickling)
+            raise AttributeError(name)
         return getattr(self.adapter, name)
 
     def fields(self):

@@ -473,3 +473,14 @@ def test_the_empty_prompt_fits_the_batch_and_keeps_pooled_vectors():
     too_long = TextEncoding(embeddings=torch.ones(1, 20, 8), mask=torch.ones(1, 20).bool())
     with pytest.raises(ValueError, match="more than the batch's 16"):
         empty_prompt(batch, too_long)
+
+
+def test_an_adapter_with_text_embeddings_pickles_for_encode_workers():
+    import pickle
+
+    from selfflow_core.prompts import WithTextEmbeddings
+
+    adapter = WithTextEmbeddings(CAPTIONED.build(), FrozenBytes())
+    again = pickle.loads(pickle.dumps(adapter))
+    assert again.fields().keys() == adapter.fields().keys()
+    assert again.encoder_info() == adapter.encoder_info()
