@@ -323,7 +323,6 @@ def test_text_rendering_assets_learn_the_words_letters():
     import torch
     from evaluators import jaccard
     from prompt_tasks import TASKS, asset_targets, letters_of, probe_targets
-
     from selfflow_image.words import VOCABULARY
 
     cat, moon = VOCABULARY.index("cat"), VOCABULARY.index("moon")
