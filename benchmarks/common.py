@@ -23,6 +23,13 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+#: the methods the convergence benchmarks compare, as configs of one trainer
+METHODS = ("vanilla", "dts", "selfflow", "repa")
+#: REPA with the label-free encoder: not a default method (its encoder is trained on first use)
+LABEL_FREE = "repa_label_free"
+REPA_METHODS = ("repa", LABEL_FREE)
+
+
 def machine() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),

@@ -69,6 +69,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
+    LABEL_FREE,
+    METHODS,
+    REPA_METHODS,
     RESULTS,
     curve_mean,
     eval_steps,
@@ -83,12 +86,6 @@ from evaluators import LABEL_FREE_FILE, LABEL_FREE_KEY, REPA_FEATURES, build_ass
 from plots import plot_convergence
 
 from selfflow_core.plugins.hookspecs import hookimpl
-
-METHODS = ("vanilla", "dts", "selfflow", "repa")
-#: REPA with the label-free encoder: not a default method (its encoder is trained on first use)
-LABEL_FREE = "repa_label_free"
-REPA_METHODS = ("repa", LABEL_FREE)
-
 
 # ---- modalities --------------------------------------------------------------------------------
 

@@ -107,6 +107,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
+    LABEL_FREE,
+    METHODS,
+    REPA_METHODS,
     RESULTS,
     curve_mean,
     eval_steps,
@@ -123,9 +126,6 @@ from plots import plot_prompt_tasks, plot_sample_grid
 
 from selfflow_core.plugins.hookspecs import hookimpl
 
-METHODS = ("vanilla", "dts", "selfflow", "repa")
-LABEL_FREE = "repa_label_free"
-REPA_METHODS = ("repa", LABEL_FREE)
 EVALUATOR_SIZES = ("default", "small", "tiny")
 
 

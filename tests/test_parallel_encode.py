@@ -18,6 +18,7 @@ import attrs
 import numpy as np
 import pytest
 import zarr
+from toys import FailingToy
 
 import selfflow_core.cli.main as cli
 from selfflow_core.builtin.toy import ToyModality
@@ -291,18 +292,6 @@ COUNT = 300
 TOY = ToyModality.Config(count=COUNT)
 
 
-class FailingToy(ToyModality):
-    """The toy modality whose encoder raises at its ``fail_at``-th call."""
-
-    def __init__(self, config, fail_at: int) -> None:
-        super().__init__(config)
-        self.calls, self.fail_at = 0, fail_at
-
-    def encode(self, raw):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("encoder died")
-        return raw
 
 
 def encode(path, adapter=None, **kw):

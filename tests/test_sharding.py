@@ -20,6 +20,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
+from toys import FailingToy
 from zarr.abc.store import RangeByteRequest
 from zarr.storage import LocalStore, MemoryStore
 
@@ -158,18 +159,6 @@ def test_committed_advances_by_whole_shards_and_finish_writes_the_last(tmp_path)
     assert len(open_store(tmp_path / "s.zarr")) == COUNT
 
 
-class FailingToy(ToyModality):
-    """The toy whose encoder raises at its ``fail_at``-th call."""
-
-    def __init__(self, config, fail_at: int) -> None:
-        super().__init__(config)
-        self.calls, self.fail_at = 0, fail_at
-
-    def encode(self, raw):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("encoder died")
-        return raw
 
 
 def test_an_interrupted_sharded_encode_resumes_to_the_same_store(sharded, tmp_path):

@@ -23,6 +23,7 @@ import attrs
 import numpy as np
 import pytest
 import zarr
+from toys import FailingToy
 
 import selfflow_core.cli.main as cli
 from selfflow_core.builtin.dit import DiT
@@ -48,6 +49,7 @@ from selfflow_core.trainer import Trainer
 
 COUNT, BATCH, CHUNK = 300, 64, 32
 TOY = ToyModality.Config(tokens=8, channels=4, classes=4, count=COUNT)
+DIES = "cannot decode sample"  # what the failing encoder raises
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -99,18 +101,6 @@ def cli_run(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
-class FailingToy(ToyModality):
-    """The toy whose encoder raises at its ``fail_at``-th call."""
-
-    def __init__(self, config, fail_at: int) -> None:
-        super().__init__(config)
-        self.calls, self.fail_at = 0, fail_at
-
-    def encode(self, raw):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("cannot decode sample")
-        return raw
 
 
 class Without(Source):
@@ -178,7 +168,7 @@ def test_repair_of_an_interrupted_store_then_resumes(tmp_path):
     last one): refused on resume (it would be marked complete), repaired with ``repair``."""
     path = tmp_path / "s.zarr"
     with pytest.raises(RuntimeError):
-        encode(path, FailingToy(TOY, fail_at=3))
+        encode(path, FailingToy(TOY, fail_at=3, message=DIES))
     assert zarr.open_group(str(path), mode="r").attrs["committed"] == 2 * BATCH
     flip(chunk_file(path, 1))
     with pytest.raises(StoreError, match=r"chunk 1 \(samples 32..63\) is unreadable"):
@@ -244,7 +234,7 @@ def test_cli_encode_refuses_a_damaged_store_and_repairs_it(capsys, tmp_path):
 def test_interrupted_encode_resumes_from_a_changed_source_that_yields_the_same_samples(tmp_path):
     path = tmp_path / "s.zarr"
     with pytest.raises(RuntimeError, match="cannot decode"):
-        encode(path, FailingToy(TOY, fail_at=3))  # 128 committed
+        encode(path, FailingToy(TOY, fail_at=3, message=DIES))  # 128 committed
     fixed = ToyWithout(TOY, drop=250)  # "the cause removed": a later sample left out
     store = encode(path, fixed)
     assert len(store) == COUNT - 1 and check_store(path) == []
@@ -257,7 +247,7 @@ def test_interrupted_encode_resumes_from_a_changed_source_that_yields_the_same_s
 def test_interrupted_encode_from_a_source_that_no_longer_yields_its_samples_is_refused(tmp_path):
     path = tmp_path / "s.zarr"
     with pytest.raises(RuntimeError):
-        encode(path, FailingToy(TOY, fail_at=3))
+        encode(path, FailingToy(TOY, fail_at=3, message=DIES))
     before = digest(path)
     with pytest.raises(StoreError) as e:
         encode(path, ToyWithout(TOY, drop=5))  # a committed sample left out: the rest shifts
@@ -355,7 +345,7 @@ def test_store_check_shows_the_schema_then_ok(capsys, tmp_path):
 def test_store_check_of_an_incomplete_compressed_store(capsys, tmp_path):
     path = tmp_path / "s.zarr"
     with pytest.raises(RuntimeError):
-        encode(path, FailingToy(TOY, fail_at=2), compressor="zstd")
+        encode(path, FailingToy(TOY, fail_at=2, message=DIES), compressor="zstd")
     lines = describe_store(path)
     assert any(line.startswith("samples: 64 committed, incomplete") for line in lines), lines
     assert "field latents: [8, 4] float32, chunks of 32 samples, compressor zstd level 3, " \
