@@ -30,7 +30,11 @@ from selfflow_robotics.language import (
     reset_states,
     scenes_of,
 )
-from selfflow_robotics.language_eval import distractor_expert, follow_scores
+from selfflow_robotics.language_eval import (
+    LearnedLanguageModel,
+    distractor_expert,
+    follow_scores,
+)
 from selfflow_robotics.presets import LANGUAGE_PROMPTS, language, language_debug_tiny
 from selfflow_robotics.render import pixel_of, render_reacher, render_scene
 from selfflow_robotics.scene import (
@@ -338,6 +342,33 @@ class TestRoboticsLanguagePlugin(ModalityPluginContract):
         assert scores["prompts"] == 6 and scores["named"] == 1.0
         assert 0.0 <= scores["chunk_follow_rate"] <= 1.0
         assert evaluate_run(run, Components(), count=6, steps=2) == res  # deterministic
+
+    def test_closed_loop_guidance_is_against_the_encoders_empty_prompt(self, debug_tiny_run,
+                                                                        one_thread):
+        model = LearnedLanguageModel(debug_tiny_run.root / "run", steps=1, cfg_scale=2.0)
+        byte_encode = model.text.encode
+
+        def encode(captions):  # an encoder whose "" is a real token, as T5's end token
+            out = byte_encode(captions)
+            for i, caption in enumerate(captions):
+                if caption == "":
+                    out.ids[i, 0], out.mask[i, 0] = 47, True
+            return out
+
+        model.text.encode = encode
+        calls, forward = [], model.model.forward
+
+        def spy(x, t, batch, **kw):
+            calls.append(batch)
+            return forward(x, t, batch, **kw)
+
+        model.model.forward = spy
+        frames = model.adapter.heldout_initial_frames(2)
+        model.sample_instructed(frames, list(LANGUAGE_PROMPTS[:2]))
+        empty = encode([""])
+        assert calls and all(torch.equal(c.text_ids[2:].cpu(), empty.ids.expand(2, -1))
+                             and torch.equal(c.text_mask[2:].cpu(), empty.mask.expand(2, -1))
+                             for c in calls)
 
     def test_closed_loop_following_instructions(self, debug_tiny_run, one_thread, capsys):
         out = debug_tiny_run.root / "language-eval.json"

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from selfflow_core import TokenBatch, sample
+from selfflow_core.prompts import empty_encoding
 from selfflow_robotics.evaluate import LearnedWorldModel, _step_of
 from selfflow_robotics.instructions import NAMINGS, instruction
 from selfflow_robotics.language import RoboticsLanguageModality, reset_states, scenes_of
@@ -61,7 +62,8 @@ class LearnedLanguageModel(LearnedWorldModel):
     """A trained ``robotics_language`` run: :meth:`sample_instructed` generates frames and
     actions from current frames and instructions; :meth:`policy` is the closed-loop policy of a
     list of scenes and their instructions. ``cfg_scale``: the guidance against the empty prompt
-    (default: the run's ``sampling.cfg_scale``); the other options are
+    (default: the run's ``sampling.cfg_scale``), the unconditional half of each guided call
+    holding the text encoder's encoding of ``""``, as the run's own samples; the other options are
     :class:`~selfflow_robotics.evaluate.LearnedWorldModel`'s."""
 
     def __init__(self, checkpoint_path: str | Path, *, cfg_scale: float | None = None,
@@ -92,7 +94,8 @@ class LearnedLanguageModel(LearnedWorldModel):
             prompt = _with_text(prompt, self.text.encode(list(prompts[start:start + len(part)])))
             tokens = sample(self.model, prompt, steps=self.steps, method=self.method,
                             shift=self.shift, cfg_scale=self.cfg_scale,
-                            generator=self.generator, condition_t=self.condition_t)
+                            generator=self.generator, condition_t=self.condition_t,
+                            empty_text=empty_encoding(self.text))
             f, a = self.adapter.split(tokens.float().cpu())
             outs_f.append(f)
             outs_a.append(a)
