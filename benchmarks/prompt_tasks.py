@@ -16,7 +16,10 @@ encoder is a classifier of the task's training data, trained once by
 :func:`evaluators.build_assets` and reused (its SHA-256 goes into every result): of the spoken
 word's index for speech, of the rendered word's *letters* (multi-hot) for text rendering, whose
 160 words with ~25 renders each a small network cannot tell apart from one render (held-out
-accuracy at chance) while their letters recur across words (``Task.targets``).
+accuracy at chance) while their letters recur across words (``Task.targets``). For text
+rendering both the REPA encoder and the FD extractor are 2-D convolutional networks over the
+image the tokens were cut from (the image adapter's own ``unpatchify``); the encoder's feature
+of token ``i`` is read from the conv map at token ``i``'s patch (``Task.encoder``).
 
 Tasks (``--task``):
 
@@ -85,6 +88,10 @@ The fixed evaluators (``--evaluator default``: the modalities' own, trained once
 under ``$SELFFLOW_CACHE``, ~5 min for the OCR reader) are fitted in the main process before any
 run starts; ``small`` and ``tiny`` are smaller ones for looks and tests (their numbers are not
 comparable with the default's; the settings and SHA-256 of the one used are in the JSON).
+So are the FD extractor and REPA encoder (``--assets``, one folder per preset; for t2i_words
+~75 s and ~85 s at the default 600 ``--asset-steps``, one thread); their held-out and
+training-split accuracy (Jaccard of the letters for text rendering) and training time are
+printed before the runs and kept in the JSON (``assets``, ``protocol.fd``, ``protocol.repa``).
 """
 
 from __future__ import annotations
@@ -136,7 +143,8 @@ class Task:
     """What the benchmark fixes per task: the preset (module and function), the held-out source,
     the prompt metrics (all higher-is-better; ``primary`` leads the figures and sweeps), which
     of them are about the word (their chance level is measured) and which are binary (chance
-    0.5), the default sweep sizes and the FD extractor's architecture."""
+    0.5), the default sweep sizes and the FD extractor's and REPA encoder's architectures
+    (:data:`evaluators.EXTRACTORS`, :data:`evaluators.ENCODERS`)."""
 
     name: str
     module: str
@@ -148,6 +156,7 @@ class Task:
     binary_metrics: tuple[str, ...]
     sizes: str
     extractor: str = "conv"
+    encoder: str = "token"
     asset_noise: float = 0.05
     #: the targets the FD extractor, REPA's encoder and the probes are trained on, from the
     #: store's labels (the word index): ``"word"`` itself, or ``"letters"``, the 26 letters of
@@ -186,7 +195,8 @@ TASKS = {
     "t2i_words": Task("t2i_words", "selfflow_image.presets", "t2i_words", "words_heldout",
                       ("exact_match", "char_accuracy"), "char_accuracy",
                       ("exact_match", "char_accuracy"), (),
-                      "1+2x32,1+3x48,1+4x64,2+6x96", targets="letters"),
+                      "1+2x32,1+3x48,1+4x64,2+6x96", extractor="image_conv",
+                      encoder="image_conv", targets="letters"),
     "t2a_words": Task("t2a_words", "selfflow_audio.presets", "t2a_words", "spoken_words_heldout",
                       ("word_acc", "pitch_acc", "speed_acc"), "word_acc", ("word_acc",),
                       ("pitch_acc", "speed_acc"), "1+1x48,1+2x64,1+2x96,2+4x128"),
@@ -639,6 +649,13 @@ def print_report(summary: dict, args, evaluation: dict, floor: list[float]) -> N
 
 # ---- main ----------------------------------------------------------------------------------------
 
+def asset_quality(info: dict) -> str:
+    """An FD extractor's or REPA encoder's record as printed: its held-out and training-split
+    accuracy (Jaccard for multi-hot targets) and, when recorded, its training time."""
+    took = f" in {info['seconds']:.0f}s" if "seconds" in info else ""
+    return f"held-out acc {info['heldout_acc']:.3f} (train {info['train_acc']:.3f}{took})"
+
+
 def read_all(store) -> dict:
     return store.read(np.arange(len(store)))
 
@@ -771,7 +788,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = build_assets(folder, {"task": task.name, "preset": preset_name,
                                  "source": spec.source},
                         train_tokens, asset_targets(task, train["labels"]),
-                        extractor=task.extractor, steps=args.asset_steps, noise=task.asset_noise,
+                        extractor=task.extractor, encoder=task.encoder, steps=args.asset_steps,
+                        noise=task.asset_noise, unpatchify=adapter.unpatchify,
                         label_free=LABEL_FREE in {*args.methods, *args.sweep_methods})
     evaluator = pin_evaluator(task, args.evaluator, adapter)
     evaluation = chance_and_ceiling(task, adapter,
@@ -808,10 +826,9 @@ def main(argv: list[str] | None = None) -> dict:
                   * j["size"][2] ** 2)
     print(f"{len(todo)} runs ({task.name}, preset {preset_name}, {args.jobs} parallel, 1 thread "
           f"each); evaluator ({args.evaluator}) SHA-256 {evaluator['sha256'][:12]}: ceiling "
-          f"{evaluation['ceiling']}, chance {evaluation['chance']}; FD extractor held-out acc "
-          f"{meta['fd_extractor']['heldout_acc']:.3f}, REPA encoder held-out acc "
-          f"{meta['repa_encoder']['heldout_acc']:.3f} ({targets})",
-          flush=True)
+          f"{evaluation['ceiling']}, chance {evaluation['chance']}; FD extractor "
+          f"({task.extractor}) {asset_quality(meta['fd_extractor'])}, REPA encoder "
+          f"({task.encoder}) {asset_quality(meta['repa_encoder'])} ({targets})", flush=True)
     # finished runs are appended to a partial file; --resume skips them (same settings: the
     # preset's whole config, the evaluation and the evaluators)
     fixed = {k: getattr(args, k) for k in ("task", "preset", "batch", "lr", "samples",
@@ -820,7 +837,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            "evaluator", "asset_steps", "device")}
     tag = hashlib.sha256(json.dumps(
         [fixed, to_data(conv, preset), to_data(conv, sampling), meta["fd_extractor"]["sha256"],
-         evaluator["sha256"]], sort_keys=True, default=str).encode()).hexdigest()[:12]
+         meta["repa_encoder"]["sha256"], evaluator["sha256"]], sort_keys=True,
+        default=str).encode()).hexdigest()[:12]
     partial = work / f"partial-{tag}.jsonl"
     p = args.primary
     results, trained = run_jobs(
@@ -859,6 +877,7 @@ def main(argv: list[str] | None = None) -> dict:
                "extractor_architecture": task.extractor,
                "extractor_sha256": meta["fd_extractor"]["sha256"],
                "extractor_heldout_acc": meta["fd_extractor"]["heldout_acc"],
+               "extractor_train_acc": meta["fd_extractor"]["train_acc"],
                "extractor_training": "classifier of the training data: " + targets,
                "real_vs_real_fd_at_n": floor, "real_vs_real_n": n_floor},
         "probe": {"t": args.probe_t, "prompt_to_model": "empty prompt",
@@ -875,7 +894,9 @@ def main(argv: list[str] | None = None) -> dict:
                           "seed's vanilla run",
         "repa": {"encoder": base["encoder"], "encoder_sha256": base["encoder_sha256"],
                  "gamma": 0.5, "feature_dim": REPA_FEATURES,
+                 "encoder_architecture": task.encoder,
                  "encoder_heldout_acc": meta["repa_encoder"]["heldout_acc"],
+                 "encoder_train_acc": meta["repa_encoder"]["train_acc"],
                  "encoder_training": "classifier of the training data: " + targets,
                  "projector_hidden": args.repa_hidden or 2048,
                  **({"label_free_encoder_sha256": meta[LABEL_FREE_KEY]["sha256"],

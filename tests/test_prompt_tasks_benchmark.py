@@ -102,6 +102,13 @@ def test_t2i_every_method_end_to_end(t2i):
     assert pm["evaluator"]["sha256"] == payload["evaluator"]["sha256"]
     assert set(pm["ceiling"]) == set(pm["chance"]) == {"exact_match", "char_accuracy"}
     assert protocol["fd"]["extractor_sha256"] == payload["assets"]["fd_extractor"]["sha256"]
+    # text rendering: both assets are the 2-D conv networks over the image, their quality kept
+    assert protocol["fd"]["extractor_architecture"] == "image_conv"
+    assert protocol["repa"]["encoder_architecture"] == "image_conv"
+    for k in ("extractor_heldout_acc", "extractor_train_acc"):
+        assert 0 <= protocol["fd"][k] <= 1
+    assert saved["assets"]["repa_encoder"]["architecture"] == "image_conv"
+    assert saved["assets"]["repa_encoder"]["seconds"] > 0
     assert protocol["sampling"]["count"] == 8 and protocol["sampling"]["steps"] == 2
     # the sample grid: the same held-out prompts for every method, at the same step
     listings = {m: json.loads((out / "prompt_tasks_t2i_words_samples" / m / "prompts.json")
@@ -347,3 +354,99 @@ def test_assets_train_on_multi_hot_targets(tmp_path):
     x = torch.randn(400, 4, 6, generator=g) * 0.1 + y[:, None, :]   # the targets, in plain sight
     meta = build_assets(tmp_path, {"task": "test"}, x, y, extractor="conv", steps=300)
     assert meta["fd_extractor"]["heldout_acc"] > 0.8 and meta["repa_encoder"]["heldout_acc"] > 0.8
+
+
+# ---- the image networks of the text-rendering assets ---------------------------------------------
+
+def words_adapter():
+    from selfflow_image.presets import t2i_words
+
+    return t2i_words().modalities["image"].modality.build()
+
+
+def test_image_networks_read_the_adapters_image():
+    import torch
+    from evaluators import FD_FEATURES, REPA_FEATURES, ImageConvEncoder, ImageConvExtractor
+
+    adapter = words_adapter()
+    n, c = adapter.num_tokens, adapter.token_dim
+    assert (n, c) == (64, 48)
+    tokens = torch.randn(3, n, c, generator=torch.Generator().manual_seed(0))
+    fd = ImageConvExtractor(n, c, 26, adapter.unpatchify).eval()
+    enc = ImageConvEncoder(n, c, 26, adapter.unpatchify).eval()
+    for net in (fd, enc):  # the un-patchify round trip: the adapter's very image
+        assert torch.equal(net.conv.image(tokens), adapter.unpatchify(tokens))
+        assert torch.equal(net.conv.image(adapter.patchify(adapter.unpatchify(tokens))),
+                           adapter.unpatchify(tokens))
+    assert fd(tokens).shape == (3, FD_FEATURES)
+    assert enc(tokens).shape == (3, n, REPA_FEATURES)
+    assert enc.pooled(tokens).shape == (3, REPA_FEATURES)
+
+
+def test_image_encoder_feature_of_a_token_comes_from_its_patch():
+    """Changing the pixels of one patch of the image (cut into tokens by the adapter) changes
+    the encoder's feature of that patch's token and of no token further than its receptive
+    field (two patches) away, wherever the patch is: the features are in the tokens' order."""
+    import torch
+    from evaluators import ImageConvEncoder
+
+    adapter = words_adapter()
+    torch.manual_seed(0)
+    enc = ImageConvEncoder(adapter.num_tokens, adapter.token_dim, None, adapter.unpatchify)
+    enc.eval()
+    pos = adapter.positions(1)[0]  # (row, col) of every token on the grid
+    p = adapter.config.patch
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    base = enc(adapter.patchify(image))
+    for r, col in [(0, 7), (7, 0), (3, 5), (0, 0), (7, 7)]:
+        changed = image.clone()
+        changed[..., r * p:(r + 1) * p, col * p:(col + 1) * p] = torch.rand(
+            1, 3, p, p, generator=g) * 2 - 1
+        moved = (enc(adapter.patchify(changed)) - base).abs().amax(-1) > 1e-6  # [1, N]
+        dist = (pos - torch.tensor([r, col], dtype=pos.dtype)).abs().amax(-1)
+        own = int(torch.nonzero(dist == 0))
+        assert moved[0, own], (r, col)
+        assert not moved[0, dist > 2].any(), (r, col)
+        assert moved[0].sum() > 1  # its neighbours see it too
+
+
+def test_image_networks_refuse_a_layout_that_is_not_patches():
+    import torch
+    from evaluators import ImageConvEncoder, make_net
+
+    with pytest.raises(ValueError, match="square patches"):  # tokens as chunks of the raw array
+        ImageConvEncoder(64, 48, None, lambda t: t.reshape(len(t), 3, 32, 32))
+    with pytest.raises(ValueError, match="unpatchify"):
+        make_net(ImageConvEncoder, 64, 48, None)
+    assert make_net(ImageConvEncoder, 64, 48, None, words_adapter().unpatchify)(
+        torch.zeros(1, 64, 48)).shape == (1, 64, 32)
+
+
+def test_image_assets_learn_multi_hot_targets_in_plain_sight(tmp_path):
+    import torch
+    from evaluators import build_assets
+
+    from selfflow_core.tokens import patchify, unpatchify
+
+    def unpatch(t):
+        return unpatchify(t, (2, 2), (3, 8, 8))
+
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, 6, generator=g) < 0.3).float()
+    marks = torch.randn(6, 3, 8, 8, generator=g)
+    images = torch.einsum("bk,kchw->bchw", y, marks) + 0.1 * torch.randn(400, 3, 8, 8,
+                                                                         generator=g)
+    x = patchify(images, (2, 2))
+    meta = build_assets(tmp_path, {"task": "test"}, x, y, extractor="image_conv",
+                        encoder="image_conv", steps=200, unpatchify=unpatch, label_free=True)
+    for k in ("fd_extractor", "repa_encoder"):
+        assert meta[k]["heldout_acc"] > 0.8 and meta[k]["train_acc"] > 0.8, meta[k]
+        assert meta[k]["architecture"] == "image_conv" and meta[k]["seconds"] > 0
+    assert meta["spec"]["encoder"] == "image_conv"
+    # the label-free encoder: the same architecture, trained without the labels
+    assert meta["repa_encoder_label_free"]["architecture"] == "ImageConvEncoder"
+    # the same folder with the token encoder: other assets, refused rather than reused
+    with pytest.raises(SystemExit, match="do not match"):
+        build_assets(tmp_path, {"task": "test"}, x, y, extractor="image_conv", steps=200,
+                     unpatchify=unpatch)
