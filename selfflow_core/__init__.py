@@ -81,6 +81,7 @@ from selfflow_core.plugins.declare import modality_plugin_hooks
 from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.plugins.registry import PresetRegistry, Registry
+from selfflow_core.prompts import empty_encoding
 from selfflow_core.runtime.checkpoint import latest as latest_checkpoint
 from selfflow_core.sampling import SamplingConfig, sample
 from selfflow_core.teachers import EMATeacher, NoTeacher
@@ -113,7 +114,8 @@ __all__ = [
     "velocity_target",
     # run
     "LoaderSource", "Trainer", "build_loader", "check_store", "encode_store", "latest_checkpoint",
-    "load_for_sampling", "open_store", "sample", "sample_checkpoint", "TILE_SEPARATOR",
+    "load_for_sampling", "open_store", "empty_encoding", "sample", "sample_checkpoint",
+    "TILE_SEPARATOR",
     "tile_images", "to_uint8", "upscale", "EvaluatorCache", "default_cache_dir", "settings_key",
     "weights_sha256",
     # errors

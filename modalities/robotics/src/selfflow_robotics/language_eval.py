@@ -32,8 +32,7 @@ import attrs
 import numpy as np
 import torch
 
-from selfflow_core import TokenBatch, sample
-from selfflow_core.prompts import empty_encoding
+from selfflow_core import TokenBatch, empty_encoding, sample
 from selfflow_robotics.evaluate import LearnedWorldModel, _step_of
 from selfflow_robotics.instructions import NAMINGS, instruction
 from selfflow_robotics.language import RoboticsLanguageModality, reset_states, scenes_of
