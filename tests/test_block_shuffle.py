@@ -4,8 +4,10 @@ well it mixes against the full shuffle and a sequential read."""
 
 from __future__ import annotations
 
+import collections
 import io
 import json
+import threading
 
 import attrs
 import numpy as np
@@ -19,6 +21,7 @@ from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.config.run import CheckpointConfig, TrainerConfig
 from selfflow_core.config.validate import ADDED_KEYS, config_drift
+from selfflow_core.data import loader as loader_module
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
 from selfflow_core.data.loader import LoaderSource, _Shards, block_samples, build_loader
 from selfflow_core.data.store import StoreError, StoreWriter, open_store
@@ -168,18 +171,22 @@ def test_reader_gathers_like_the_store_with_text_and_repeats():
         reader.read([n])
 
 
-def local_store(path, compressor: str = "none"):
+def local_store(path, compressor: str = "none", *, nonfinite: dict[str, int] | None = None,
+                shards: dict[str, int] | None = None):
     """``index_store``'s fields plus ``y`` (float16, chunks of 6: not a divisor of a block), on
-    disk, so that its chunk files may be read straight."""
+    disk, so that its chunk files may be read straight; ``nonfinite``: a NaN in that field at
+    that sample."""
     schema = {"format_version": 1, "modality": "test", "config_hash": "test",
               "fields": {"index": {"shape": [], "dtype": "int64"},
                          "x": {"shape": [3], "dtype": "float32"},
                          "y": {"shape": [2], "dtype": "float16"}}}
-    x = np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1)
+    fields = {"index": np.arange(N), "x": np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1),
+              "y": np.stack([np.arange(N) % 100, -np.arange(N) % 50], 1).astype(np.float16)}
+    for name, at in (nonfinite or {}).items():
+        fields[name][at, 1] = np.nan
     with StoreWriter(path, schema, chunks={"x": CHUNK, "index": 64, "y": 6},
-                     compressor=compressor) as w:
-        w.append({"index": np.arange(N), "x": x,
-                  "y": np.stack([np.arange(N) % 100, -np.arange(N) % 50], 1).astype(np.float16)})
+                     compressor=compressor, shards=shards) as w:
+        w.append(fields)
         w.finish()
     return open_store(path, cache_bytes=0)
 
@@ -214,6 +221,69 @@ def test_a_damaged_chunk_file_is_named(tmp_path):
         reader.read([41])
     chunk.unlink()  # missing: read through zarr, as the store reads it (fill values)
     assert np.array_equal(reader.read([41, 3])["x"], store.read([41, 3])["x"])
+
+
+@pytest.mark.parametrize("shards", [None, {"x": 4 * CHUNK}])
+def test_chunk_files_read_into_page_aligned_arrays(tmp_path, shards):
+    store = local_store(tmp_path / "s.zarr", shards=shards)
+    reader = loader(store).sources[0].store
+    assert reader._files["x"].per_shard == (4 if shards else 1)
+    idx = np.random.default_rng(2).permutation(N)  # all 63 blocks in one call
+    got, want = reader.read(idx), store.read(idx)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    # the kernel copies a file read into a page-aligned array about twice as fast
+    assert all(slab.ctypes.data % 4096 == 0 for slab in reader._slab.values())
+
+
+def test_calls_on_several_threads_gather_what_the_store_holds(tmp_path):
+    store = local_store(tmp_path / "s.zarr")
+    reader = loader(store, shuffle=attrs.evolve(SMALL, window_blocks=2)).sources[0].store
+    y, wrong = store.read(np.arange(N))["y"], []
+
+    def reads(seed: int) -> None:  # random batches: blocks dropped, refilled, the slots grown
+        rng = np.random.default_rng(seed)
+        for _ in range(60):
+            idx = rng.integers(0, N, int(rng.integers(1, 60)))
+            got = reader.read(idx)
+            right = ((got["index"] == idx) & (got["x"] == idx[:, None]).all(1)
+                     & (got["y"] == y[idx]).all(1))
+            wrong.extend(idx[~right].tolist())
+
+    threads = [threading.Thread(target=reads, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong and reader.blocks_read > -(-N // reader.block)
+
+
+def test_nonfinite_in_chunk_files_named_for_every_sample(tmp_path):
+    store = local_store(tmp_path / "s.zarr", nonfinite={"x": 100, "y": 700})
+    reader = loader(store).sources[0].store
+    assert set(reader._files) == {"index", "x", "y"}
+    assert np.array_equal(reader.read([3, 900])["x"], store.read([3, 900])["x"])
+    with pytest.raises(StoreError, match=r"field 'y': NaN/Inf at sample index 700") as raised:
+        reader.read([701])
+    assert "'x'" not in str(raised.value)
+    # one read of blocks holding both: every field's bad samples named, not the first block's
+    with pytest.raises(StoreError, match=r"field 'x': NaN/Inf at sample index 100 .*\n"
+                       r".*field 'y': NaN/Inf at sample index 700"):
+        reader.read(np.arange(N))
+
+
+def test_a_chunk_of_several_blocks_read_once(tmp_path, monkeypatch):
+    reads, read = collections.Counter(), loader_module._ChunkFiles._read
+
+    def counted(self, k, out):
+        reads[self.arr.basename, k] += 1
+        return read(self, k, out)
+
+    monkeypatch.setattr(loader_module._ChunkFiles, "_read", counted)
+    reader = loader(local_store(tmp_path / "s.zarr")).sources[0].store
+    for i in range(4):  # the 4 blocks of index chunk 0 (64 samples), one call each
+        reader.read([16 * i])
+    assert reads["index", 0] == 1 and reads["x", 0] == 1 and reads["x", 7] == 1
 
 
 def test_loader_batches_are_the_plan():
