@@ -265,9 +265,10 @@ def pin_evaluator(task: Task, size: str, adapter) -> dict:
     if task.name == "t2i_words":
         from selfflow_image import ocr
 
-        config = ocr.ReaderConfig(size=adapter.config.size, **READERS.get(size, {}))
+        config = ocr.ReaderConfig(size=adapter.config.size, look=adapter.config.words,
+                                  **READERS.get(size, {}))
         reader = ocr.load_reader(config)
-        ocr.default_reader = lambda: reader  # what the adapter's read_words falls back to
+        ocr.default_reader = lambda look=None: reader  # what the adapter's read_words uses
         return {"kind": "OCR reader (selfflow_image.ocr)", "size": size, **reader.info}
     from selfflow_audio import evaluator
 

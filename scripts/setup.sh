@@ -4,12 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the audio modality needs (espeak-ng, sox); installed only when missing.
-if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then
+# System packages: espeak-ng and sox for the audio modality, DejaVu fonts for the t2i_words
+# renders (fonts-dejavu-core); installed only when missing.
+font=/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1 || [ ! -f "$font" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox \
+      fonts-dejavu-core >/dev/null
   else
-    echo "note: espeak-ng/sox missing and cannot be installed here (audio data will be unavailable)" >&2
+    echo "note: espeak-ng/sox/fonts-dejavu-core missing and cannot be installed here (audio data" \
+      "and the t2i_words renders will be unavailable)" >&2
   fi
 fi
 

@@ -14,6 +14,7 @@ from selfflow_core.builtin.text import ByteTextEncoder
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.builtin.trackers import JsonlTracker, NullTracker
 from selfflow_core.config.converter import (
+    added_field,
     apply_overrides,
     make_converter,
     read_file,
@@ -109,7 +110,8 @@ __all__ = [
     "EMATeacher", "JsonlTracker", "LogitNormal", "MMDiT", "ModalitySpec", "NoTeacher",
     "NullTracker", "ObjectiveConfig", "OptimConfig",
     "PerKindTimestep", "PlateauLogitNormal", "SamplingConfig", "SelfFlowObjective",
-    "SingleTimestep", "ToyModality", "TrainerConfig", "Uniform", "apply_overrides", "interpolate",
+    "SingleTimestep", "ToyModality", "TrainerConfig", "Uniform", "added_field", "apply_overrides",
+    "interpolate",
     "make_converter", "read_file", "resolve_config", "shrink", "structure", "to_data", "validate",
     "velocity_target",
     # run

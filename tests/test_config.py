@@ -17,6 +17,7 @@ from selfflow_core.config.converter import (
 from selfflow_core.config.run import ModalitySpec, TrainerConfig
 from selfflow_core.interfaces import (
     BackboneConfig,
+    ComponentConfig,
     ModalityConfig,
     SchedulerConfig,
     TeacherConfig,
@@ -269,3 +270,25 @@ def test_a_spec_without_a_scheduler_gets_its_modalitys_default(tmp_path):
     assert data["modalities"]["a"]["scheduler"] == to_data(conv, want)
     assert structure(conv, data, TrainerConfig) == config
     assert config == TrainerConfig(modalities={"a": attrs.evolve(spec, store="a.zarr")})
+
+
+def test_a_field_added_later_is_left_out_of_the_data_at_its_default():
+    """``added_field``: configs saved before the field existed (checkpoints, store schemas,
+    compared as data) still match a config that leaves it at its default; set, it is saved and
+    read back like any field."""
+    from selfflow_core import added_field
+
+    @attrs.frozen(kw_only=True)
+    class Widget(ComponentConfig):
+        kind = "widget"
+        size: int = 1
+        extra: int = added_field(default=0)
+        table: dict = added_field(factory=dict)
+
+    conv = make_converter()
+    assert to_data(conv, Widget()) == {"kind": "widget", "size": 1}
+    assert to_data(conv, Widget(extra=2)) == {"kind": "widget", "size": 1, "extra": 2}
+    assert to_data(conv, Widget(table={"a": 1}))["table"] == {"a": 1}
+    assert structure(conv, {"kind": "widget", "size": 1}, Widget) == Widget()
+    assert structure(conv, {"kind": "widget", "size": 1, "extra": 2}, Widget) == Widget(extra=2)
+    assert attrs.fields(Widget).extra.metadata  # the marker is the field's own metadata

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from selfflow_core.errors import ConfigError
 from selfflow_core.interfaces.base import ComponentConfig
@@ -69,6 +69,19 @@ def _problems(exc: BaseException) -> list[str]:
     return out
 
 
+#: the metadata key :func:`added_field` sets
+OMIT_IF_DEFAULT = "selfflow.omit_if_default"
+
+
+def added_field(**kwargs: Any) -> Any:
+    """``attrs.field(**kwargs)`` for a component config field added after configs were saved:
+    while it holds its default it is left out of the config's data, so a checkpoint or store
+    written before the field existed still matches a config that leaves it alone (their
+    recorded configs are compared as data)."""
+    metadata = {**kwargs.pop("metadata", {}), OMIT_IF_DEFAULT: True}
+    return attrs.field(metadata=metadata, **kwargs)
+
+
 def make_converter(components: Any | None = None) -> cattrs.Converter:
     """A strict converter. ``components`` (a :class:`~selfflow_core.Components`) supplies the
     registered ``kind`` of every category; without it, only concrete classes structure."""
@@ -109,7 +122,9 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
     def unstructure_component(obj: Any) -> dict[str, Any]:
         cls = type(obj)
         if cls not in unstructure_fns:
-            unstructure_fns[cls] = make_dict_unstructure_fn(cls, conv)
+            added = {f.name: override(omit_if_default=True) for f in attrs.fields(cls)
+                     if f.metadata.get(OMIT_IF_DEFAULT)}
+            unstructure_fns[cls] = make_dict_unstructure_fn(cls, conv, **added)
         return {"kind": cls.kind, **unstructure_fns[cls](obj)}
 
     def structure_table(data: Any, cls: type) -> Any:

@@ -173,7 +173,7 @@ def test_the_adapter_scores_renders_of_the_prompted_word(reader, monkeypatch):
     from selfflow_image import ImageModality
     from selfflow_image.adapter import quoted_word
 
-    monkeypatch.setattr(ocr, "default_reader", lambda: reader)
+    monkeypatch.setattr(ocr, "default_reader", lambda look=None: reader)
     adapter = ImageModality.Config(size=32, channels=3, patch=4, classes=0, captions=2).build()
     prompts = adapter.evaluation_prompts(24)
     assert len(prompts) == 24 and all(quoted_word(p) in ocr.heldout_words() for p in prompts)
@@ -215,3 +215,25 @@ def test_the_t2i_words_preset_trains_from_prompts(tmp_path, monkeypatch):
 
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape[0] > 2 * 96
+
+
+def test_a_reader_is_trained_and_cached_for_its_look():
+    """The look of the renders is part of the reader's settings (a reader of the varied look
+    misreads monospaced centred words); the default look leaves the settings, and so the
+    default reader's cache folder, as they were before looks existed."""
+    import attrs
+    from selfflow_image.words import WordsLook
+
+    plain = attrs.evolve(TINY, look=WordsLook.plain())
+    assert "look" not in TINY.settings() and plain.settings()["look"]["font_sizes"] == [11, 11]
+    assert plain.key() != TINY.key()
+    json.dumps(plain.settings())  # the cache record is JSON
+    words = ["cat", "moon"]
+    ours = ocr._renders(words, 1, "reader", 32, WordsLook.plain())
+    want = WordsSource("train", count=1, look=WordsLook.plain())  # the same drawing code
+    from selfflow_image.words import draw_style, render, sample_rng
+
+    for i, w in enumerate(words):
+        style = draw_style(w, sample_rng(1, "reader", i), 32, want.look)
+        assert style.font == "dejavu-sans-mono-bold" and np.array_equal(ours[i], render(style, 32))
+    assert not np.array_equal(ours, ocr._renders(words, 1, "reader", 32, WordsLook()))

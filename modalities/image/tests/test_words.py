@@ -15,6 +15,7 @@ from selfflow_image.words import (
     MAX_WORD_LENGTH,
     TEMPLATES,
     VOCABULARY,
+    WordsLook,
     WordsSource,
     draw_style,
     font,
@@ -105,6 +106,72 @@ def test_samples_vary_in_size_position_colour_and_background():
     assert {s.colour for s in styles} == set(COLOURS)
     assert {s.gradient for s in styles} == {"none", "horizontal", "vertical"}
     assert len({s.background[0] for s in styles}) > 300
+
+
+def test_the_plain_look_centres_one_monospaced_size_on_solid_backgrounds():
+    plain = WordsLook.plain()
+    src = WordsSource("train", count=400, look=plain)
+    styles = [src.style(i) for i in range(400)]
+    assert {s.font for s in styles} == {"dejavu-sans-mono-bold"}
+    assert {s.font_size for s in styles} == {11}
+    assert {s.gradient for s in styles} == {"none"} and {s.colour for s in styles} == set(COLOURS)
+    images = src.read(0, 400)["images"]
+    for style, image in zip(styles, images):
+        cx, cy = _ink_centre(image)
+        # within the jitter (and a pixel of rounding) of the image's centre
+        assert abs(cx - 15.5) <= 2.5 and abs(cy - 15.5) <= 3.5, style
+    # the varied look spreads words over the image
+    varied = WordsSource("train", count=400).read(0, 400)["images"]
+    assert np.std([_ink_centre(x)[1] for x in varied]) > 2 * np.std(
+        [_ink_centre(x)[1] for x in images])
+    # monospaced: every letter has the same advance
+    mono = font(11, "dejavu-sans-mono-bold")
+    assert {mono.getlength(w) / len(w) for w in VOCABULARY} == {mono.getlength("m")}
+
+
+def _ink_centre(image: np.ndarray) -> tuple[float, float]:
+    """The centre (x, y) of the pixels that differ from the image's corner (the background)."""
+    diff = np.abs(image - image[:, :1, :1]).sum(0) > 0.3
+    ys, xs = np.nonzero(diff)
+    return (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+
+
+def test_looks_are_checked_and_a_missing_font_is_named(monkeypatch):
+    import selfflow_image.words as words
+
+    with pytest.raises(ValueError, match="font_sizes"):
+        WordsLook(font_sizes=(12, 10))
+    with pytest.raises(ValueError, match="font"):
+        WordsLook(font="comic-sans")
+    monkeypatch.setattr(words, "FONT_DIRS", ("/nonexistent",))
+    with pytest.raises(FileNotFoundError, match="fonts-dejavu-core"):
+        WordsSource("train", count=4, look=WordsLook.plain())
+    WordsSource("train", count=4)  # the bundled font needs no file
+
+
+def test_a_look_left_at_its_default_is_not_in_the_config_data():
+    """``words`` came after stores and checkpoints were written: left at its default it is not
+    in the config's data, so those still match (their configs are compared as data)."""
+    from selfflow_core import structure
+
+    conv = make_converter()
+    default = to_data(conv, ImageModality.Config())
+    assert "words" not in default
+    plain = ImageModality.Config(words=WordsLook.plain())
+    data = to_data(conv, plain)
+    assert data["words"] == {"font": "dejavu-sans-mono-bold", "font_sizes": [11, 11],
+                             "placement": "centred", "gradients": False}
+    assert structure(conv, data, ImageModality.Config) == plain
+    assert structure(conv, default, ImageModality.Config) == ImageModality.Config()
+    adapter = attrs.evolve(PROMPTED, words=WordsLook.plain()).build()
+    got = adapter.open_source("words").read(0, 8)
+    want = WordsSource("train", count=8, captions=4, look=WordsLook.plain()).read(0, 8)
+    assert np.array_equal(got["images"], want["images"])
+    # evaluation prompts come from the same look's held-out renders (captions follow the style)
+    from selfflow_image.ocr import heldout_prompts
+
+    assert adapter.evaluation_prompts(6) == [c[0] for c in heldout_prompts(
+        6, size=32, look=WordsLook.plain())[1]]
 
 
 def test_read_gives_images_labels_and_captions():

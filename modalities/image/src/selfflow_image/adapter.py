@@ -31,6 +31,7 @@ from selfflow_core import (
     SelfFlowError,
     Source,
     Uniform,
+    added_field,
     tile_images,
     to_uint8,
     upscale,
@@ -48,7 +49,7 @@ from selfflow_image.captions import (
     folder_captions,
 )
 from selfflow_image.encoders import ImageEncoder, ImageEncoderConfig, PixelEncoder
-from selfflow_image.words import VOCABULARY, WordsSource
+from selfflow_image.words import VOCABULARY, WordsLook, WordsSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: what a folder source does with a file PIL cannot read (``ImageModality.Config.on_unreadable``)
@@ -352,6 +353,8 @@ class ImageModality(PatchAdapter):
           or ``"empty"``: its captions are all ``""``.
         - ``count`` / ``seed``: samples and seed of the rendered-word sources (``words``,
           ``words_heldout``); the digits and folders ignore them.
+        - ``words``: how those renders vary (a :class:`~selfflow_image.words.WordsLook`: font,
+          font sizes, placement, gradients); the OCR evaluator reads renders of the same look.
         """
 
         kind = "image"
@@ -368,6 +371,7 @@ class ImageModality(PatchAdapter):
             default="stop", validator=v.in_(MISSING_CAPTIONS))
         count: int = attrs.field(default=4096, validator=v.ge(1))
         seed: int = attrs.field(default=0, validator=v.ge(0))
+        words: WordsLook = added_field(factory=WordsLook, validator=v.instance_of(WordsLook))
 
         @channels.validator
         def _check_channels(self, attribute: Any, value: int) -> None:
@@ -462,7 +466,7 @@ class ImageModality(PatchAdapter):
                     f"classes = 0 (prompt-conditioned or unconditional) or {len(VOCABULARY)}")
             return WordsSource("train" if source == "words" else "heldout", count=c.count,
                                size=c.size, channels=c.channels, seed=c.seed,
-                               captions=c.captions)
+                               captions=c.captions, look=c.words)
         path = Path(source).expanduser()
         if path.is_dir():
             src = FolderSource(path, c.size, c.channels, on_unreadable=c.on_unreadable,
@@ -529,7 +533,7 @@ class ImageModality(PatchAdapter):
             return []
         from selfflow_image.ocr import heldout_prompts
 
-        _, captions = heldout_prompts(n, k=1, size=self.config.size)
+        _, captions = heldout_prompts(n, k=1, size=self.config.size, look=self.config.words)
         return [c[0] for c in captions]
 
     def prompt_metrics(self, latents: Tensor, prompts, evaluator=None) -> dict[str, float]:
@@ -541,7 +545,8 @@ class ImageModality(PatchAdapter):
         from selfflow_image.ocr import read_words, word_scores
 
         targets = [quoted_word(p) for p in prompts]
-        scores = word_scores(read_words(self.decode_images(latents), evaluator), targets)
+        scores = word_scores(read_words(self.decode_images(latents), evaluator,
+                                        self.config.words), targets)
         return {k: v for k, v in scores.items() if k != "count"}
 
     # ---- samples ------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from selfflow_core import weights_sha256 as weights_sha256
 from selfflow_image.words import (
     MAX_WORD_LENGTH,
     VOCABULARY,
+    WordsLook,
     WordsSource,
     draw_style,
     heldout_words,
@@ -195,6 +196,8 @@ class ReaderConfig:
       units; each image draws its std uniformly in ``[0, noise]``).
     - ``eval_renders``: held-out renders (the ``words_heldout`` source, seed 0) the ceiling is
       measured on.
+    - ``look``: the renders' :class:`~selfflow_image.words.WordsLook`, for training and the
+      ceiling (the look of the run it scores: a reader of one look misreads another's renders).
     """
 
     size: int = attrs.field(default=32, validator=v.ge(24))
@@ -206,6 +209,7 @@ class ReaderConfig:
     width: int = attrs.field(default=16, validator=v.ge(1))
     noise: float = attrs.field(default=0.15, validator=v.ge(0))
     eval_renders: int = attrs.field(default=800, validator=v.ge(1))
+    look: WordsLook = attrs.field(factory=WordsLook, validator=v.instance_of(WordsLook))
 
     @size.validator
     def _check_size(self, attribute: Any, value: int) -> None:
@@ -213,7 +217,14 @@ class ReaderConfig:
             raise ValueError(f"reader size must be a multiple of 8 (got {value})")
 
     def settings(self) -> dict[str, Any]:
-        return {"version": CACHE_VERSION, **attrs.asdict(self),
+        """Everything the reader depends on; the default look is left out, so the default
+        reader's cache key is the one it had before looks existed."""
+        out = attrs.asdict(self, recurse=True)
+        if self.look == WordsLook():
+            del out["look"]
+        else:
+            out["look"]["font_sizes"] = list(self.look.font_sizes)
+        return {"version": CACHE_VERSION, **out,
                 "vocabulary": hashlib.sha256(" ".join(VOCABULARY).encode()).hexdigest()[:16],
                 "length": MAX_WORD_LENGTH}
 
@@ -221,12 +232,13 @@ class ReaderConfig:
         return settings_key(self.settings())
 
 
-def _renders(words: Sequence[str], seed: int, stream: str, size: int) -> np.ndarray:
+def _renders(words: Sequence[str], seed: int, stream: str, size: int,
+             look: WordsLook) -> np.ndarray:
     """uint8 ``[len(words), size, size, 3]``: word ``i`` in the style of sample ``i`` of
-    ``stream``."""
+    ``stream``, in ``look``."""
     out = np.empty((len(words), size, size, 3), dtype=np.uint8)
     for i, w in enumerate(words):
-        out[i] = render(draw_style(w, sample_rng(seed, stream, i), size), size)
+        out[i] = render(draw_style(w, sample_rng(seed, stream, i), size, look), size)
     return out
 
 
@@ -272,7 +284,8 @@ def evaluate_ceiling(reader: Reader, count: int) -> dict[str, float]:
     """The reader's scores on ``count`` real renders of the held-out words (the
     ``words_heldout`` source at seed 0, the renders an evaluation compares against), and on as
     many noise images (uniform in ``[-1, 1]``) against the same words."""
-    src = WordsSource("heldout", count=count, size=reader.config.size, channels=3, seed=0)
+    src = WordsSource("heldout", count=count, size=reader.config.size, channels=3, seed=0,
+                      look=reader.config.look)
     real = src.read(0, count)
     words = [VOCABULARY[i] for i in real["labels"]]
     g = torch.Generator().manual_seed(12345)
@@ -286,7 +299,8 @@ def train_reader(config: ReaderConfig = ReaderConfig()) -> Reader:
     count); ``info`` holds its settings, training accuracy and time, and the ceiling."""
     start = time.monotonic()
     words = [w for w in VOCABULARY for _ in range(config.renders_per_word)]
-    x = torch.from_numpy(to_float(_renders(words, config.seed, "reader", config.size), 3))
+    x = torch.from_numpy(to_float(_renders(words, config.seed, "reader", config.size,
+                                           config.look), 3))
     g = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # the initial weights
     net = ReaderNet(config.size, config.width)
@@ -332,22 +346,25 @@ def load_reader(config: ReaderConfig = ReaderConfig(), cache_dir: str | Path | N
 
 
 @functools.cache
-def default_reader() -> Reader:
-    """The default reader (:class:`ReaderConfig` defaults, the default cache), loaded once."""
-    return load_reader()
+def default_reader(look: WordsLook | None = None) -> Reader:
+    """The default reader of ``look`` (:class:`ReaderConfig` defaults otherwise, the default
+    cache), loaded once."""
+    return load_reader(ReaderConfig(look=look or WordsLook()))
 
 
-def read_words(images: Any, reader: Reader | None = None) -> list[str]:
+def read_words(images: Any, reader: Reader | None = None, look: WordsLook | None = None
+               ) -> list[str]:
     """The word in each image: uint8 ``[B, H, W, C]`` (what ``decode_images`` gives) or float
     ``[B, C, H, W]`` in ``[-1, 1]`` (a source's ``images``, decoded latents), C 1 or 3, at the
-    reader's size (32 by default). ``reader``: default :func:`default_reader`."""
-    return (reader or default_reader()).read(images)
+    reader's size (32 by default). ``reader``: default :func:`default_reader` of ``look``."""
+    return (reader or default_reader(look)).read(images)
 
 
-def heldout_prompts(count: int, k: int = 1, seed: int = 0, size: int = 32
-                    ) -> tuple[list[str], list[list[str]]]:
+def heldout_prompts(count: int, k: int = 1, seed: int = 0, size: int = 32,
+                    look: WordsLook | None = None) -> tuple[list[str], list[list[str]]]:
     """``count`` evaluation prompts of held-out words: the words and ``k`` captions each, as the
-    ``words_heldout`` source gives them (sample ``i`` of its stream under ``seed``)."""
-    src = WordsSource("heldout", count=count, size=size, seed=seed, captions=k)
+    ``words_heldout`` source gives them (sample ``i`` of its stream under ``seed``, in
+    ``look``)."""
+    src = WordsSource("heldout", count=count, size=size, seed=seed, captions=k, look=look)
     samples = [src.sample(i)[1:] for i in range(count)]
     return [style.word for style, _ in samples], [caps for _, caps in samples]

@@ -1,11 +1,12 @@
 """Built-in prompt data for text rendering: short words drawn with a real TrueType font.
 
-Nothing is downloaded. The font is the one Pillow bundles (``PIL.ImageFont.load_default(size)``,
-Aileron Regular through FreeType, Pillow >= 10.1). Each sample is one lowercase word of
-:data:`VOCABULARY` (200 words of 3 or 4 letters), drawn at a random font size, position and
-named colour (:data:`COLOURS`) on a random solid or gradient background of contrasting
-brightness. Everything is a pure function of ``(seed, stream, index)``: the same sample on every
-run and every read order.
+Nothing is downloaded. Each sample is one lowercase word of :data:`VOCABULARY` (200 words of 3
+or 4 letters), drawn in a named colour (:data:`COLOURS`) on a random background of contrasting
+brightness. How much else varies is a :class:`WordsLook`: the font (:data:`FONTS`: Pillow's
+bundled Aileron Regular, or DejaVu Sans Mono Bold from the system's fonts), the range of font
+sizes, the placement (anywhere the word fits, or centred with a pixel or two of jitter) and
+whether backgrounds may be gradients. Everything is a pure function of ``(seed, stream, index)``
+and the look: the same sample on every run and every read order.
 
 The vocabulary is split once, by a fixed permutation, into :func:`train_words` (160) and
 :func:`heldout_words` (40, 20 of each length); the training source (``words``) never draws a
@@ -22,9 +23,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import attrs
 import numpy as np
+from attrs import validators as v
 
 from selfflow_core import Source
 from selfflow_image.captions import caption_array
@@ -83,12 +87,52 @@ STREAMS = {"words": 0, "words_heldout": 1, "reader": 2}
 
 #: font size range (pixels) at a 32-pixel image; scaled with the image side
 FONT_SIZES_AT_32 = (10, 13)
+#: fonts by name: None is Pillow's bundled font, a file name is looked up in :data:`FONT_DIRS`
+FONTS: dict[str, str | None] = {"aileron": None, "dejavu-sans-mono-bold": "DejaVuSansMono-Bold.ttf"}
+#: where system fonts are looked for (Debian/Ubuntu's fonts-dejavu-core, Fedora, Arch)
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu-sans-mono-fonts",
+             "/usr/share/fonts/TTF", "/usr/share/fonts/dejavu")
+#: a centred word's jitter (pixels, either way): horizontal, vertical
+CENTRED_JITTER = (1, 2)
 #: the smallest image side the words fit at
 MIN_SIZE = 24
 #: blank pixels kept around the word's ink
 MARGIN = 1
 #: least difference of brightness (Rec. 601 luma in 0..1) between the text and its background
 MIN_CONTRAST = 0.35
+
+
+@attrs.frozen(kw_only=True)
+class WordsLook:
+    """How much the renders vary besides the word and its colour.
+
+    - ``font``: a name of :data:`FONTS`.
+    - ``font_sizes``: the range (pixels, inclusive) at a 32-pixel image, scaled with the side;
+      a size the word does not fit at is never drawn.
+    - ``placement``: ``"anywhere"`` the word's ink fits inside the margin, or ``"centred"``
+      (:data:`CENTRED_JITTER` pixels of jitter either way).
+    - ``gradients``: backgrounds may be horizontal or vertical gradients (else always solid).
+
+    The default is the varied look; ``WordsLook.plain()`` the one the ``t2i_words`` preset
+    trains on."""
+
+    font: str = attrs.field(default="aileron", validator=v.in_(tuple(FONTS)))
+    font_sizes: tuple[int, int] = attrs.field(default=FONT_SIZES_AT_32, converter=tuple)
+    placement: Literal["anywhere", "centred"] = attrs.field(
+        default="anywhere", validator=v.in_(("anywhere", "centred")))
+    gradients: bool = True
+
+    @font_sizes.validator
+    def _check_sizes(self, attribute, value) -> None:
+        if len(value) != 2 or not 1 <= value[0] <= value[1]:
+            raise ValueError(f"'font_sizes' must be [low, high] with 1 <= low <= high, got "
+                             f"{list(value)}")
+
+    @classmethod
+    def plain(cls) -> WordsLook:
+        """Monospaced bold at one size, centred, on solid backgrounds."""
+        return cls(font="dejavu-sans-mono-bold", font_sizes=(11, 11), placement="centred",
+                   gradients=False)
 
 
 def _luma(rgb: Sequence[float]) -> float:
@@ -123,12 +167,26 @@ def word_index(word: str) -> int:
     return VOCABULARY.index(word)
 
 
+def font_file(name: str) -> Path | None:
+    """The file of font ``name`` (:data:`FONTS`; None: Pillow's bundled font)."""
+    file = FONTS[name]
+    if file is None:
+        return None
+    for folder in FONT_DIRS:
+        if (path := Path(folder) / file).is_file():
+            return path
+    raise FileNotFoundError(
+        f"the words font {name!r} needs {file} in one of {', '.join(FONT_DIRS)}; install the "
+        f"fonts-dejavu-core package (scripts/setup.sh does) or use font 'aileron' (bundled)")
+
+
 @functools.cache
-def font(size: int):
-    """Pillow's bundled TrueType font at ``size`` pixels (needs FreeType)."""
+def font(size: int, name: str = "aileron"):
+    """Font ``name`` (:data:`FONTS`) at ``size`` pixels, through FreeType."""
     from PIL import ImageFont
 
-    f = ImageFont.load_default(size=size)
+    path = font_file(name)
+    f = ImageFont.load_default(size=size) if path is None else ImageFont.truetype(str(path), size)
     if not isinstance(f, ImageFont.FreeTypeFont):  # Pillow < 10.1 or built without FreeType
         raise RuntimeError(
             "the image source 'words' needs Pillow >= 10.1 built with FreeType "
@@ -137,9 +195,9 @@ def font(size: int):
     return f
 
 
-def font_sizes(size: int) -> tuple[int, int]:
+def font_sizes(size: int, look: WordsLook | None = None) -> tuple[int, int]:
     """The font size range at an image side of ``size``."""
-    lo, hi = FONT_SIZES_AT_32
+    lo, hi = (look or WordsLook()).font_sizes
     return max(1, round(lo * size / 32)), max(1, round(hi * size / 32))
 
 
@@ -148,7 +206,7 @@ class WordStyle:
     """How one sample is drawn: the ``word``, its ``colour`` (a name of :data:`COLOURS`), the
     ``font_size``, the top-left corner ``(x, y)`` of its ink, and the ``background``: two
     sRGB colours and a ``gradient`` direction (``"none"``: solid in the first colour,
-    ``"horizontal"`` / ``"vertical"``: from the first to the second)."""
+    ``"horizontal"`` / ``"vertical"``: from the first to the second); the ``font``'s name."""
 
     word: str
     colour: str
@@ -157,6 +215,7 @@ class WordStyle:
     y: int
     background: tuple[tuple[int, int, int], tuple[int, int, int]]
     gradient: str
+    font: str = "aileron"
 
     @property
     def rgb(self) -> tuple[int, int, int]:
@@ -175,21 +234,33 @@ def _background(rng: np.random.Generator, text_luma: float) -> tuple[int, int, i
             return tuple(int(v) for v in c)
 
 
-def draw_style(word: str, rng: np.random.Generator, size: int) -> WordStyle:
-    """A random style for ``word`` in a ``size x size`` image."""
+def draw_style(word: str, rng: np.random.Generator, size: int,
+               look: WordsLook | None = None) -> WordStyle:
+    """A random style for ``word`` in a ``size x size`` image, in ``look`` (default: the
+    varied :class:`WordsLook`)."""
+    look = look or WordsLook()
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    lo, hi = font_sizes(size)
-    fits = [s for s in range(lo, hi + 1) if _ink(word, s)[0] <= size - 2 * MARGIN]
+    lo, hi = font_sizes(size, look)
+    fits = [s for s in range(lo, hi + 1) if _ink(word, s, look.font)[0] <= size - 2 * MARGIN]
     if not fits:
         raise ValueError(f"the word {word!r} does not fit a {size}x{size} image at font size "
                          f"{lo}; image sources 'words*' need size >= {MIN_SIZE}")
-    font_size = fits[int(rng.integers(len(fits)))]
-    w, h = _ink(word, font_size)
-    x = MARGIN + int(rng.integers(0, size - 2 * MARGIN - w + 1))
-    y = MARGIN + int(rng.integers(0, max(0, size - 2 * MARGIN - h) + 1))
+    font_size = fits[int(rng.integers(len(fits)))] if lo < hi else fits[0]
+    w, h = _ink(word, font_size, look.font)
+    if look.placement == "anywhere":
+        x = MARGIN + int(rng.integers(0, size - 2 * MARGIN - w + 1))
+        y = MARGIN + int(rng.integers(0, max(0, size - 2 * MARGIN - h) + 1))
+    else:
+        jx, jy = CENTRED_JITTER
+        x = (size - w) // 2 + int(rng.integers(-jx, jx + 1))
+        y = (size - h) // 2 + int(rng.integers(-jy, jy + 1))
+        x = min(max(x, MARGIN), max(MARGIN, size - MARGIN - w))
+        y = min(max(y, MARGIN), max(MARGIN, size - MARGIN - h))
     text_luma = _luma(COLOURS[colour])
     first = _background(rng, text_luma)
-    gradient = ("none", "horizontal", "vertical")[int(rng.integers(3))]
+    gradient = "none"
+    if look.gradients:
+        gradient = ("none", "horizontal", "vertical")[int(rng.integers(3))]
     if gradient == "none":
         second = first
     else:
@@ -199,12 +270,12 @@ def draw_style(word: str, rng: np.random.Generator, size: int) -> WordStyle:
                 second = tuple(int(v) for v in c)
                 break
     return WordStyle(word=word, colour=colour, font_size=font_size, x=x, y=y,
-                     background=(first, second), gradient=gradient)
+                     background=(first, second), gradient=gradient, font=look.font)
 
 
 @functools.cache
-def _ink(word: str, font_size: int) -> tuple[int, int]:
-    left, top, right, bottom = font(font_size).getbbox(word)
+def _ink(word: str, font_size: int, name: str = "aileron") -> tuple[int, int]:
+    left, top, right, bottom = font(font_size, name).getbbox(word)
     return right - left, bottom - top
 
 
@@ -223,7 +294,7 @@ def render(style: WordStyle, size: int) -> np.ndarray:
     else:
         bg = np.broadcast_to(a, (size, size, 3))
     im = Image.fromarray(np.rint(bg).astype(np.uint8), "RGB")
-    f = font(style.font_size)
+    f = font(style.font_size, style.font)
     left, top, _, _ = f.getbbox(style.word)
     ImageDraw.Draw(im).text((style.x - left, style.y - top), style.word, fill=style.rgb, font=f)
     return np.asarray(im, dtype=np.uint8)
@@ -255,22 +326,26 @@ class WordsSource(Source):
     ``split``: ``"train"`` (:func:`train_words`, stream ``words``) or ``"heldout"``
     (:func:`heldout_words`, stream ``words_heldout``). :meth:`read` gives float32 ``images``
     ``[n, channels, size, size]`` in ``[-1, 1]``, int64 ``labels`` (the word's index in
-    :data:`VOCABULARY`) and, with ``captions`` > 0, ``captions`` ``[n, captions]`` (str)."""
+    :data:`VOCABULARY`) and, with ``captions`` > 0, ``captions`` ``[n, captions]`` (str).
+    ``look``: how the renders vary (:class:`WordsLook`, default the varied one)."""
 
     def __init__(self, split: str = "train", *, count: int = 4096, size: int = 32,
-                 channels: int = 3, seed: int = 0, captions: int = 0) -> None:
+                 channels: int = 3, seed: int = 0, captions: int = 0,
+                 look: WordsLook | None = None) -> None:
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if size < MIN_SIZE:
             raise ValueError(f"image sources 'words*' need size >= {MIN_SIZE} (got {size})")
         self.split, self.count, self.size, self.channels = split, count, size, channels
-        self.seed, self.captions = seed, captions
+        self.seed, self.captions, self.look = seed, captions, look or WordsLook()
+        font_file(self.look.font)  # a missing font: named now, not on the first read
         self.stream = "words" if split == "train" else "words_heldout"
         self.words = train_words() if split == "train" else heldout_words()
         cap = f", {captions} captions each" if captions else ""
         self.description = (f"rendered words ({split}: {len(self.words)} words of "
                             f"{len(VOCABULARY)}): {count} images {channels}x{size}x{size}, "
-                            f"seed {seed}{cap}")
+                            f"seed {seed}{cap}"
+                            + ("" if self.look == WordsLook() else f", {self.look}"))
 
     def __len__(self) -> int:
         return self.count
@@ -280,12 +355,13 @@ class WordsSource(Source):
 
     def style(self, index: int) -> WordStyle:
         """How sample ``index`` is drawn."""
-        return draw_style(self.word(index), sample_rng(self.seed, self.stream, index), self.size)
+        return draw_style(self.word(index), sample_rng(self.seed, self.stream, index), self.size,
+                          self.look)
 
     def sample(self, index: int) -> tuple[np.ndarray, WordStyle, list[str]]:
         """Sample ``index``: uint8 ``[size, size, 3]``, its style and its captions."""
         rng = sample_rng(self.seed, self.stream, index)
-        style = draw_style(self.word(index), rng, self.size)
+        style = draw_style(self.word(index), rng, self.size, self.look)
         return render(style, self.size), style, captions_for(style, rng, self.captions)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
