@@ -27,7 +27,7 @@ from selfflow_image.words import (
     word_index,
 )
 
-from selfflow_core import encode_store, make_converter, open_store, to_data
+from selfflow_core import SelfFlowError, encode_store, make_converter, open_store, to_data
 from selfflow_core.testing.fixtures import one_thread as one_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +144,7 @@ def test_looks_are_checked_and_a_missing_font_is_named(monkeypatch):
     with pytest.raises(ValueError, match="font"):
         WordsLook(font="comic-sans")
     monkeypatch.setattr(words, "FONT_DIRS", ("/nonexistent",))
-    with pytest.raises(FileNotFoundError, match="fonts-dejavu-core"):
+    with pytest.raises(SelfFlowError, match="fonts-dejavu-core"):  # the CLI's one line
         WordsSource("train", count=4, look=WordsLook.plain())
     WordsSource("train", count=4)  # the bundled font needs no file
 

@@ -30,7 +30,7 @@ import attrs
 import numpy as np
 from attrs import validators as v
 
-from selfflow_core import Source
+from selfflow_core import SelfFlowError, Source
 from selfflow_image.captions import caption_array
 
 #: 100 words of 3 letters and 100 of 4, lowercase a-z (sorted within each length)
@@ -113,8 +113,8 @@ class WordsLook:
       (:data:`CENTRED_JITTER` pixels of jitter either way).
     - ``gradients``: backgrounds may be horizontal or vertical gradients (else always solid).
 
-    The default is the varied look; ``WordsLook.plain()`` the one the ``t2i_words`` preset
-    trains on."""
+    The default is the varied look (the ``t2i_words`` preset's); ``WordsLook.plain()`` varies
+    only the word, its colour, the background colour and the jitter."""
 
     font: str = attrs.field(default="aileron", validator=v.in_(tuple(FONTS)))
     font_sizes: tuple[int, int] = attrs.field(default=FONT_SIZES_AT_32, converter=tuple)
@@ -167,6 +167,10 @@ def word_index(word: str) -> int:
     return VOCABULARY.index(word)
 
 
+class MissingFontError(SelfFlowError, FileNotFoundError):
+    """A words font whose file is not installed."""
+
+
 def font_file(name: str) -> Path | None:
     """The file of font ``name`` (:data:`FONTS`; None: Pillow's bundled font)."""
     file = FONTS[name]
@@ -175,7 +179,7 @@ def font_file(name: str) -> Path | None:
     for folder in FONT_DIRS:
         if (path := Path(folder) / file).is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingFontError(
         f"the words font {name!r} needs {file} in one of {', '.join(FONT_DIRS)}; install the "
         f"fonts-dejavu-core package (scripts/setup.sh does) or use font 'aileron' (bundled)")
 
