@@ -9,8 +9,9 @@ starts clean. Modes:
   and is SIGKILLed after a random delay.
 - ``train``: each child runs ``selfflow train`` (``cli.main``) and gets SIGKILL or SIGTERM
   ``delay`` seconds after it reported step ``target`` (``log_every=1`` lines on a pipe).
-- ``encode``: each child runs ``selfflow encode`` and is SIGKILLed after a random delay (a
-  fraction of a measured uninterrupted encode); several kills per store.
+- ``encode``: each child runs ``selfflow encode`` and is SIGKILLed once it has committed a
+  random number of batches more than the store held, plus a random part of a batch's time;
+  several kills per store.
 - ``memory``: a long tiny run in this process, VmRSS recorded at the given steps.
 """
 
@@ -138,11 +139,29 @@ def mode_encode(spec: dict, out: Path) -> dict:
         store = out / f"store-{i:02d}.zarr"
         kills = []
         for _ in range(spec["kills_per_store"]):
-            delay = rng.uniform(0.05, 0.9) * duration
+            # killed once the child has committed a random number of batches more than the
+            # store held (so a loaded machine still kills mid-way), a random part of a batch's
+            # time later (so that some kills land between a write and its commit)
+            before = committed(store)[0] or 0
+            batches = rng.randint(1, spec["batches"] // 3)
+            extra = rng.uniform(0.0, 1.0) * duration / spec["batches"]
             pid = encode(store)
-            time.sleep(delay)
-            os.kill(pid, signal.SIGKILL)
-            kills.append({"delay": delay, "status": wait(pid), "after": committed(store)})
+            finished = None  # the child's exit status, if it ended before the kill
+            deadline = time.perf_counter() + 60 * max(duration, 1.0)
+            while time.perf_counter() < deadline:
+                if (committed(store)[0] or 0) >= before + batches * spec["batch_size"]:
+                    break
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    finished = os.waitstatus_to_exitcode(status)
+                    break
+                time.sleep(0.002)
+            if finished is None:
+                time.sleep(extra)
+                os.kill(pid, signal.SIGKILL)
+                finished = wait(pid)
+            kills.append({"batches": batches, "extra": extra, "status": finished,
+                          "after": committed(store)})
         stores.append({"store": str(store), "kills": kills})
     return {"duration": duration, "stores": stores}
 

@@ -161,7 +161,7 @@ ENCODE_OPTIONS = [f"count={ENCODE_COUNT}", "tokens=8", "channels=4"]
 def test_kill9_during_encode_then_rerun_completes_exactly(tmp_path, rel, monkeypatch):
     summary = rel.run_driver("encode", {
         "options": ENCODE_OPTIONS, "batch_size": ENCODE_BATCH, "seed": 11, "stores": 4,
-        "kills_per_store": 2}, tmp_path / "driver")
+        "kills_per_store": 2, "batches": -(-ENCODE_COUNT // ENCODE_BATCH)}, tmp_path / "driver")
     direct = encode_store(ENCODE.build(), "waves", tmp_path / "direct.zarr",
                           adapter_config=to_data(make_converter(), ENCODE), progress=False)
     truth = direct.read(np.arange(ENCODE_COUNT))
