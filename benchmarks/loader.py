@@ -61,8 +61,9 @@ import numpy as np
 import torch
 import zarr
 
+from selfflow_core.data.block_reader import ChunkFiles
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
-from selfflow_core.data.loader import LoaderSource, _ChunkFiles, _Shards, build_loader
+from selfflow_core.data.loader import LoaderSource, _Shards, build_loader
 from selfflow_core.data.store import StoreWriter, check_store, open_store
 from selfflow_core.types import TokenBatch
 
@@ -235,7 +236,7 @@ def measure_block(path: Path, baseline: MemmapStore, seconds: float) -> dict:
     beside_full = rates({"memmap": memmap, "full": pipeline(store)}, seconds / 2)
     sample_bytes = sum(v.nbytes for v in store.read([0]).values())
     # one 0.5 MiB latents chunk: a zarr slice (the store's own read) vs its file read straight
-    files, arr = _ChunkFiles.of(store._arrays["latents"]), store._arrays["latents"]
+    files, arr = ChunkFiles.of(store._arrays["latents"]), store._arrays["latents"]
     assert files is not None
     chunk, step = np.empty(files.shape, files.dtype), arr.chunks[0]
     ks = np.random.default_rng(0).permutation(len(store) // step)[:64].tolist()

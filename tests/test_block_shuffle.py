@@ -21,7 +21,7 @@ from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.config.converter import make_converter, structure, to_data
 from selfflow_core.config.run import CheckpointConfig, TrainerConfig
 from selfflow_core.config.validate import ADDED_KEYS, config_drift
-from selfflow_core.data import loader as loader_module
+from selfflow_core.data import block_reader
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
 from selfflow_core.data.loader import LoaderSource, _Shards, block_samples, build_loader
 from selfflow_core.data.store import StoreError, StoreWriter, open_store
@@ -273,13 +273,13 @@ def test_nonfinite_in_chunk_files_named_for_every_sample(tmp_path):
 
 
 def test_a_chunk_of_several_blocks_read_once(tmp_path, monkeypatch):
-    reads, read = collections.Counter(), loader_module._ChunkFiles._read
+    reads, read = collections.Counter(), block_reader.ChunkFiles._read
 
     def counted(self, k, out):
         reads[self.arr.basename, k] += 1
         return read(self, k, out)
 
-    monkeypatch.setattr(loader_module._ChunkFiles, "_read", counted)
+    monkeypatch.setattr(block_reader.ChunkFiles, "_read", counted)
     reader = loader(local_store(tmp_path / "s.zarr")).sources[0].store
     for i in range(4):  # the 4 blocks of index chunk 0 (64 samples), one call each
         reader.read([16 * i])
