@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     from selfflow_repa.teacher import load_encoder
 
     from selfflow_core.config.converter import make_converter, to_data
-    from selfflow_core.data.store import encode_store
+    from selfflow_core.data.writer import encode_store
     from selfflow_core.plugins.manager import Components
 
     setup = modality_setup(args.modality, args.video_count)

@@ -64,7 +64,8 @@ import zarr
 from selfflow_core.data.block_reader import ChunkFiles
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
 from selfflow_core.data.loader import LoaderSource, _Shards, build_loader
-from selfflow_core.data.store import StoreWriter, check_store, open_store
+from selfflow_core.data.store import check_store, open_store
+from selfflow_core.data.writer import StoreWriter
 from selfflow_core.types import TokenBatch
 
 BATCH = 256

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the store is written once, before the parallel runs (each run would otherwise encode it)
     make = make_config("vanilla", 0, args, str(work / "encode"), store)
     from selfflow_core.config.converter import make_converter, to_data
-    from selfflow_core.data.store import encode_store
+    from selfflow_core.data.writer import encode_store
     from selfflow_core.plugins.manager import Components
     from selfflow_core.runtime.assembly import build_modalities
 

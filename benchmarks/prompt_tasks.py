@@ -746,7 +746,8 @@ def main(argv: list[str] | None = None) -> dict:
     from selfflow_repa.teacher import load_encoder
 
     from selfflow_core.config.converter import make_converter, to_data
-    from selfflow_core.data.store import encode_store, open_store
+    from selfflow_core.data.store import open_store
+    from selfflow_core.data.writer import encode_store
     from selfflow_core.plugins.manager import Components
 
     preset = preset_config(task, args.preset)

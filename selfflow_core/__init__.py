@@ -33,7 +33,8 @@ from selfflow_core.config.run import (
 from selfflow_core.config.validate import validate
 from selfflow_core.data.check import check_store
 from selfflow_core.data.loader import LoaderSource, build_loader
-from selfflow_core.data.store import encode_store, open_store
+from selfflow_core.data.store import open_store
+from selfflow_core.data.writer import encode_store
 from selfflow_core.errors import (
     CheckpointError,
     ConfigError,

@@ -16,7 +16,8 @@ from selfflow_core.builtin.trackers import NullTracker
 from selfflow_core.config.run import TrainerConfig
 from selfflow_core.config.validate import config_data, config_drift, validate
 from selfflow_core.data.loader import LoaderSource, build_loader
-from selfflow_core.data.store import encode_store, open_store
+from selfflow_core.data.store import open_store
+from selfflow_core.data.writer import encode_store
 from selfflow_core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from selfflow_core.eval.diagnostics import DiagnosticsHook, stored_batch
 from selfflow_core.eval.evaluate import prompt_metrics

@@ -24,7 +24,8 @@ from selfflow_core.config.validate import ADDED_KEYS, config_drift
 from selfflow_core.data import block_reader
 from selfflow_core.data.blocks import BlockPlan, ShuffleConfig
 from selfflow_core.data.loader import LoaderSource, _Shards, block_samples, build_loader
-from selfflow_core.data.store import StoreError, StoreWriter, open_store
+from selfflow_core.data.store import StoreError, open_store
+from selfflow_core.data.writer import StoreWriter
 from selfflow_core.errors import ConfigError
 from selfflow_core.plugins.hookspecs import hookimpl
 from selfflow_core.plugins.manager import Components, make_plugin_manager

@@ -347,12 +347,12 @@ def test_the_final_train_line_comes_from_rank_0_only(capsys, monkeypatch, is_mai
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path):
-    import selfflow_core.data.store
+    import selfflow_core.data.writer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(selfflow_core.data.store, "encode_store", interrupted)
+    monkeypatch.setattr(selfflow_core.data.writer, "encode_store", interrupted)
     rc, out, err = run(capsys, "encode", "toy", "waves", tmp_path / "toy.zarr", "count=40")
     assert rc == 130 and out == ""
     assert err.strip() == "interrupted; run the same command again to resume"

@@ -14,7 +14,8 @@ from zarr.storage import MemoryStore
 
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.data.loader import LoaderSource, build_loader
-from selfflow_core.data.store import StoreWriter, encode_store, open_store
+from selfflow_core.data.store import open_store
+from selfflow_core.data.writer import StoreWriter, encode_store
 from selfflow_core.types import TokenBatch
 
 

@@ -28,14 +28,8 @@ from selfflow_core.data import objects  # noqa: E402
 from selfflow_core.data.blocks import ShuffleConfig  # noqa: E402
 from selfflow_core.data.check import zarr_target  # noqa: E402
 from selfflow_core.data.loader import LoaderSource, build_loader  # noqa: E402
-from selfflow_core.data.store import (  # noqa: E402
-    StoreError,
-    StoreWriter,
-    check_store,
-    encode_store,
-    open_store,
-    store_schema,
-)
+from selfflow_core.data.store import StoreError, check_store, open_store, store_schema  # noqa: E402
+from selfflow_core.data.writer import StoreWriter, encode_store  # noqa: E402
 from selfflow_core.errors import ObjectStoreError  # noqa: E402
 
 COUNT, BATCH = 300, 64

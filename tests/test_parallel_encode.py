@@ -24,13 +24,8 @@ import selfflow_core.cli.main as cli
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.data.check import describe_store
 from selfflow_core.data.ranges import PLAN, WORK, Plan, encode_share, finish, prepare, read_done
-from selfflow_core.data.store import (
-    StoreError,
-    StoreWriter,
-    encode_store,
-    open_store,
-    store_schema,
-)
+from selfflow_core.data.store import StoreError, open_store, store_schema
+from selfflow_core.data.writer import StoreWriter, encode_store
 
 ROOT = Path(__file__).resolve().parents[1]
 #: 300 toy samples of 64 x 64 float32 (16 KiB): latents chunks of 32 samples, so 10 ranges of 32

@@ -24,7 +24,7 @@ from selfflow_core import (
 )
 from selfflow_core.builtin.toy import toy_captions
 from selfflow_core.data.loader import LoaderSource, build_loader
-from selfflow_core.data.store import StoreWriter
+from selfflow_core.data.writer import StoreWriter
 from selfflow_core.prompts import CAPTIONS, choose_captions, drop_prompts, empty_prompt, with_text
 from selfflow_core.sampling import sample
 from selfflow_core.types import BackboneOutput, TokenBatch

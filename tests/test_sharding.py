@@ -26,6 +26,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 import selfflow_core.cli.main as cli
 import selfflow_core.data.store as store_module
+import selfflow_core.data.writer as writer_module
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.config.run import TrainerConfig
 from selfflow_core.data.blocks import ShuffleConfig
@@ -34,13 +35,12 @@ from selfflow_core.data.loader import LoaderSource, build_loader
 from selfflow_core.data.ranges import WORK, encode_share, finish, prepare
 from selfflow_core.data.store import (
     StoreError,
-    StoreWriter,
     check_store,
     choose_shards,
-    encode_store,
     open_store,
     store_schema,
 )
+from selfflow_core.data.writer import StoreWriter, encode_store
 from selfflow_core.interfaces import FieldSpec
 from selfflow_core.types import TokenBatch
 
@@ -416,13 +416,13 @@ def test_the_trainer_checks_the_sampled_share_once(tmp_path, monkeypatch):
     from selfflow_core.trainer import Trainer
 
     calls = []
-    real = store_module.scan
+    real = writer_module.scan
 
     def spy(*args, **kw):
         calls.append((kw.get("fraction"), kw.get("seed")))
         return real(*args, **kw)
 
-    monkeypatch.setattr(store_module, "scan", spy)  # encode_store's check
+    monkeypatch.setattr(writer_module, "scan", spy)  # encode_store's check
     monkeypatch.setattr("selfflow_core.data.check.scan", spy)  # open_store's
     base = toy_preset()
     spec = attrs.evolve(base.modalities["toy"], modality=ToyModality.Config(

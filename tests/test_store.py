@@ -20,12 +20,11 @@ from selfflow_core.data.loader import sample_posterior
 from selfflow_core.data.store import (
     FORMAT_VERSION,
     StoreError,
-    StoreWriter,
     check_store,
-    encode_store,
     open_store,
     store_schema,
 )
+from selfflow_core.data.writer import StoreWriter, encode_store
 
 COUNT, BATCH = 300, 64
 

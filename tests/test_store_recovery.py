@@ -32,14 +32,8 @@ from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.config.run import CheckpointConfig
 from selfflow_core.config.validate import config_data
 from selfflow_core.data.check import describe_store
-from selfflow_core.data.store import (
-    StoreError,
-    StoreWriter,
-    check_store,
-    encode_store,
-    open_store,
-    store_schema,
-)
+from selfflow_core.data.store import StoreError, check_store, open_store, store_schema
+from selfflow_core.data.writer import StoreWriter, encode_store
 from selfflow_core.errors import CheckpointError, LockHeld
 from selfflow_core.interfaces import Source, Tracker, TrackerConfig
 from selfflow_core.plugins.hookspecs import hookimpl

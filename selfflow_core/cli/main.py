@@ -69,7 +69,7 @@ def cmd_config(args, components):
 
 def cmd_encode(args, components):
     from selfflow_core.data.order import ShuffledWrite
-    from selfflow_core.data.store import encode_store
+    from selfflow_core.data.writer import encode_store
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and args.workers > 1:

@@ -50,11 +50,9 @@ from selfflow_core.data.check import (
     store_schema,
     write_unit,
 )
-from selfflow_core.data.store import (
+from selfflow_core.data.store import LatentStore, StoreError, StoreLike, open_store
+from selfflow_core.data.writer import (
     EncodedSource,
-    LatentStore,
-    StoreError,
-    StoreLike,
     StoreWriter,
     _delete_chunk,
     _describe_source,
@@ -62,7 +60,6 @@ from selfflow_core.data.store import (
     check_batch,
     check_existing,
     flush_unit,
-    open_store,
 )
 from selfflow_core.interfaces import ModalityAdapter
 
@@ -586,7 +583,7 @@ def encode_parallel(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                     chunks: int | Mapping[str, int] | None, compressor: str, verify: bool,
                     repair: bool, workers: int, distributed: bool, shards: Any = "auto",
                     verify_fraction: float = 1.0, verify_seed: int = 0) -> LatentStore:
-    """:func:`~selfflow_core.data.store.encode_store` with ``workers`` processes or as one rank
+    """:func:`~selfflow_core.data.writer.encode_store` with ``workers`` processes or as one rank
     of a ``torchrun`` (``distributed``): see the module's docstring."""
     name = store_name(path)
     if not isinstance(path, str | os.PathLike) or os.fspath(path).startswith("memory://"):

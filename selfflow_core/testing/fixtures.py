@@ -45,7 +45,7 @@ import torch
 
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.data.store import encode_store
+from selfflow_core.data.writer import encode_store
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 
 __all__ = ["TINY_TOY", "components", "core_components", "one_thread", "selfflow_cache",

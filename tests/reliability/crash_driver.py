@@ -32,7 +32,7 @@ import torch
 import selfflow_core.cli.main as cli
 
 # imported once here, not in every child
-import selfflow_core.data.store
+import selfflow_core.data.writer
 import selfflow_core.trainer  # noqa: F401
 from selfflow_core.runtime import checkpoint
 

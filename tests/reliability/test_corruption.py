@@ -22,14 +22,8 @@ import zarr
 import selfflow_core.cli.main as cli
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.data.store import (
-    StoreError,
-    StoreWriter,
-    check_store,
-    encode_store,
-    open_store,
-    store_schema,
-)
+from selfflow_core.data.store import StoreError, check_store, open_store, store_schema
+from selfflow_core.data.writer import StoreWriter, encode_store
 from selfflow_core.runtime import checkpoint
 from selfflow_core.testing import torch_threads
 

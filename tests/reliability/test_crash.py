@@ -14,7 +14,8 @@ import torch
 import selfflow_core.cli.main as cli
 from selfflow_core.builtin.toy import ToyModality
 from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.data.store import check_store, encode_store, open_store
+from selfflow_core.data.store import check_store, open_store
+from selfflow_core.data.writer import encode_store
 from selfflow_core.runtime import checkpoint
 
 CHECKPOINT_TRIALS = 60

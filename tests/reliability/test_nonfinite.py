@@ -16,7 +16,8 @@ import zarr
 import selfflow_core.cli.main as cli
 from selfflow_core.cli.main import resolve_config
 from selfflow_core.config.converter import make_converter, to_data
-from selfflow_core.data.store import StoreError, encode_store, open_store
+from selfflow_core.data.store import StoreError, open_store
+from selfflow_core.data.writer import encode_store
 from selfflow_core.plugins.manager import Components, make_plugin_manager
 from selfflow_core.runtime import checkpoint
 from selfflow_core.trainer import NonFiniteLossError, Trainer

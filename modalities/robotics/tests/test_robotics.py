@@ -28,7 +28,7 @@ from selfflow_robotics.sim import run_expert_episode
 
 from selfflow_core import Components, ModalitySpec
 from selfflow_core.config.converter import ConfigError, make_converter, structure, to_data
-from selfflow_core.data.store import encode_store
+from selfflow_core.data.writer import encode_store
 from selfflow_core.interfaces import ModalityConfig
 from selfflow_core.objective import ObjectiveConfig, SelfFlowObjective
 from selfflow_core.teachers import EMATeacher
