@@ -208,6 +208,28 @@ def test_second_writer_refused(toy, tmp_path):
         pass
 
 
+def test_complete_store_opens_while_another_process_holds_its_lock(toy, tmp_path):
+    """Two trainers starting on one finished store: neither has anything to write, so the
+    second is not refused because the first holds the write lock while it verifies."""
+    path = tmp_path / "s.zarr"
+    encode(toy, path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        Path(f"{path}.lock").write_text(f"{other.pid} {os.uname().nodename}\n")
+        store = encode(toy, path)  # verify=True: read in full, without the lock
+        assert len(store) == COUNT and store.verified_fraction == 1.0
+        np.testing.assert_array_equal(store.read(np.arange(COUNT))["latents"],
+                                      source_data(toy)["latents"])
+        assert Path(f"{path}.lock").read_text().split()[0] == str(other.pid)  # not taken
+        assert encode(toy, path, verify=False).verified_fraction == 0.0
+        # what needs the writer still waits for it: a repair, or another store's encode
+        with pytest.raises(StoreError, match="another writer holds the lock"):
+            encode(toy, path, repair=True)
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_stale_lock_of_dead_process_is_taken_over(toy, tmp_path):
     path = tmp_path / "s.zarr"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -226,7 +248,7 @@ def test_refused_operations_lose_nothing(toy, tmp_path):
         "waves").description, adapter_config=config)
     with StoreWriter(path, schema) as w:
         with pytest.raises(StoreError):
-            encode(toy, path)  # locked
+            encode(toy, path, repair=True)  # locked: a repair writes
         with pytest.raises(StoreError):
             w.append(source_data(toy))  # complete
     assert_same(stored(path), before)

@@ -474,6 +474,27 @@ def check_existing(writer: StoreWriter, *, verify: bool, repair: bool,
     return verified
 
 
+def _ready(path: StoreLike, schema: Mapping[str, Any], verify: bool, fraction: float,
+           seed: int) -> LatentStore | None:
+    """The store at ``path`` opened for reading when it is complete, made with ``schema``'s
+    configuration and (with ``verify``) undamaged: nothing to write, so no write lock is taken
+    and any number of trainers may start on it at once. None when it needs the writer (missing,
+    incomplete, another configuration, left-overs of an encode in ranges, a damaged chunk), which
+    then says why."""
+    try:
+        group = open_group(path, "r")
+    except StoreError:
+        return None
+    stored = group.attrs
+    if (stored.get("complete") is not True or stored.get("config_hash") != schema["config_hash"]
+            or "_encode" in set(group.group_keys())):
+        return None
+    try:
+        return open_store(path, verify=verify, verify_fraction=fraction, verify_seed=seed)
+    except StoreError:
+        return None
+
+
 def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                  adapter_config: Mapping[str, Any], batch_size: int = 256, progress: bool = True,
                  chunks: int | Mapping[str, int] | None = None, shards: Shards = "auto",
@@ -512,6 +533,8 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
     raw = adapter.open_source(source)
     schema = store_schema(adapter, source=source, source_description=raw.description,
                           adapter_config=adapter_config)
+    if not repair and (store := _ready(path, schema, verify, verify_fraction, verify_seed)):
+        return store
     encoded = EncodedSource(adapter, raw, batch_size)
 
     def say(message: str) -> None:
