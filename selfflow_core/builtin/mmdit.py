@@ -34,6 +34,10 @@ CPU model.
 - **Positions.** RoPE over ``len(axes_dim)`` axes (``axes_dim`` sums to the head dim, each entry
   even; frequencies ``theta ** (-2i / axes_dim[a])``): latent tokens use ``batch.positions``
   (missing trailing axes are 0), text tokens sit at 0 on every axis (the identity rotation).
+  RoPE gives only relative positions: the text tokens at 0 are what tells a latent token where
+  it is in the image. Without a prompt (class labels only) a token can tell the centre from the
+  edge only indirectly, from which offsets the other tokens have; a class-conditional run is better served by the DiT's absolute position embeddings
+  (measured in ``benchmarks/RESULTS.md``, "Is it the text pathway?").
 - **Self-Flow layers.** ``depth = double_blocks + single_blocks``; blocks are numbered double
   first, then single, and the feature of a block is the latent stream's hidden state
   ``[B, N, width]`` (the latent slice, in single blocks). ``repeated_blocks()`` lists every
