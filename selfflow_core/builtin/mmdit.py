@@ -36,8 +36,9 @@ CPU model.
   (missing trailing axes are 0), text tokens sit at 0 on every axis (the identity rotation).
   RoPE gives only relative positions: the text tokens at 0 are what tells a latent token where
   it is in the image. Without a prompt (class labels only) a token can tell the centre from the
-  edge only indirectly, from which offsets the other tokens have; a class-conditional run is better served by the DiT's absolute position embeddings
-  (measured in ``benchmarks/RESULTS.md``, "Is it the text pathway?").
+  edge only indirectly, from which offsets the other tokens have; a class-conditional run is
+  better served by the DiT's absolute position embeddings (measured in
+  ``benchmarks/RESULTS.md``, "Is it the text pathway?").
 - **Self-Flow layers.** ``depth = double_blocks + single_blocks``; blocks are numbered double
   first, then single, and the feature of a block is the latent stream's hidden state
   ``[B, N, width]`` (the latent slice, in single blocks). ``repeated_blocks()`` lists every
