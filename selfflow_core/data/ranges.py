@@ -52,14 +52,14 @@ from selfflow_core.data.check import (
 )
 from selfflow_core.data.store import LatentStore, StoreError, StoreLike, open_store
 from selfflow_core.data.writer import (
-    EncodedSource,
     StoreWriter,
     _delete_chunk,
     _describe_source,
     _Pending,
     check_batch,
-    check_existing,
     flush_unit,
+    reporter,
+    writing,
 )
 from selfflow_core.interfaces import ModalityAdapter
 
@@ -608,24 +608,14 @@ def _coordinate(team: _Here, adapter: ModalityAdapter, source: str, path: StoreL
                 chunks: int | Mapping[str, int] | None, compressor: str, verify: bool,
                 repair: bool, shards: Any = "auto", verify_fraction: float = 1.0,
                 verify_seed: int = 0) -> LatentStore:
-    name = store_name(path)
-
-    def say(message: str) -> None:
-        if progress:
-            tqdm.write(f"store {name}: {message}", file=sys.stderr)
-
+    name, say = store_name(path), reporter(path, progress)
     try:
         raw = adapter.open_source(source)
         schema = store_schema(adapter, source=source, source_description=raw.description,
                               adapter_config=adapter_config)
-        encoded = EncodedSource(adapter, raw, batch_size)
-        with StoreWriter(path, schema, chunks=chunks, shards=shards, total=len(raw),
-                         compressor=compressor, source=encoded, repair=repair) as writer:
-            if writer.previous_source is not None:
-                say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
-                    f"the {writer.count} committed samples, so the encode continues from it")
-            verified = check_existing(writer, verify=verify, repair=repair, say=say,
-                                      fraction=verify_fraction, seed=verify_seed)
+        with writing(adapter, raw, path, schema, batch_size=batch_size, chunks=chunks,
+                     shards=shards, compressor=compressor, repair=repair, verify=verify,
+                     fraction=verify_fraction, seed=verify_seed, say=say) as (writer, verified):
             if writer.complete:
                 cleanup(writer.group)
                 team.announce(("complete", None))

@@ -6,10 +6,11 @@ layout, schema keys and semantics: ``docs/store.md``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -474,6 +475,36 @@ def check_existing(writer: StoreWriter, *, verify: bool, repair: bool,
     return verified
 
 
+def reporter(path: StoreLike, progress: bool) -> Callable[[str], None]:
+    """``say(message)``: one line about the store at ``path`` on stderr (none without
+    ``progress``), written so progress bars stay intact."""
+    name = store_name(path)
+
+    def say(message: str) -> None:
+        if progress:
+            tqdm.write(f"store {name}: {message}", file=sys.stderr)
+
+    return say
+
+
+@contextlib.contextmanager
+def writing(adapter: ModalityAdapter, raw: Any, path: StoreLike, schema: Mapping[str, Any], *,
+            batch_size: int, chunks: int | Mapping[str, int] | None, shards: Shards,
+            compressor: str, repair: bool, verify: bool, fraction: float, seed: int,
+            say: Callable[[str], None]) -> Iterator[tuple[StoreWriter, float]]:
+    """The store's writer (holding its lock) for encoding ``raw`` with ``adapter``, once the
+    samples already committed are checked (:func:`check_existing`), and the share of the
+    store's chunks that check read."""
+    with StoreWriter(path, schema, chunks=chunks, shards=shards, total=len(raw),
+                     compressor=compressor, source=EncodedSource(adapter, raw, batch_size),
+                     repair=repair) as writer:
+        if writer.previous_source is not None:
+            say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
+                f"the {writer.count} committed samples, so the encode continues from it")
+        yield writer, check_existing(writer, verify=verify, repair=repair, say=say,
+                                     fraction=fraction, seed=seed)
+
+
 def _ready(path: StoreLike, schema: Mapping[str, Any], verify: bool, fraction: float,
            seed: int) -> LatentStore | None:
     """The store at ``path`` opened for reading when it is complete, made with ``schema``'s
@@ -535,19 +566,10 @@ def encode_store(adapter: ModalityAdapter, source: str, path: StoreLike, *,
                           adapter_config=adapter_config)
     if not repair and (store := _ready(path, schema, verify, verify_fraction, verify_seed)):
         return store
-    encoded = EncodedSource(adapter, raw, batch_size)
-
-    def say(message: str) -> None:
-        if progress:
-            tqdm.write(f"store {store_name(path)}: {message}", file=sys.stderr)
-
-    with StoreWriter(path, schema, chunks=chunks, shards=shards, total=len(raw),
-                     compressor=compressor, source=encoded, repair=repair) as writer:
-        if writer.previous_source is not None:
-            say(f"the source was {_describe_source(writer.previous_source)}; it still yields "
-                f"the {writer.count} committed samples, so the encode continues from it")
-        verified = check_existing(writer, verify=verify, repair=repair, say=say,
-                                  fraction=verify_fraction, seed=verify_seed)
+    say = reporter(path, progress)
+    with writing(adapter, raw, path, schema, batch_size=batch_size, chunks=chunks, shards=shards,
+                 compressor=compressor, repair=repair, verify=verify, fraction=verify_fraction,
+                 seed=verify_seed, say=say) as (writer, verified):
         if writer.complete and "_encode" in set(writer.group.group_keys()):
             from selfflow_core.data.ranges import cleanup
 
