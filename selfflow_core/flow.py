@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -29,3 +30,17 @@ def shift_time(t: Tensor, alpha: float) -> Tensor:
     """The paper's time shift ``s(alpha, t) = alpha t / (1 + (alpha - 1) t)`` (alpha > 1 ->
     noisier)."""
     return alpha * t / (1 + (alpha - 1) * t)
+
+
+#: what a backbone's output head predicts: the velocity itself, or the clean data ``x0``
+PREDICTIONS = ("velocity", "data")
+
+
+def velocity_from_data(x: Tensor, data: Tensor, t: Tensor, min_t: float) -> Tensor:
+    """The velocity of a data prediction: ``x_t = x0 + t v`` gives ``v = (x_t - x0_hat) / t``,
+    with ``t`` held at least ``min_t`` (near clean data the division would amplify the error of
+    ``x0_hat`` without bound). ``t`` is [B, N] or [B]; ``x``, ``data`` are [B, N, C]."""
+    t = t.to(torch.float32).clamp_min(min_t)
+    while t.dim() < x.dim():
+        t = t.unsqueeze(-1)
+    return ((x.float() - data.float()) / t).to(data.dtype)

@@ -194,6 +194,7 @@ class DiT(Backbone):
             if stop_after is not None and i >= stop_after:
                 return BackboneOutput(velocity=None, features=features)
         sh, sc = self.final_ada(c)[index].chunk(2, dim=-1)
-        velocity = self._per_modality(self.outputs, modulate(self.final_norm(h), sh, sc), ids,
-                                      x.shape[-1])
+        head = self._per_modality(self.outputs, modulate(self.final_norm(h), sh, sc), ids,
+                                  x.shape[-1])
+        velocity = self.config.velocity(x, t, head, batch)
         return BackboneOutput(velocity=velocity, features=features)

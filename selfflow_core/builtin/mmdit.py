@@ -481,6 +481,7 @@ class MMDiT(Backbone):
             if stop_after is not None and layer >= stop_after:
                 return BackboneOutput(velocity=None, features=features)
         sh, sc = self.final_mod(cond.rows)[cond.index].chunk(2, dim=-1)
-        velocity = _per_modality(self.outputs, modulate(layer_norm(h[:, n_txt:]), sh, sc), ids,
-                                 x.shape[-1])
+        head = _per_modality(self.outputs, modulate(layer_norm(h[:, n_txt:]), sh, sc), ids,
+                             x.shape[-1])
+        velocity = self.config.velocity(x, t, head, batch)
         return BackboneOutput(velocity=velocity, features=features)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Literal
 
 import attrs
+from attrs import validators as v
 from torch import Tensor, nn
 
+from selfflow_core.config.converter import added_field
+from selfflow_core.flow import PREDICTIONS, velocity_from_data
 from selfflow_core.interfaces.base import ComponentConfig
 from selfflow_core.types import BackboneOutput, TokenBatch
 
@@ -16,7 +20,26 @@ from selfflow_core.types import BackboneOutput, TokenBatch
 class BackboneConfig(ComponentConfig):
     """Base config of backbones. ``build(token_dims=..., num_classes=..., text=None)`` ->
     :class:`Backbone`; ``text`` (a :class:`~selfflow_core.interfaces.TextSpec`) is passed only
-    in prompt-conditioned runs, to a backbone with a text stream."""
+    in prompt-conditioned runs, to a backbone with a text stream.
+
+    ``prediction``: what the output head predicts: ``"velocity"`` (the default), or ``"data"``,
+    the clean tokens ``x0``, turned into the velocity the objective and the samplers use by
+    :func:`~selfflow_core.flow.velocity_from_data` with ``t`` held at least ``min_t``. The loss
+    stays the velocity loss either way. Data prediction is for tokens of many channels (large
+    pixel patches) against a narrow model: clean data lies near a low-dimensional manifold a
+    narrow head can reach, velocity and noise do not (JiT, Li & He 2025)."""
+
+    prediction: Literal["velocity", "data"] = added_field(default="velocity",
+                                                          validator=v.in_(PREDICTIONS))
+    min_t: float = added_field(default=0.05, validator=[v.gt(0), v.lt(1)])
+
+    def velocity(self, x: Tensor, t: Tensor, head: Tensor, batch: TokenBatch) -> Tensor:
+        """The velocity of an output ``head`` at noisy tokens ``x``, time ``t``: 0 on the
+        channels a token's modality does not have (``batch.channel_valid``), as the head's."""
+        if self.prediction == "velocity":
+            return head
+        v = velocity_from_data(x, head, t, self.min_t)
+        return v if batch.channel_valid is None else v * batch.channel_valid.to(v.dtype)
 
     @property
     def depth(self) -> int | None:
