@@ -307,3 +307,28 @@ def test_captions_round_trip_through_the_store(tmp_path):
         want["captions"][[0, 5, 63]].tolist()
     np.testing.assert_array_equal(got["latents"], want["images"][[0, 5, 63]])
     np.testing.assert_array_equal(got["labels"], [word_index(train_words()[i]) for i in (0, 5, 63)])
+
+
+def test_the_grid_look_draws_each_letter_centred_in_its_own_cell():
+    """A ``grid`` render is, cell by cell, the render of each of its letters alone in the
+    first cell: no letter's ink crosses into another's cell, and where a letter sits depends
+    only on its place in the word."""
+    look = WordsLook(font="dejavu-sans-mono-bold", font_sizes=(12, 12), placement="grid",
+                     gradients=False)
+    src = WordsSource("train", count=40, look=look)
+    cell = 32 // MAX_WORD_LENGTH
+    for i in range(40):
+        style = src.style(i)
+        assert (style.cell, style.x) == (cell, 0) and style.gradient == "none"
+        image = render(style, 32)
+        for j, letter in enumerate(style.word):
+            alone = render(attrs.evolve(style, word=letter), 32)
+            np.testing.assert_array_equal(image[:, j * cell:(j + 1) * cell], alone[:, :cell])
+        # the cells after the word are background
+        assert (image[:, len(style.word) * cell:] == style.background[0]).all()
+    # one line height for every word: the ink's rows do not depend on the word
+    rows = {tuple(np.nonzero((np.abs(src.read(i, i + 1)["images"][0] - src.read(i, i + 1)[
+        "images"][0][:, :1, :1]).sum(0) > 0.3).any(1))[0][[0, -1]]) for i in range(40)}
+    assert max(r[1] for r in rows) - min(r[0] for r in rows) <= 14
+    with pytest.raises(ValueError, match="does not fit"):   # letters wider than a cell
+        draw_style("cat", sample_rng(0, "words", 0), 32, attrs.evolve(look, font_sizes=(20, 20)))

@@ -48,6 +48,8 @@ rope rose ruby sail salt sand seed ship shoe snow soap sock soup star swan tent 
 wind wing wolf wood worm
 """.split())
 
+#: every letter of the vocabulary, in order
+LETTERS = "".join(sorted(set("".join(VOCABULARY))))
 #: the longest word (the OCR reader's output length)
 MAX_WORD_LENGTH = max(len(w) for w in VOCABULARY)
 
@@ -109,8 +111,11 @@ class WordsLook:
     - ``font``: a name of :data:`FONTS`.
     - ``font_sizes``: the range (pixels, inclusive) at a 32-pixel image, scaled with the side;
       a size the word does not fit at is never drawn.
-    - ``placement``: ``"anywhere"`` the word's ink fits inside the margin, or ``"centred"``
-      (:data:`CENTRED_JITTER` pixels of jitter either way).
+    - ``placement``: ``"anywhere"`` the word's ink fits inside the margin, ``"centred"``
+      (:data:`CENTRED_JITTER` pixels of jitter either way), or ``"grid"``: one letter per
+      cell of ``size // MAX_WORD_LENGTH`` pixels, each centred in its cell, the word starting
+      at the first cell and its line centred vertically (with a patch of that side, each
+      letter's ink is one column of tokens).
     - ``gradients``: backgrounds may be horizontal or vertical gradients (else always solid).
 
     The default is the varied look (the ``t2i_words`` preset's); ``WordsLook.plain()`` varies
@@ -118,8 +123,8 @@ class WordsLook:
 
     font: str = attrs.field(default="aileron", validator=v.in_(tuple(FONTS)))
     font_sizes: tuple[int, int] = attrs.field(default=FONT_SIZES_AT_32, converter=tuple)
-    placement: Literal["anywhere", "centred"] = attrs.field(
-        default="anywhere", validator=v.in_(("anywhere", "centred")))
+    placement: Literal["anywhere", "centred", "grid"] = attrs.field(
+        default="anywhere", validator=v.in_(("anywhere", "centred", "grid")))
     gradients: bool = True
 
     @font_sizes.validator
@@ -210,7 +215,8 @@ class WordStyle:
     """How one sample is drawn: the ``word``, its ``colour`` (a name of :data:`COLOURS`), the
     ``font_size``, the top-left corner ``(x, y)`` of its ink, and the ``background``: two
     sRGB colours and a ``gradient`` direction (``"none"``: solid in the first colour,
-    ``"horizontal"`` / ``"vertical"``: from the first to the second); the ``font``'s name."""
+    ``"horizontal"`` / ``"vertical"``: from the first to the second); the ``font``'s name; the
+    ``cell`` width of the ``"grid"`` placement (0: the word drawn as one string)."""
 
     word: str
     colour: str
@@ -220,6 +226,7 @@ class WordStyle:
     background: tuple[tuple[int, int, int], tuple[int, int, int]]
     gradient: str
     font: str = "aileron"
+    cell: int = 0
 
     @property
     def rgb(self) -> tuple[int, int, int]:
@@ -245,13 +252,20 @@ def draw_style(word: str, rng: np.random.Generator, size: int,
     look = look or WordsLook()
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     lo, hi = font_sizes(size, look)
-    fits = [s for s in range(lo, hi + 1) if _ink(word, s, look.font)[0] <= size - 2 * MARGIN]
+    if look.placement == "grid":
+        cell = size // MAX_WORD_LENGTH
+        fits = [s for s in range(lo, hi + 1) if _cell_fits(s, look.font, cell, size)]
+    else:
+        cell = 0
+        fits = [s for s in range(lo, hi + 1) if _ink(word, s, look.font)[0] <= size - 2 * MARGIN]
     if not fits:
         raise ValueError(f"the word {word!r} does not fit a {size}x{size} image at font size "
                          f"{lo}; image sources 'words*' need size >= {MIN_SIZE}")
     font_size = fits[int(rng.integers(len(fits)))] if lo < hi else fits[0]
     w, h = _ink(word, font_size, look.font)
-    if look.placement == "anywhere":
+    if look.placement == "grid":
+        x, y = 0, (size - _line(font_size, look.font)[1]) // 2
+    elif look.placement == "anywhere":
         x = MARGIN + int(rng.integers(0, size - 2 * MARGIN - w + 1))
         y = MARGIN + int(rng.integers(0, max(0, size - 2 * MARGIN - h) + 1))
     else:
@@ -274,7 +288,20 @@ def draw_style(word: str, rng: np.random.Generator, size: int,
                 second = tuple(int(v) for v in c)
                 break
     return WordStyle(word=word, colour=colour, font_size=font_size, x=x, y=y,
-                     background=(first, second), gradient=gradient, font=look.font)
+                     background=(first, second), gradient=gradient, font=look.font, cell=cell)
+
+
+@functools.cache
+def _line(font_size: int, name: str) -> tuple[int, int]:
+    """The top offset and the height of the ink of every letter at ``font_size``."""
+    _, top, _, bottom = font(font_size, name).getbbox(LETTERS)
+    return top, bottom - top
+
+
+def _cell_fits(font_size: int, name: str, cell: int, size: int) -> bool:
+    f = font(font_size, name)
+    widest = max(f.getbbox(c)[2] - f.getbbox(c)[0] for c in LETTERS)
+    return widest <= cell and _line(font_size, name)[1] <= size - 2 * MARGIN
 
 
 @functools.cache
@@ -299,8 +326,16 @@ def render(style: WordStyle, size: int) -> np.ndarray:
         bg = np.broadcast_to(a, (size, size, 3))
     im = Image.fromarray(np.rint(bg).astype(np.uint8), "RGB")
     f = font(style.font_size, style.font)
-    left, top, _, _ = f.getbbox(style.word)
-    ImageDraw.Draw(im).text((style.x - left, style.y - top), style.word, fill=style.rgb, font=f)
+    draw = ImageDraw.Draw(im)
+    if style.cell:  # one letter per cell, each centred in it, on one line
+        top = _line(style.font_size, style.font)[0]
+        for i, c in enumerate(style.word):
+            left, _, right, _ = f.getbbox(c)
+            x = style.x + i * style.cell + (style.cell - (right - left)) // 2 - left
+            draw.text((x, style.y - top), c, fill=style.rgb, font=f)
+    else:
+        left, top, _, _ = f.getbbox(style.word)
+        draw.text((style.x - left, style.y - top), style.word, fill=style.rgb, font=f)
     return np.asarray(im, dtype=np.uint8)
 
 
