@@ -32,10 +32,6 @@ def shift_time(t: Tensor, alpha: float) -> Tensor:
     return alpha * t / (1 + (alpha - 1) * t)
 
 
-#: what a backbone's output head predicts: the velocity itself, or the clean data ``x0``
-PREDICTIONS = ("velocity", "data")
-
-
 def velocity_from_data(x: Tensor, data: Tensor, t: Tensor, min_t: float) -> Tensor:
     """The velocity of a data prediction: ``x_t = x0 + t v`` gives ``v = (x_t - x0_hat) / t``,
     with ``t`` held at least ``min_t`` (near clean data the division would amplify the error of
@@ -44,3 +40,14 @@ def velocity_from_data(x: Tensor, data: Tensor, t: Tensor, min_t: float) -> Tens
     while t.dim() < x.dim():
         t = t.unsqueeze(-1)
     return ((x.float() - data.float()) / t).to(data.dtype)
+
+
+def head_velocity(config, x: Tensor, t: Tensor, head: Tensor, batch) -> Tensor:
+    """The velocity of a backbone's output ``head`` at noisy tokens ``x``, time ``t``, by its
+    ``config.prediction`` (a :class:`~selfflow_core.interfaces.BackboneConfig`): the head itself,
+    or :func:`velocity_from_data`, 0 on the channels a token's modality does not have
+    (``batch.channel_valid``), as the head's."""
+    if config.prediction == "velocity":
+        return head
+    v = velocity_from_data(x, head, t, config.min_t)
+    return v if batch.channel_valid is None else v * batch.channel_valid.to(v.dtype)

@@ -18,6 +18,7 @@ from attrs import validators as v
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from selfflow_core.flow import head_velocity
 from selfflow_core.interfaces import Backbone, BackboneConfig, TextSpec
 from selfflow_core.types import BackboneOutput, TokenBatch
 
@@ -196,5 +197,5 @@ class DiT(Backbone):
         sh, sc = self.final_ada(c)[index].chunk(2, dim=-1)
         head = self._per_modality(self.outputs, modulate(self.final_norm(h), sh, sc), ids,
                                   x.shape[-1])
-        velocity = self.config.velocity(x, t, head, batch)
+        velocity = head_velocity(self.config, x, t, head, batch)
         return BackboneOutput(velocity=velocity, features=features)

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from selfflow_core.builtin.dit import modulate, sincos
+from selfflow_core.flow import head_velocity
 from selfflow_core.interfaces import Backbone, BackboneConfig
 from selfflow_core.interfaces.text import TextSpec
 from selfflow_core.types import BackboneOutput, TokenBatch
@@ -483,5 +484,5 @@ class MMDiT(Backbone):
         sh, sc = self.final_mod(cond.rows)[cond.index].chunk(2, dim=-1)
         head = _per_modality(self.outputs, modulate(layer_norm(h[:, n_txt:]), sh, sc), ids,
                              x.shape[-1])
-        velocity = self.config.velocity(x, t, head, batch)
+        velocity = head_velocity(self.config, x, t, head, batch)
         return BackboneOutput(velocity=velocity, features=features)

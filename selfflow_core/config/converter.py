@@ -21,7 +21,8 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from selfflow_core.errors import ConfigError
-from selfflow_core.interfaces.base import ComponentConfig
+from selfflow_core.interfaces.base import OMIT_IF_DEFAULT, ComponentConfig
+from selfflow_core.interfaces.base import added_field as added_field  # re-exported
 from selfflow_core.plugins.registry import close_names, did_you_mean
 
 T = TypeVar("T")
@@ -67,19 +68,6 @@ def _problems(exc: BaseException) -> list[str]:
         m = re.match(r"'(\w+)' must", msg)  # attrs validators report at the parent: add the field
         out.append(f"{path}.{m.group(1)}: {msg}" if m else f"{path}: {msg}")
     return out
-
-
-#: the metadata key :func:`added_field` sets
-OMIT_IF_DEFAULT = "selfflow.omit_if_default"
-
-
-def added_field(**kwargs: Any) -> Any:
-    """``attrs.field(**kwargs)`` for a component config field added after configs were saved:
-    while it holds its default it is left out of the config's data, so a checkpoint or store
-    written before the field existed still matches a config that leaves it alone (their
-    recorded configs are compared as data)."""
-    metadata = {**kwargs.pop("metadata", {}), OMIT_IF_DEFAULT: True}
-    return attrs.field(metadata=metadata, **kwargs)
 
 
 def make_converter(components: Any | None = None) -> cattrs.Converter:

@@ -10,9 +10,7 @@ import attrs
 from attrs import validators as v
 from torch import Tensor, nn
 
-from selfflow_core.config.converter import added_field
-from selfflow_core.flow import PREDICTIONS, velocity_from_data
-from selfflow_core.interfaces.base import ComponentConfig
+from selfflow_core.interfaces.base import ComponentConfig, added_field
 from selfflow_core.types import BackboneOutput, TokenBatch
 
 
@@ -24,22 +22,14 @@ class BackboneConfig(ComponentConfig):
 
     ``prediction``: what the output head predicts: ``"velocity"`` (the default), or ``"data"``,
     the clean tokens ``x0``, turned into the velocity the objective and the samplers use by
-    :func:`~selfflow_core.flow.velocity_from_data` with ``t`` held at least ``min_t``. The loss
+    :func:`~selfflow_core.flow.head_velocity` with ``t`` held at least ``min_t``. The loss
     stays the velocity loss either way. Data prediction is for tokens of many channels (large
     pixel patches) against a narrow model: clean data lies near a low-dimensional manifold a
     narrow head can reach, velocity and noise do not (JiT, Li & He 2025)."""
 
     prediction: Literal["velocity", "data"] = added_field(default="velocity",
-                                                          validator=v.in_(PREDICTIONS))
+                                                          validator=v.in_(("velocity", "data")))
     min_t: float = added_field(default=0.05, validator=[v.gt(0), v.lt(1)])
-
-    def velocity(self, x: Tensor, t: Tensor, head: Tensor, batch: TokenBatch) -> Tensor:
-        """The velocity of an output ``head`` at noisy tokens ``x``, time ``t``: 0 on the
-        channels a token's modality does not have (``batch.channel_valid``), as the head's."""
-        if self.prediction == "velocity":
-            return head
-        v = velocity_from_data(x, head, t, self.min_t)
-        return v if batch.channel_valid is None else v * batch.channel_valid.to(v.dtype)
 
     @property
     def depth(self) -> int | None:

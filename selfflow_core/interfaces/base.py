@@ -7,6 +7,18 @@ from typing import Any, ClassVar
 
 import attrs
 
+#: the metadata key :func:`added_field` sets
+OMIT_IF_DEFAULT = "selfflow.omit_if_default"
+
+
+def added_field(**kwargs: Any) -> Any:
+    """``attrs.field(**kwargs)`` for a component config field added after configs were saved:
+    while it holds its default it is left out of the config's data, so a checkpoint or store
+    written before the field existed still matches a config that leaves it alone (their
+    recorded configs are compared as data)."""
+    metadata = {**kwargs.pop("metadata", {}), OMIT_IF_DEFAULT: True}
+    return attrs.field(metadata=metadata, **kwargs)
+
 
 @attrs.frozen(kw_only=True)
 class ComponentConfig:
