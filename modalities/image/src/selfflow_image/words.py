@@ -298,7 +298,9 @@ def _line(font_size: int, name: str) -> tuple[int, int]:
     return top, bottom - top
 
 
+@functools.cache
 def _cell_fits(font_size: int, name: str, cell: int, size: int) -> bool:
+    """Whether every letter at ``font_size`` fits a cell (asked once per sample: cached)."""
     f = font(font_size, name)
     widest = max(f.getbbox(c)[2] - f.getbbox(c)[0] for c in LETTERS)
     return widest <= cell and _line(font_size, name)[1] <= size - 2 * MARGIN
