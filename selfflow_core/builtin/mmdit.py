@@ -11,7 +11,9 @@ CPU model.
   modality embedding. Text tokens come from ``batch.text_ids`` (an ``nn.Embedding`` of
   ``vocab_size`` rows, padding id 0, plus a learned absolute position embedding of
   ``max_length`` rows: byte ids carry no order of their own) and/or ``batch.text`` (a linear map
-  of a frozen encoder's embeddings, which already carry their order).
+  of a frozen encoder's embeddings, which already carry their order). ``text_blocks > 0``
+  first runs the text tokens through that many :class:`TextBlock` s of their own (1-D RoPE
+  over the token index, no time modulation), for text encoders that do not contextualise.
 - **Double-stream blocks** keep separate weights per stream (norms, qkv, per-head QK RMSNorm,
   output projection, SwiGLU MLP) and attend jointly over ``concat(text, latent)``, with a key
   padding mask from ``text_mask`` and ``valid``. **Single-stream blocks** run over the
@@ -60,6 +62,7 @@ from torch.utils.checkpoint import checkpoint
 from selfflow_core.builtin.dit import modulate, sincos
 from selfflow_core.flow import head_velocity
 from selfflow_core.interfaces import Backbone, BackboneConfig
+from selfflow_core.interfaces.base import added_field
 from selfflow_core.interfaces.text import TextSpec
 from selfflow_core.types import BackboneOutput, TokenBatch
 
@@ -227,6 +230,29 @@ class SingleBlock(nn.Module):
         return x + gate * self.linear2(torch.cat([a, F.silu(g) * up], dim=-1))
 
 
+class TextBlock(nn.Module):
+    """A block over the text tokens alone, before the joint blocks (a "context refiner", as in
+    Lumina-Image 2.0): pre-norm self-attention with QK RMSNorm and 1-D RoPE over the token
+    index, then a SwiGLU MLP; no time modulation (the text does not depend on t)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.stream = _Stream(width, heads, hidden, qkv_bias)
+
+    def forward(self, txt: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        zero, one = txt.new_zeros(()), txt.new_ones(())
+        q, k, val = self.stream.qkv_heads(txt, zero, zero)
+        return self.stream.finish(txt, _attention(q, k, val, rope, mask),
+                                  (zero, zero, one, zero, zero, one))
+
+
+def sequence_rope(length: int, dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
+    """1-D RoPE (cos, sin) [1, 1, length, dim / 2] over positions 0 .. length - 1."""
+    freqs = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs
+    return angles.cos()[None, None], angles.sin()[None, None]
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class Conditioning:
     """The conditioning of one forward: ``rows`` [R, width] for the distinct (sample, time)
@@ -250,7 +276,10 @@ class MMDiT(Backbone):
         heads; SwiGLU hidden width ``int(width * mlp_ratio)``; RoPE channels per position axis
         ``axes_dim`` (summing to ``width // heads``) with base ``rope_theta``; ``qkv_bias``:
         biases on q, k, v (the other linears of the blocks have none, as FLUX.2);
-        ``block_offsets``: a learned per-block offset on the shared modulation."""
+        ``block_offsets``: a learned per-block offset on the shared modulation;
+        ``text_blocks``: :class:`TextBlock` s over the text tokens alone before the joint
+        blocks (0: none, as FLUX; they give a text encoder learned from scratch room to build
+        words from bytes; not counted in ``depth``)."""
 
         kind = "mmdit"
         double_blocks: int = attrs.field(default=2, validator=v.ge(0))
@@ -264,6 +293,7 @@ class MMDiT(Backbone):
         rope_theta: float = attrs.field(default=10000.0, validator=v.gt(0))
         qkv_bias: bool = True
         block_offsets: bool = False
+        text_blocks: int = added_field(default=0, validator=v.ge(0))
 
         @width.validator
         def _check_width(self, attribute, value):
@@ -324,6 +354,9 @@ class MMDiT(Backbone):
         self.txt_mod = (nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
                         if double and has_text else None)
         self.single_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
+        self.text_blocks = nn.ModuleList(
+            TextBlock(d, config.heads, hidden, config.qkv_bias)
+            for _ in range(config.text_blocks if has_text else 0))
         self.double_blocks = nn.ModuleList(
             DoubleBlock(d, config.heads, hidden, qkv_bias=config.qkv_bias, text=has_text,
                         offsets=config.block_offsets) for _ in range(config.double_blocks))
@@ -417,6 +450,14 @@ class MMDiT(Backbone):
         mask = batch.text_mask
         if mask is None:
             mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
+        if len(self.text_blocks):
+            rope = sequence_rope(txt.shape[1], self.width // self.config.heads,
+                                 self.config.rope_theta, txt.device)
+            # a prompt with no token (the empty one) attends over all of its padding, so no row
+            # of the attention is empty (that would be NaN); the joint blocks mask it out anyway
+            keys = (mask | ~mask.any(1, keepdim=True))[:, None, None, :]
+            for block in self.text_blocks:
+                txt = block(txt, rope, keys)
         return txt, mask
 
     def _rope(self, positions: Tensor, text_len: int) -> tuple[Tensor, Tensor]:
