@@ -7,7 +7,7 @@ import attrs
 import torch
 
 from selfflow_core import MMDiT, TextSpec, make_converter, to_data
-from selfflow_core.builtin.mmdit import TextBlock, sequence_rope
+from selfflow_core.builtin.mmdit_blocks import TextBlock, sequence_rope
 from selfflow_core.testing import BackboneContract, randomize_parameters
 from selfflow_core.types import TokenBatch
 
