@@ -65,6 +65,7 @@ from selfflow_core.builtin.mmdit_blocks import (
     TextBlock,
     layer_norm,
     per_modality,
+    rope_angles,
     sequence_rope,
 )
 from selfflow_core.flow import head_velocity
@@ -296,10 +297,8 @@ class MMDiT(Backbone):
         if text_len:
             pos = torch.cat([pos.new_zeros(pos.shape[0], text_len, axes), pos], dim=1)
         # axis a rotates its own axes_dim[a] / 2 channel pairs, frequencies theta^(-2i / dim)
-        angles = torch.cat([
-            pos[..., a, None] * self.config.rope_theta ** (
-                -torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
-            for a, dim in enumerate(self.config.axes_dim)], dim=-1)
+        angles = torch.cat([rope_angles(pos[..., a], dim, self.config.rope_theta)
+                            for a, dim in enumerate(self.config.axes_dim)], dim=-1)
         return angles.cos()[:, None], angles.sin()[:, None]
 
     def forward(self, x, t, batch: TokenBatch, *, feature_layers=(), stop_after=None):

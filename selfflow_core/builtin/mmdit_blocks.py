@@ -186,8 +186,14 @@ class TextBlock(nn.Module):
                                   (zero, zero, one, zero, zero, one))
 
 
+def rope_angles(pos: Tensor, dim: int, theta: float) -> Tensor:
+    """RoPE angles [..., dim / 2] of positions ``pos`` [...] on ``dim`` channels:
+    ``pos * theta ** (-2i / dim)``."""
+    freqs = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    return pos.float()[..., None] * freqs
+
+
 def sequence_rope(length: int, dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
     """1-D RoPE (cos, sin) [1, 1, length, dim / 2] over positions 0 .. length - 1."""
-    freqs = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs
+    angles = rope_angles(torch.arange(length, device=device), dim, theta)
     return angles.cos()[None, None], angles.sin()[None, None]
