@@ -292,3 +292,25 @@ def test_a_field_added_later_is_left_out_of_the_data_at_its_default():
     assert structure(conv, {"kind": "widget", "size": 1}, Widget) == Widget()
     assert structure(conv, {"kind": "widget", "size": 1, "extra": 2}, Widget) == Widget(extra=2)
     assert attrs.fields(Widget).extra.metadata  # the marker is the field's own metadata
+
+
+def test_a_field_added_later_to_a_plain_table_is_left_out_at_its_default():
+    """The same for a plain attrs table (no ``kind``) nested in a component config."""
+    from selfflow_core import added_field
+
+    @attrs.frozen(kw_only=True)
+    class Look:
+        size: int = 1
+        extra: str = added_field(default="a")
+
+    @attrs.frozen(kw_only=True)
+    class Holder(ComponentConfig):
+        kind = "holder"
+        look: Look = attrs.field(factory=Look)
+
+    conv = make_converter()
+    assert to_data(conv, Holder()) == {"kind": "holder", "look": {"size": 1}}
+    assert to_data(conv, Holder(look=Look(extra="b")))["look"] == {"size": 1, "extra": "b"}
+    assert structure(conv, {"kind": "holder", "look": {"size": 1}}, Holder) == Holder()
+    assert structure(conv, {"kind": "holder", "look": {"size": 1, "extra": "b"}},
+                     Holder) == Holder(look=Look(extra="b"))

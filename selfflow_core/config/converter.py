@@ -107,13 +107,16 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
             structure_fns[cls] = make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
         return structure_fns[cls](data, cls)
 
-    def unstructure_component(obj: Any) -> dict[str, Any]:
+    def unstructure_fields(obj: Any) -> dict[str, Any]:
         cls = type(obj)
         if cls not in unstructure_fns:
             added = {f.name: override(omit_if_default=True) for f in attrs.fields(cls)
                      if f.metadata.get(OMIT_IF_DEFAULT)}
             unstructure_fns[cls] = make_dict_unstructure_fn(cls, conv, **added)
-        return {"kind": cls.kind, **unstructure_fns[cls](obj)}
+        return unstructure_fns[cls](obj)
+
+    def unstructure_component(obj: Any) -> dict[str, Any]:
+        return {"kind": type(obj).kind, **unstructure_fields(obj)}
 
     def structure_table(data: Any, cls: type) -> Any:
         # a plain attrs config (not a tagged component) from anything but a table is one clear
@@ -130,6 +133,10 @@ def make_converter(components: Any | None = None) -> cattrs.Converter:
         structure_table)
     conv.register_unstructure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, ComponentConfig), unstructure_component)
+    conv.register_unstructure_hook_func(  # a plain table with added fields (added_field)
+        lambda t: (isinstance(t, type) and attrs.has(t) and not issubclass(t, ComponentConfig)
+                   and any(f.metadata.get(OMIT_IF_DEFAULT) for f in attrs.fields(t))),
+        unstructure_fields)
     conv.register_structure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, ComponentConfig) and bool(t.kind),
         structure_concrete)

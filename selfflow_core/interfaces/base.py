@@ -12,10 +12,10 @@ OMIT_IF_DEFAULT = "selfflow.omit_if_default"
 
 
 def added_field(**kwargs: Any) -> Any:
-    """``attrs.field(**kwargs)`` for a component config field added after configs were saved:
-    while it holds its default it is left out of the config's data, so a checkpoint or store
-    written before the field existed still matches a config that leaves it alone (their
-    recorded configs are compared as data)."""
+    """``attrs.field(**kwargs)`` for a config field (of a component or of a plain table) added
+    after configs were saved: while it holds its default it is left out of the config's data,
+    so a checkpoint or store written before the field existed still matches a config that
+    leaves it alone (their recorded configs are compared as data)."""
     metadata = {**kwargs.pop("metadata", {}), OMIT_IF_DEFAULT: True}
     return attrs.field(metadata=metadata, **kwargs)
 

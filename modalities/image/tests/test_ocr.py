@@ -227,6 +227,9 @@ def test_a_reader_is_trained_and_cached_for_its_look():
     plain = attrs.evolve(TINY, look=WordsLook.plain())
     assert "look" not in TINY.settings() and plain.settings()["look"]["font_sizes"] == [11, 11]
     assert plain.key() != TINY.key()
+    assert "background" not in plain.settings()["look"]  # added later: old keys stay valid
+    dark = attrs.evolve(TINY, look=attrs.evolve(WordsLook.plain(), background="black_or_white"))
+    assert dark.settings()["look"]["background"] == "black_or_white" and dark.key() != plain.key()
     json.dumps(plain.settings())  # the cache record is JSON
     words = ["cat", "moon"]
     ours = ocr._renders(words, 1, "reader", 32, WordsLook.plain())

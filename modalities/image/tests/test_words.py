@@ -13,10 +13,12 @@ from selfflow_image.captions import caption_array, captions_field
 from selfflow_image.words import (
     COLOURS,
     MAX_WORD_LENGTH,
+    MIN_CONTRAST,
     TEMPLATES,
     VOCABULARY,
     WordsLook,
     WordsSource,
+    _luma,
     draw_style,
     font,
     heldout_words,
@@ -106,6 +108,34 @@ def test_samples_vary_in_size_position_colour_and_background():
     assert {s.colour for s in styles} == set(COLOURS)
     assert {s.gradient for s in styles} == {"none", "horizontal", "vertical"}
     assert len({s.background[0] for s in styles}) > 300
+
+
+def test_black_or_white_backgrounds_are_solid_and_set_by_the_text_colour():
+    """``background="black_or_white"``: black behind the light colours, white behind the
+    others, never a gradient; every colour still appears, the text contrasts with its
+    background, and the setting reaches the config data only when set."""
+    look = attrs.evolve(WordsLook.plain(), background="black_or_white")
+    src = WordsSource("train", count=200, look=look)
+    styles = [src.style(i) for i in range(200)]
+    assert {s.colour for s in styles} == set(COLOURS)
+    light = {"yellow", "orange", "white"}
+    for style in styles:
+        want = (0, 0, 0) if style.colour in light else (255, 255, 255)
+        assert style.background == (want, want) and style.gradient == "none", style
+        assert abs(_luma(style.rgb) - _luma(want)) >= MIN_CONTRAST
+    image = render(styles[0], 32)
+    assert (image == styles[0].background[0]).mean() > 0.5  # mostly background
+    # the word and the jitter are drawn as in the plain look: only the background differs
+    plain = WordsSource("train", count=8, look=WordsLook.plain())
+    assert [src.style(i).word for i in range(8)] == [plain.style(i).word for i in range(8)]
+    conv = make_converter()
+    assert "background" not in to_data(conv, ImageModality.Config(words=WordsLook.plain()))["words"]
+    data = to_data(conv, ImageModality.Config(words=look))
+    assert data["words"]["background"] == "black_or_white"
+    with pytest.raises(ValueError, match="'gradients' must be false"):
+        WordsLook(background="black_or_white")
+    with pytest.raises(ValueError):
+        WordsLook(gradients=False, background="grey")
 
 
 def test_the_plain_look_centres_one_monospaced_size_on_solid_backgrounds():

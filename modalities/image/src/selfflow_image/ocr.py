@@ -224,6 +224,8 @@ class ReaderConfig:
             del out["look"]
         else:
             out["look"]["font_sizes"] = list(self.look.font_sizes)
+            if self.look.background == "random":  # came later: old keys stay valid
+                del out["look"]["background"]
         return {"version": CACHE_VERSION, **out,
                 "vocabulary": hashlib.sha256(" ".join(VOCABULARY).encode()).hexdigest()[:16],
                 "length": MAX_WORD_LENGTH}

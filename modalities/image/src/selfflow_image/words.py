@@ -1,11 +1,12 @@
 """Built-in prompt data for text rendering: short words drawn with a real TrueType font.
 
 Nothing is downloaded. Each sample is one lowercase word of :data:`VOCABULARY` (200 words of 3
-or 4 letters), drawn in a named colour (:data:`COLOURS`) on a random background of contrasting
+or 4 letters), drawn in a named colour (:data:`COLOURS`) on a background of contrasting
 brightness. How much else varies is a :class:`WordsLook`: the font (:data:`FONTS`: Pillow's
 bundled Aileron Regular, or DejaVu Sans Mono Bold from the system's fonts), the range of font
-sizes, the placement (anywhere the word fits, or centred with a pixel or two of jitter) and
-whether backgrounds may be gradients. Everything is a pure function of ``(seed, stream, index)``
+sizes, the placement (anywhere the word fits, centred with a pixel or two of jitter, or one
+letter per cell), whether backgrounds may be gradients, and whether they are random colours or
+black or white by the text's colour. Everything is a pure function of ``(seed, stream, index)``
 and the look: the same sample on every run and every read order.
 
 The vocabulary is split once, by a fixed permutation, into :func:`train_words` (160) and
@@ -30,7 +31,7 @@ import attrs
 import numpy as np
 from attrs import validators as v
 
-from selfflow_core import SelfFlowError, Source
+from selfflow_core import SelfFlowError, Source, added_field
 from selfflow_image.captions import caption_array
 
 #: 100 words of 3 letters and 100 of 4, lowercase a-z (sorted within each length)
@@ -117,6 +118,11 @@ class WordsLook:
       at the first cell and its line centred vertically (with a patch of that side, each
       letter's ink is one column of tokens).
     - ``gradients``: backgrounds may be horizontal or vertical gradients (else always solid).
+    - ``background``: ``"random"``, a random colour of contrasting brightness, or
+      ``"black_or_white"``: black behind light text (luma above 0.5: yellow, orange, white),
+      white behind the rest; always solid (``gradients`` must be false). The words and the
+      text colour then vary and little else does, so a model has far less to spend its loss
+      on than the colour of the background (benchmarks/RESULTS.md).
 
     The default is the varied look (the ``t2i_words`` preset's); ``WordsLook.plain()`` varies
     only the word, its colour, the background colour and the jitter."""
@@ -126,6 +132,14 @@ class WordsLook:
     placement: Literal["anywhere", "centred", "grid"] = attrs.field(
         default="anywhere", validator=v.in_(("anywhere", "centred", "grid")))
     gradients: bool = True
+    background: Literal["random", "black_or_white"] = added_field(
+        default="random", validator=v.in_(("random", "black_or_white")))
+
+    @background.validator
+    def _check_background(self, attribute, value) -> None:
+        if value == "black_or_white" and self.gradients:
+            raise ValueError("'gradients' must be false with background 'black_or_white' "
+                             "(those backgrounds are solid)")
 
     @font_sizes.validator
     def _check_sizes(self, attribute, value) -> None:
@@ -238,7 +252,10 @@ def sample_rng(seed: int, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), STREAMS[stream], int(index)]))
 
 
-def _background(rng: np.random.Generator, text_luma: float) -> tuple[int, int, int]:
+def _background(rng: np.random.Generator, text_luma: float, kind: str = "random"
+                ) -> tuple[int, int, int]:
+    if kind == "black_or_white":
+        return (0, 0, 0) if text_luma > 0.5 else (255, 255, 255)
     while True:  # rejection sampling: a uniform colour of contrasting brightness
         c = rng.integers(0, 256, size=3)
         if abs(_luma(c) - text_luma) >= MIN_CONTRAST + 0.05:
@@ -275,7 +292,7 @@ def draw_style(word: str, rng: np.random.Generator, size: int,
         x = min(max(x, MARGIN), max(MARGIN, size - MARGIN - w))
         y = min(max(y, MARGIN), max(MARGIN, size - MARGIN - h))
     text_luma = _luma(COLOURS[colour])
-    first = _background(rng, text_luma)
+    first = _background(rng, text_luma, look.background)
     gradient = "none"
     if look.gradients:
         gradient = ("none", "horizontal", "vertical")[int(rng.integers(3))]
