@@ -263,6 +263,42 @@ def test_missing_position_axes_are_zero_and_text_is_unrotated():
         model(four.tokens, t, four)
 
 
+@torch.no_grad()
+def test_absolute_positions_tell_a_token_where_it_is():
+    """RoPE alone gives relative positions: without text (nothing at position 0), moving every
+    latent token by the same offset leaves the output as it was. ``absolute_positions`` adds
+    the DiT's sinusoidal embedding to the inputs, so the same move changes the output; it is
+    left out of the config data at its default (old configs still match)."""
+    from selfflow_core import make_converter, to_data
+    from selfflow_core.builtin.dit import position_embedding
+
+    batch = batch_with_text()
+    batch = attrs.evolve(batch, text_ids=None, text_mask=None)
+    moved = attrs.evolve(batch, positions=batch.positions + torch.tensor([3.0, -2.0]))
+    t = torch.rand(3)
+    rope_only = make(text=None)
+    torch.testing.assert_close(velocity(rope_only, batch, t), velocity(rope_only, moved, t),
+                               rtol=1e-4, atol=1e-5)
+    absolute = make(text=None, config=attrs.evolve(SMALL, absolute_positions=True))
+    assert (velocity(absolute, batch, t) - velocity(absolute, moved, t)).abs().max() > 1e-2
+    # the embedding is the DiT's: the same function of the positions, added to the input
+    emb = position_embedding(batch.positions, 32, "MMDiT")
+    assert emb.shape == (3, 10, 32) and torch.equal(emb[..., 30:], torch.zeros(3, 10, 2))
+    torch.testing.assert_close(emb[..., :10], sincos(batch.positions[..., 0], 10))
+    conv = make_converter()
+    assert "absolute_positions" not in to_data(conv, SMALL)
+    assert to_data(conv, attrs.evolve(SMALL, absolute_positions=True))["absolute_positions"]
+
+
+class TestMMDiTContractAbsolutePositions(BackboneContract):
+    """Absolute position embeddings with a text stream."""
+
+    config = attrs.evolve(SMALL, absolute_positions=True, double_blocks=1)
+    text = IDS
+    num_classes = 0
+    entry_points = False
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match=r"32 // 2 = 16; got \(4, 4, 4\) \(sum 12\)"):
         MMDiT.Config(width=32, heads=2, axes_dim=(4, 4, 4))

@@ -38,6 +38,18 @@ def sincos(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def position_embedding(positions: Tensor, width: int, who: str) -> Tensor:
+    """Absolute sinusoidal embeddings [B, N, width] of positions [B, N, A] (A <= 3; missing
+    axes are 0): each axis gets ``2 * (width // 6)`` channels, the rest are 0."""
+    pos = positions.float()
+    if pos.shape[-1] > MAX_POSITION_AXES:
+        raise ValueError(f"{who} takes positions with at most {MAX_POSITION_AXES} axes, got "
+                         f"{pos.shape[-1]}")
+    pos = F.pad(pos, (0, MAX_POSITION_AXES - pos.shape[-1]))
+    per_axis = 2 * (width // (2 * MAX_POSITION_AXES))
+    return F.pad(sincos(pos, per_axis).flatten(-2), (0, width - MAX_POSITION_AXES * per_axis))
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
@@ -173,13 +185,7 @@ class DiT(Backbone):
         if t.dim() == 1:
             t = t[:, None].expand(b, n)
         ids = batch.modality_ids
-        pos = batch.positions.float()
-        if pos.shape[-1] > MAX_POSITION_AXES:
-            raise ValueError(f"DiT takes positions with at most {MAX_POSITION_AXES} axes, got "
-                             f"{pos.shape[-1]}")
-        pos = F.pad(pos, (0, MAX_POSITION_AXES - pos.shape[-1]))
-        per_axis = 2 * (self.width // (2 * MAX_POSITION_AXES))
-        pos_emb = F.pad(sincos(pos, per_axis).flatten(-2), (0, self.width - 3 * per_axis))
+        pos_emb = position_embedding(batch.positions, self.width, "DiT")
         h = self._per_modality(self.inputs, x, ids, self.width) + pos_emb.to(x.dtype)
         h = h + self.modality_embed(ids)
         c, index = self._conditioning(t, batch.labels, h.dtype)

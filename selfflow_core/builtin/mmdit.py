@@ -40,7 +40,10 @@ CPU model. Its layers and blocks live in :mod:`selfflow_core.builtin.mmdit_block
   it is in the image. Without a prompt (class labels only) a token can tell the centre from the
   edge only indirectly, from which offsets the other tokens have; a class-conditional run is
   better served by the DiT's absolute position embeddings (measured in
-  ``benchmarks/RESULTS.md``, "Is it the text pathway?").
+  ``benchmarks/RESULTS.md``, "Is it the text pathway?"). ``absolute_positions=True`` adds
+  that embedding to the latent tokens' inputs too (SD3's MMDiT has absolute positions): then a
+  latent token knows where it is before it reads anything, so it can ask the prompt for what
+  belongs at its place (the letter of its cell, in ``t2i_words``).
 - **Self-Flow layers.** ``depth = double_blocks + single_blocks``; blocks are numbered double
   first, then single, and the feature of a block is the latent stream's hidden state
   ``[B, N, width]`` (the latent slice, in single blocks). ``repeated_blocks()`` lists every
@@ -58,7 +61,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import Tensor, nn
 
-from selfflow_core.builtin.dit import modulate, sincos
+from selfflow_core.builtin.dit import modulate, position_embedding, sincos
 from selfflow_core.builtin.mmdit_blocks import (
     DoubleBlock,
     SingleBlock,
@@ -105,7 +108,9 @@ class MMDiT(Backbone):
         ``block_offsets``: a learned per-block offset on the shared modulation;
         ``text_blocks``: :class:`TextBlock` s over the text tokens alone before the joint
         blocks (0: none, as FLUX; they give a text encoder learned from scratch room to build
-        words from bytes; not counted in ``depth``)."""
+        words from bytes; not counted in ``depth``); ``absolute_positions``: add the DiT's
+        sinusoidal embedding of each latent token's position to its input, besides RoPE (as
+        SD3's MMDiT; FLUX has none, the default)."""
 
         kind = "mmdit"
         double_blocks: int = attrs.field(default=2, validator=v.ge(0))
@@ -120,6 +125,7 @@ class MMDiT(Backbone):
         qkv_bias: bool = True
         block_offsets: bool = False
         text_blocks: int = added_field(default=0, validator=v.ge(0))
+        absolute_positions: bool = added_field(default=False)
 
         @width.validator
         def _check_width(self, attribute, value):
@@ -307,6 +313,8 @@ class MMDiT(Backbone):
             t = t[:, None].expand(b, n)
         ids = batch.modality_ids
         img = per_modality(self.inputs, x, ids, self.width) + self.modality_embed(ids)
+        if self.config.absolute_positions:
+            img = img + position_embedding(batch.positions, self.width, "MMDiT").to(img.dtype)
         txt, txt_mask = self._text(batch)
         n_txt = 0 if txt is None else txt.shape[1]
         if txt is not None:
