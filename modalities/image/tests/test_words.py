@@ -16,6 +16,7 @@ from selfflow_image.words import (
     MIN_CONTRAST,
     TEMPLATES,
     VOCABULARY,
+    WORD_FIRST_TEMPLATES,
     WordsLook,
     WordsSource,
     _luma,
@@ -60,7 +61,8 @@ def test_vocabulary_and_split():
 
 def test_no_template_or_colour_word_is_a_vocabulary_word():
     """Else a held-out word could reach the training captions through a template."""
-    fixed = set().union(*(_words_of(t.format(w="", c="")) for t in TEMPLATES), COLOURS)
+    fixed = set().union(*(_words_of(t.format(w="", c=""))
+                          for t in TEMPLATES + WORD_FIRST_TEMPLATES), COLOURS)
     assert not fixed & set(VOCABULARY)
 
 
@@ -251,6 +253,33 @@ def test_captions_name_the_rendered_word_and_its_colour():
         far = px[np.linalg.norm(px - bg, axis=1) > 0.9 * np.linalg.norm(px - bg, axis=1).max()]
         assert np.abs(far.mean(0) - np.asarray(style.rgb)).max() < 40, (style, far.mean(0))
     assert named > 0
+
+
+def test_word_first_captions_put_the_word_at_the_same_bytes():
+    """``templates="word_first"``: every caption begins with the quoted word (bytes 1 to
+    len(word)), names only the drawn colour, and the renders are those of the default
+    templates (the captions do not change the images or the reader)."""
+    from selfflow_image.ocr import ReaderConfig
+
+    look = attrs.evolve(WordsLook.plain(), templates="word_first")
+    src = WordsSource("train", count=60, captions=len(WORD_FIRST_TEMPLATES), look=look)
+    plain = WordsSource("train", count=60, captions=4, look=WordsLook.plain())
+    seen = set()
+    for i in range(60):
+        image, style, captions = src.sample(i)
+        assert len(set(captions)) == len(WORD_FIRST_TEMPLATES)
+        for caption in captions:
+            assert caption.startswith(f'"{style.word}"'), caption
+            assert _words_of(caption) & set(COLOURS) <= {style.colour}
+            seen.add(caption.replace(style.word, "{w}").replace(style.colour, "{c}"))
+        np.testing.assert_array_equal(image, plain.sample(i)[0])
+    assert seen == set(WORD_FIRST_TEMPLATES)
+    assert ReaderConfig(look=look).key() == ReaderConfig(look=WordsLook.plain()).key()
+    conv = make_converter()
+    assert "templates" not in to_data(conv, ImageModality.Config(words=WordsLook.plain()))["words"]
+    assert to_data(conv, ImageModality.Config(words=look))["words"]["templates"] == "word_first"
+    with pytest.raises(ValueError):
+        WordsLook(templates="first")
 
 
 def test_captions_come_from_k_distinct_templates_then_repeat():

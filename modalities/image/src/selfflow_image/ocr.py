@@ -219,12 +219,15 @@ class ReaderConfig:
     def settings(self) -> dict[str, Any]:
         """Everything the reader depends on; the default look is left out, so the default
         reader's cache key is the one it had before looks existed."""
-        out = attrs.asdict(self, recurse=True)
-        if self.look == WordsLook():
+        # the captions' templates are not part of the renders: a reader serves every choice
+        look = attrs.evolve(self.look, templates="all")
+        out = attrs.asdict(attrs.evolve(self, look=look), recurse=True)
+        if look == WordsLook():
             del out["look"]
         else:
-            out["look"]["font_sizes"] = list(self.look.font_sizes)
-            if self.look.background == "random":  # came later: old keys stay valid
+            out["look"]["font_sizes"] = list(look.font_sizes)
+            del out["look"]["templates"]
+            if look.background == "random":  # came later: old keys stay valid
                 del out["look"]["background"]
         return {"version": CACHE_VERSION, **out,
                 "vocabulary": hashlib.sha256(" ".join(VOCABULARY).encode()).hexdigest()[:16],

@@ -86,6 +86,16 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 #: random streams of :func:`sample_rng` (one per use, so no two uses share a render)
+#: the templates that begin with the quoted word: its letters are always bytes 1 to 4 of the
+#: caption, whatever follows
+WORD_FIRST_TEMPLATES: tuple[str, ...] = (
+    '"{w}"',
+    '"{w}" in {c} letters',
+    '"{w}" written in {c}',
+    '"{w}" on a sign',
+    '"{w}" in {c}',
+)
+
 STREAMS = {"words": 0, "words_heldout": 1, "reader": 2}
 
 #: font size range (pixels) at a 32-pixel image; scaled with the image side
@@ -123,6 +133,9 @@ class WordsLook:
       white behind the rest; always solid (``gradients`` must be false). The words and the
       text colour then vary and little else does, so a model has far less to spend its loss
       on than the colour of the background (benchmarks/RESULTS.md).
+    - ``templates``: the captions' templates, ``"all"`` (:data:`TEMPLATES`) or
+      ``"word_first"`` (:data:`WORD_FIRST_TEMPLATES`, each beginning with the quoted word, so
+      its letters sit at the same places of every caption). Not part of the renders.
 
     The default is the varied look (the ``t2i_words`` preset's); ``WordsLook.plain()`` varies
     only the word, its colour, the background colour and the jitter."""
@@ -134,6 +147,13 @@ class WordsLook:
     gradients: bool = True
     background: Literal["random", "black_or_white"] = added_field(
         default="random", validator=v.in_(("random", "black_or_white")))
+
+    templates: Literal["all", "word_first"] = added_field(
+        default="all", validator=v.in_(("all", "word_first")))
+
+    @property
+    def caption_templates(self) -> tuple[str, ...]:
+        return WORD_FIRST_TEMPLATES if self.templates == "word_first" else TEMPLATES
 
     @background.validator
     def _check_background(self, attribute, value) -> None:
@@ -358,13 +378,14 @@ def render(style: WordStyle, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def captions_for(style: WordStyle, rng: np.random.Generator, k: int) -> list[str]:
-    """``k`` captions of the sample, from distinct templates while there are enough (then
+def captions_for(style: WordStyle, rng: np.random.Generator, k: int,
+                 templates: Sequence[str] = TEMPLATES) -> list[str]:
+    """``k`` captions of the sample, from distinct ``templates`` while there are enough (then
     again in a new order)."""
     out: list[str] = []
     while len(out) < k:
-        for t in rng.permutation(len(TEMPLATES))[:k - len(out)]:
-            out.append(TEMPLATES[t].format(w=style.word, c=style.colour))
+        for t in rng.permutation(len(templates))[:k - len(out)]:
+            out.append(templates[t].format(w=style.word, c=style.colour))
     return out
 
 
@@ -420,7 +441,8 @@ class WordsSource(Source):
         """Sample ``index``: uint8 ``[size, size, 3]``, its style and its captions."""
         rng = sample_rng(self.seed, self.stream, index)
         style = draw_style(self.word(index), rng, self.size, self.look)
-        return render(style, self.size), style, captions_for(style, rng, self.captions)
+        return render(style, self.size), style, captions_for(style, rng, self.captions,
+                                                              self.look.caption_templates)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         if not 0 <= start <= stop <= self.count:
