@@ -77,7 +77,9 @@ method at equal steps, seed 0, from the adapter's ``save_prompt_samples``, whose
         --evals 2 --samples 40 --sample-steps 8 --reference 200 --evaluator small   # a look
 
 Cost (t2i_words, one thread, measured on a 2-core machine shared with other jobs; CPU seconds,
-about the wall time of an idle core): a training step of the preset (batch 32, 1+4x64 MMDiT)
+about the wall time of an idle core), measured on the preset as it was before its 3+2x128 MMDiT
+(a Self-Flow step of its 3+2x128 MMDiT took ~1.1 s at one thread, two jobs at a time, and its
+default sizes are now 1+1x32 to 4+4x192): a training step of that preset (batch 32, 1+4x64 MMDiT)
 ~0.25 s (vanilla, DTS), ~0.37 s (Self-Flow), ~1.1 s (REPA: its 2048-wide projector is ~8x the
 backbone; ``--repa-hidden`` makes it cheaper, not REPA's setting); one evaluation ~0.8 s per
 sample (Heun 40 steps with guidance: 79 model calls on a doubled batch) plus ~12 s (probes, flow
@@ -195,7 +197,7 @@ TASKS = {
     "t2i_words": Task("t2i_words", "selfflow_image.presets", "t2i_words", "words_heldout",
                       ("exact_match", "char_accuracy"), "char_accuracy",
                       ("exact_match", "char_accuracy"), (),
-                      "1+2x32,1+3x48,1+4x64,2+6x96", extractor="image_conv",
+                      "1+1x32,2+1x64,3+2x128,4+4x192", extractor="image_conv",
                       encoder="image_conv", targets="letters"),
     "t2a_words": Task("t2a_words", "selfflow_audio.presets", "t2a_words", "spoken_words_heldout",
                       ("word_acc", "pitch_acc", "speed_acc"), "word_acc", ("word_acc",),

@@ -201,6 +201,12 @@ def test_the_t2i_words_preset_trains_from_prompts(tmp_path, monkeypatch):
                                                                   ByteTextEncoder.Config)
     assert full.modalities["image"].modality.captions == 4
     assert full.sampling.prompts == T2I_PROMPTS
+    # the recipe that follows prompts at this budget (benchmarks/RESULTS.md)
+    look = full.modalities["image"].modality.words
+    assert (look.background, look.templates, look.placement) == ("black_or_white", "word_first",
+                                                                 "grid")
+    assert full.backbone.absolute_positions and full.backbone.prediction == "data"
+    assert all(p.startswith('"') for p in T2I_PROMPTS)
     monkeypatch.chdir(tmp_path)
     tiny = t2i_words_debug_tiny()
     assert tiny.sampling.prompts == T2I_PROMPTS and isinstance(tiny.backbone, MMDiT.Config)
@@ -210,7 +216,7 @@ def test_the_t2i_words_preset_trains_from_prompts(tmp_path, monkeypatch):
     assert json.loads((out / "prompts.json").read_text())["000"] == T2I_PROMPTS[0]
     assert (out / "samples.png").is_file()
     # one file per sample, named after its prompt; the grid is taller than the images alone
-    assert (out / "000-a-sign-that-says-cat.png").is_file()
+    assert (out / "000-cat-on-a-sign.png").is_file()
     from PIL import Image
 
     grid = np.asarray(Image.open(out / "samples.png"))
