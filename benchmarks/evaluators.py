@@ -81,7 +81,8 @@ class ImageConv(nn.Module):
     :func:`image_layout`) -> one 3x3 convolution + batch norm + GELU per ``widths``, a 2x2
     max-pool before the second, third, ... until the map is the token grid (patches of side 4:
     two) -> ``[B, widths[-1], N]``, column ``i`` the feature of token ``i``'s patch and, through
-    the receptive field, its neighbours. Needs square patches of a power-of-two side."""
+    the receptive field, its neighbours. Needs square patches of a power-of-two side (patches
+    larger than ``widths`` allows repeat its last width)."""
 
     def __init__(self, n: int, c: int, unpatchify: Callable, widths: tuple[int, ...]) -> None:
         super().__init__()
@@ -90,6 +91,8 @@ class ImageConv(nn.Module):
         token = layout // c  # the token each pixel value sits in
         side = math.isqrt(h * w // n)
         pools = side.bit_length() - 1
+        # larger patches need more pools: the last width repeats until the map is the grid
+        widths = tuple(widths) + (widths[-1],) * max(0, pools + 1 - len(widths))
         cells = token[0, ::side, ::side]  # the token of each grid cell
         patches = cells.repeat_interleave(side, 0).repeat_interleave(side, 1)
         if 2 ** pools != side or len(widths) <= pools or not torch.equal(

@@ -191,7 +191,7 @@ def test_t2a_every_method_end_to_end(tmp_path, selfflow_cache):
 
 def job(method: str, **changes) -> dict:
     return {"task": "t2i_words", "preset": "", "method": method, "seed": 3, "steps": 10,
-            "size": (1, 4, 64), "store": "words.zarr", "batch": 0, "lr": 0.0,
+            "size": (3, 2, 128), "store": "words.zarr", "batch": 0, "lr": 0.0,
             "repa_hidden": 0, "run_dir": "r", "encoder": str(BENCH / "prompt_tasks.py"),
             "encoder_sha256": "", "encoder_label_free": "", "encoder_label_free_sha256": "",
             **changes}
@@ -358,10 +358,13 @@ def test_assets_train_on_multi_hot_targets(tmp_path):
 
 # ---- the image networks of the text-rendering assets ---------------------------------------------
 
-def words_adapter():
+def words_adapter(patch=4):
+    """The preset's image adapter, with 4x4 patches by default (64 tokens: room to check the
+    receptive field); the preset's own 8x8 patches are checked too."""
+    import attrs
     from selfflow_image.presets import t2i_words
 
-    return t2i_words().modalities["image"].modality.build()
+    return attrs.evolve(t2i_words().modalities["image"].modality, patch=patch).build()
 
 
 def test_image_networks_read_the_adapters_image():
@@ -381,6 +384,13 @@ def test_image_networks_read_the_adapters_image():
     assert fd(tokens).shape == (3, FD_FEATURES)
     assert enc(tokens).shape == (3, n, REPA_FEATURES)
     assert enc.pooled(tokens).shape == (3, REPA_FEATURES)
+    big = words_adapter(patch=8)  # the preset's: 8x8 patches need a third pool
+    tokens = torch.randn(2, big.num_tokens, big.token_dim)
+    for net in (ImageConvExtractor(big.num_tokens, big.token_dim, 26, big.unpatchify),
+                ImageConvEncoder(big.num_tokens, big.token_dim, 26, big.unpatchify)):
+        assert torch.equal(net.conv.image(tokens), big.unpatchify(tokens))
+    assert ImageConvEncoder(big.num_tokens, big.token_dim, 26, big.unpatchify).eval()(
+        tokens).shape == (2, big.num_tokens, REPA_FEATURES)
 
 
 def test_image_encoder_feature_of_a_token_comes_from_its_patch():
