@@ -85,7 +85,6 @@ TEMPLATES: tuple[str, ...] = (
     'the word "{w}" in {c}',
 )
 
-#: random streams of :func:`sample_rng` (one per use, so no two uses share a render)
 #: the templates that begin with the quoted word: its letters are always bytes 1 to 4 of the
 #: caption, whatever follows
 WORD_FIRST_TEMPLATES: tuple[str, ...] = (
@@ -96,6 +95,7 @@ WORD_FIRST_TEMPLATES: tuple[str, ...] = (
     '"{w}" in {c}',
 )
 
+#: random streams of :func:`sample_rng` (one per use, so no two uses share a render)
 STREAMS = {"words": 0, "words_heldout": 1, "reader": 2}
 
 #: font size range (pixels) at a 32-pixel image; scaled with the image side
@@ -147,19 +147,18 @@ class WordsLook:
     gradients: bool = True
     background: Literal["random", "black_or_white"] = added_field(
         default="random", validator=v.in_(("random", "black_or_white")))
-
     templates: Literal["all", "word_first"] = added_field(
         default="all", validator=v.in_(("all", "word_first")))
-
-    @property
-    def caption_templates(self) -> tuple[str, ...]:
-        return WORD_FIRST_TEMPLATES if self.templates == "word_first" else TEMPLATES
 
     @background.validator
     def _check_background(self, attribute, value) -> None:
         if value == "black_or_white" and self.gradients:
             raise ValueError("'gradients' must be false with background 'black_or_white' "
                              "(those backgrounds are solid)")
+
+    @property
+    def caption_templates(self) -> tuple[str, ...]:
+        return WORD_FIRST_TEMPLATES if self.templates == "word_first" else TEMPLATES
 
     @font_sizes.validator
     def _check_sizes(self, attribute, value) -> None:
